@@ -1,0 +1,231 @@
+"""Typed config schemas: a wrong enum value fails at composition, naming the key and the allowed values.
+
+The YAML files in ``conf/`` fill these structures; OmegaConf checks types and enums when Hydra composes.
+Range checks that types cannot express live in :mod:`lrd_exp.validation` and run before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class RankPolicy(str, Enum):
+    none = "none"
+    ratio = "ratio"
+    energy = "energy"
+    quantized = "quantized"
+    optimized = "optimized"
+    fixed = "fixed"
+
+
+class Rounding(str, Enum):
+    nearest = "nearest"
+    up = "up"
+    down = "down"
+
+
+class RankBase(str, Enum):
+    ratio = "ratio"
+    energy = "energy"
+
+
+class Objective(str, Enum):
+    train = "train"
+    inference = "inference"
+    both = "both"
+
+
+class FreezeSchedule(str, Enum):
+    none = "none"
+    sequential = "sequential"
+    alternating = "alternating"
+    first = "first"
+    last = "last"
+    largest = "largest"
+
+
+class FreezeUnit(str, Enum):
+    epoch = "epoch"
+    step = "step"
+
+
+class Importance(str, Enum):
+    weight_change = "weight_change"
+    grad_norm = "grad_norm"
+    depth = "depth"
+    reverse_depth = "reverse_depth"
+    size = "size"
+
+
+class Task(str, Enum):
+    train = "train"
+    benchmark = "benchmark"
+
+
+class Accelerator(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    npu = "npu"
+
+
+@dataclass
+class RankConfig:
+    """Keys equal ``decompose_model``'s keywords, so ``decompose_model(model, **cfg.rank)`` works."""
+
+    policy: RankPolicy = RankPolicy.quantized
+    ratio: float = 2.0  # parameter compression target c > 1 of each decomposed layer
+    energy: float = 0.95  # fraction of squared singular-value energy kept (policy=energy)
+    multiple: int = 8  # quantization step (policy=quantized)
+    rounding: Rounding = Rounding.nearest
+    base: RankBase = RankBase.ratio  # the estimate quantized/optimized start from
+    rank: Any = None  # policy=fixed: an int, or {name pattern: int}
+    window: float = 0.5  # optimized: search ranks in [est*(1-window), est*(1+window)]
+    step: int = 8  # optimized: spacing of the searched ranks
+    objective: Objective = Objective.train
+    include: list[str] = field(default_factory=list)  # fnmatch patterns; overrides the default skips
+    exclude: list[str] = field(default_factory=list)
+    skip_stem: bool = True
+    skip_head: bool = True
+
+
+@dataclass
+class FreezeConfig:
+    schedule: FreezeSchedule = FreezeSchedule.sequential
+    unit: FreezeUnit = FreezeUnit.epoch
+    warmup: int = 1  # units during which everything trains
+    period: int = 1  # units between freezing stages (sequential) or phase changes (alternating)
+    per_stage: float = 0.25  # factors frozen per stage: a count (>= 1) or a fraction of all factors (< 1)
+    final_fraction: float = 0.75  # fraction of all factors frozen at the end (sequential)
+    importance: Importance = Importance.weight_change
+    positions: list[str] = field(default_factory=lambda: ["first", "core", "last"])
+    # alternating: the factor positions that train in each phase, cycled every period
+    phases: list[list[str]] = field(default_factory=lambda: [["last"], ["first", "core"]])
+    freeze_bias: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    image_size: int | None = None  # None: the dataset's
+    drop_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    image_size: int = 32
+    in_chans: int = 1
+    num_classes: int = 10
+    val_fraction: float = 0.2
+    train_size: int = 512  # synthetic only
+    val_size: int = 128  # synthetic only
+    augment: bool = False
+    num_workers: int = 0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class DeviceConfig:
+    accelerator: Accelerator = Accelerator.auto
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # cosine | none
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    baseline_epochs: int = 10
+    finetune_epochs: int = 5
+    batch_size: int = 64
+    precision: str = "32-true"
+    max_steps: int = -1  # >0 caps every training stage (smoke runs)
+    limit_val_batches: float = 1.0
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    baseline_optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01))
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = True  # measure throughput inside a training job
+    batch_size: int | None = None  # None: trainer.batch_size
+    warmup: int = 3
+    steps: int = 10
+    channels_last: bool = False
+    compile: bool = False
+    precision: str | None = None  # None: trainer.precision
+    variants: list[dict[str, Any]] = field(default_factory=list)  # benchmark task: extra rank/freeze overrides
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "lrd-exp"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = ".lrd_cache"  # baseline checkpoints and rank timings, shared by sweeps
+    data_dir: str = "data"
+
+
+@dataclass
+class LrdConfig:
+    task: Task = Task.train
+    seed: int = 0
+    resume: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    name: str = "lrd"  # experiment name, used for W&B grouping
+
+
+def register_configs() -> None:
+    """Register the schemas; config.yaml lists ``lrd_schema`` first so every group merges into it."""
+    cs = ConfigStore.instance()
+    cs.store(name="lrd_schema", node=LrdConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="dataset", name="schema", node=DatasetConfig)
+    cs.store(group="freeze", name="schema", node=FreezeConfig)
+    cs.store(group="device", name="schema", node=DeviceConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)

@@ -1,0 +1,17 @@
+"""Low-rank decomposition: factorized layers, rank policies and model surgery."""
+
+from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
+from lrd_exp.decompose.report import DecompositionReport, LayerReport
+from lrd_exp.decompose.surgery import decompose_model, find_candidates
+
+__all__ = [
+    "DecompositionReport",
+    "FactorizedLayer",
+    "LayerReport",
+    "SVDConv1x1",
+    "SVDLinear",
+    "Tucker2Conv",
+    "decompose_model",
+    "find_candidates",
+    "reconstruct_weight",
+]

@@ -1,0 +1,105 @@
+"""What a decomposition did, per layer and in total: the evidence a user checks before trusting a speedup."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str  # svd | tucker2 | the original type when kept
+    action: str  # decomposed | kept
+    weight_shape: tuple[int, ...]
+    factor_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    ranks: tuple[int, ...] = ()
+    full_ranks: tuple[int, ...] = ()
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int | None = None  # forward FLOPs per sample (2 per multiply-add)
+    flops_after: int | None = None
+    rel_error: float = 0.0  # ||W - W_hat||_F / ||W||_F
+    reason: str = ""
+
+
+@dataclass
+class DecompositionReport:
+    policy: str
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0  # the whole model, counted from its parameters
+    params_after: int = 0
+    flops_before: int | None = None  # forward FLOPs per sample of the candidate layers (not the whole model)
+    flops_after: int | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def decomposed(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.action == "decomposed"]
+
+    @property
+    def decomposed_params_before(self) -> int:
+        return sum(layer.params_before for layer in self.decomposed)
+
+    @property
+    def decomposed_params_after(self) -> int:
+        return sum(layer.params_after for layer in self.decomposed)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def flops_ratio(self) -> float | None:
+        if not self.flops_before or not self.flops_after:
+            return None
+        return self.flops_before / self.flops_after
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for layer in self.layers:
+            row = asdict(layer)
+            for key in ("weight_shape", "ranks", "full_ranks"):
+                row[key] = "x".join(map(str, row[key])) if row[key] else ""
+            row["factor_shapes"] = " | ".join("x".join(map(str, s)) for s in layer.factor_shapes)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "settings": self.settings,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def summary(self) -> str:
+        n_dec = len(self.decomposed)
+        flops = ""
+        if self.flops_ratio:
+            flops = f", forward FLOPs {self.flops_before / 1e6:.1f}M -> {self.flops_after / 1e6:.1f}M ({self.flops_ratio:.2f}x)"
+        part = ""
+        if n_dec:
+            part = (f"; decomposed layers {self.decomposed_params_before:,} -> {self.decomposed_params_after:,} "
+                    f"({self.decomposed_params_before / max(self.decomposed_params_after, 1):.2f}x)")
+        return (f"policy={self.policy}: {n_dec}/{len(self.layers)} candidate layers decomposed; "
+                f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.2f}x){part}{flops}")
+
+    def table(self, max_rows: int | None = 60) -> str:
+        df = self.to_frame()
+        if df.empty:
+            return self.summary()
+        cols = ["name", "kind", "action", "weight_shape", "ranks", "params_before", "params_after",
+                "flops_before", "flops_after", "rel_error", "reason"]
+        df = df[cols].copy()
+        df["rel_error"] = df["rel_error"].map(lambda v: f"{v:.3g}")
+        if max_rows is not None and len(df) > max_rows:
+            df = pd.concat([df.head(max_rows // 2), df.tail(max_rows // 2)])
+        return df.to_string(index=False) + "\n" + self.summary()
+
+    def __str__(self) -> str:
+        return self.table()

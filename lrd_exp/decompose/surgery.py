@@ -1,0 +1,364 @@
+"""Model surgery: find decomposable layers, choose their ranks by policy, swap in factorized layers."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrd_exp.decompose import ranks as R
+from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv, mode_singular, svd_basis
+from lrd_exp.decompose.report import DecompositionReport, LayerReport
+
+
+@dataclass
+class LayerPlan:
+    """One candidate layer and everything a rank policy needs to decide about it."""
+
+    name: str
+    module: nn.Module
+    kind: str  # svd | tucker2
+    n_in: int
+    n_out: int
+    k2: int  # kernel area (1 for svd)
+    in_shape: tuple[int, ...] | None = None  # per-sample input shape seen in the example forward
+    out_shape: tuple[int, ...] | None = None
+    _spectra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def full_ranks(self) -> tuple[int, ...]:
+        return (min(self.n_in, self.n_out),) if self.kind == "svd" else (self.n_in, self.n_out)
+
+    @property
+    def params_dense(self) -> int:
+        return self.n_in * self.n_out * self.k2
+
+    def params_for(self, ranks: tuple[int, ...]) -> int:
+        if self.kind == "svd":
+            return R.svd_params(self.n_in, self.n_out, ranks[0])
+        return R.tucker2_params(self.n_in, self.n_out, self.k2, *ranks)
+
+    def svd_matrix(self) -> torch.Tensor:
+        return self.module.weight.detach().flatten(1)
+
+    def svd_basis(self) -> tuple[str, torch.Tensor, torch.Tensor]:
+        if "svd" not in self._spectra:
+            self._spectra["svd"] = svd_basis(self.svd_matrix())
+        return self._spectra["svd"]
+
+    def singular_values(self) -> torch.Tensor:
+        return self.svd_basis()[2]
+
+    def mode_bases(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """((U_out, s_out), (U_in, s_in)) of the conv weight's channel unfoldings (cached)."""
+        if "modes" not in self._spectra:
+            w = self.module.weight.detach()
+            self._spectra["modes"] = (mode_singular(w, 0), mode_singular(w, 1))
+        return self._spectra["modes"]
+
+    def forward_flops(self, ranks: tuple[int, ...] | None) -> int | None:
+        """Per-sample forward FLOPs (2 per multiply-add) of the dense layer (ranks None) or its factors."""
+        if self.in_shape is None or self.out_shape is None:
+            return None
+        if isinstance(self.module, nn.Linear):
+            tokens = math.prod(self.in_shape) // self.n_in
+            per_token = self.n_in * self.n_out if ranks is None else ranks[0] * (self.n_in + self.n_out)
+            return 2 * tokens * per_token
+        hw_in = math.prod(self.in_shape[1:])
+        hw_out = math.prod(self.out_shape[1:])
+        if ranks is None:
+            return 2 * hw_out * self.n_out * self.n_in * self.k2 // self.module.groups
+        if self.kind == "svd":
+            return 2 * hw_out * ranks[0] * (self.n_in + self.n_out)
+        r1, r2 = ranks
+        return 2 * (hw_in * self.n_in * r1 + hw_out * (r1 * r2 * self.k2 + r2 * self.n_out))
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers and enums -> plain Python, so ``decompose_model(model, **cfg.rank)`` works."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return getattr(value, "value", value)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def stem_and_head(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Names of the stem conv and classifier head: timm's pretrained_cfg when present, else first conv / last linear."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = dict(model.named_modules())
+    stems = {cfg["first_conv"]} if isinstance(cfg.get("first_conv"), str) else set()
+    heads = set(cfg.get("classifier") or []) if isinstance(cfg.get("classifier"), (list, tuple)) else (
+        {cfg["classifier"]} if isinstance(cfg.get("classifier"), str) else set())
+    stems = {s for s in stems if s in names}
+    heads = {h for h in heads if h in names}
+    if not stems:
+        first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+        stems = {first} if first else set()
+    if not heads:
+        last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        heads = {last[-1]} if last else set()
+    return stems, heads
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size")
+    return tuple(size) if size else None
+
+
+def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: torch.Tensor) -> None:
+    hooks = []
+
+    def hook(plan: LayerPlan):
+        def fn(_m, args, out):
+            plan.in_shape = tuple(args[0].shape[1:])
+            plan.out_shape = tuple(out.shape[1:])
+        return fn
+
+    for plan in plans:
+        hooks.append(plan.module.register_forward_hook(hook(plan)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+
+def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                    skip_stem: bool = True, skip_head: bool = True) -> tuple[list[LayerPlan], list[LayerReport]]:
+    """Decomposable layers in module order, and reports for the layers skipped by rule."""
+    include, exclude = list(include or []), list(exclude or [])
+    stems, heads = stem_and_head(model)
+    plans, skipped = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedTypes) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if include and not _matches(name, include):
+            continue
+        forced = bool(include)
+        reason = ""
+        if exclude and _matches(name, exclude):
+            reason = "excluded by pattern"
+        elif isinstance(m, nn.Conv2d) and m.groups != 1:
+            reason = "grouped/depthwise conv (not supported)"
+        elif skip_stem and name in stems and not forced:
+            reason = "stem conv"
+        elif skip_head and name in heads and not forced:
+            reason = "classifier head"
+        if reason:
+            skipped.append(LayerReport(name=name, kind=type(m).__name__, action="kept",
+                                       weight_shape=tuple(m.weight.shape),
+                                       params_before=m.weight.numel(), params_after=m.weight.numel(),
+                                       reason=reason))
+            continue
+        if isinstance(m, nn.Linear):
+            plans.append(LayerPlan(name, m, "svd", m.in_features, m.out_features, 1))
+        else:
+            k2 = m.kernel_size[0] * m.kernel_size[1]
+            plans.append(LayerPlan(name, m, "svd" if k2 == 1 else "tucker2", m.in_channels, m.out_channels, k2))
+    return plans, skipped
+
+
+FactorizedTypes = (SVDLinear, SVDConv1x1, Tucker2Conv)
+
+
+def _fixed_rank(name: str, rank: Any) -> int | None:
+    if isinstance(rank, Mapping):
+        for pattern, value in rank.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return R.check_rank(value, f"rank.rank[{pattern!r}]")
+        return None
+    return R.check_rank(rank)
+
+
+def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float, multiple: int,
+                   rounding: str, base: str, rank: Any) -> tuple[int, ...] | None:
+    """The ranks a (non-measured) policy gives a layer, or None to leave it alone."""
+    if policy == "fixed":
+        r = _fixed_rank(plan.name, rank)
+        if r is None:
+            return None
+        return tuple(min(r, full) for full in plan.full_ranks)
+    use_energy = policy == "energy" or (policy in ("quantized", "optimized") and base == "energy")
+    if use_energy:
+        if plan.kind == "svd":
+            ranks = (R.energy_rank(plan.singular_values(), energy),)
+        else:
+            (_, s_out), (_, s_in) = plan.mode_bases()
+            ranks = (R.energy_rank(s_in, energy), R.energy_rank(s_out, energy))
+    elif plan.kind == "svd":
+        ranks = (R.svd_rank_for_ratio(plan.n_in, plan.n_out, ratio),)
+    else:
+        r = R.tucker2_rank_for_ratio(plan.n_in, plan.n_out, plan.k2, ratio)
+        ranks = (min(r, plan.n_in), min(r, plan.n_out))
+    if policy == "quantized":
+        ranks = tuple(R.quantize_rank(r, multiple, full, rounding) for r, full in zip(ranks, plan.full_ranks))
+    return ranks
+
+
+def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[nn.Module, float]:
+    """The factorized replacement and its relative weight error."""
+    m = plan.module
+    if plan.kind == "svd":
+        cls = SVDLinear.from_linear if isinstance(m, nn.Linear) else SVDConv1x1.from_conv
+        new, s = cls(m, ranks[0], plan.svd_basis())
+        sq = s.double() ** 2
+        err = (sq[ranks[0]:].sum() / sq.sum().clamp_min(1e-300)).sqrt().item()
+        return new, err
+    (u_out, _), (u_in, _) = plan.mode_bases()
+    new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], bases=(u_out, u_in))
+    w = m.weight.detach().double()
+    w_norm2 = (w * w).sum()
+    core = new.core.weight.detach().double()
+    err2 = ((w_norm2 - (core * core).sum()) / w_norm2.clamp_min(1e-300)).clamp_min(0)
+    return new, err2.sqrt().item()
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(f.weight.shape) for f in module.factors().values()]
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def decompose_model(
+    model: nn.Module,
+    policy: str = "ratio",
+    ratio: float = 2.0,
+    energy: float = 0.95,
+    multiple: int = 8,
+    rounding: str = "nearest",
+    base: str = "ratio",
+    rank: Any = None,
+    window: float = 0.5,
+    step: int = 8,
+    objective: str = "train",
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    skip_stem: bool = True,
+    skip_head: bool = True,
+    *,
+    example_input: torch.Tensor | None = None,
+    input_size: tuple[int, ...] | None = None,
+    rank_search: Mapping[str, Any] | None = None,
+) -> DecompositionReport:
+    """Decompose ``model`` in place and report what changed.
+
+    Keywords equal the ``rank`` config keys, so ``decompose_model(model, **cfg.rank)`` works. ``example_input``
+    (or ``input_size``, or timm's ``pretrained_cfg['input_size']``) gives the activation shapes for FLOP counts;
+    ``rank_search`` holds the measuring context of ``policy="optimized"`` (batch size, device, precision, cache
+    dir; see :func:`lrd_exp.rank_search.choose_ranks`).
+    """
+    policy = _plain(policy)
+    if policy not in R.POLICIES:
+        raise ValueError(f"rank.policy={policy!r} is not allowed: choose one of {', '.join(R.POLICIES)}")
+    rounding, base, objective = R.check_rounding(_plain(rounding)), _plain(base), _plain(objective)
+    if base not in R.BASES:
+        raise ValueError(f"rank.base={base!r} is not allowed: choose one of {', '.join(R.BASES)}")
+    rank, include, exclude = _plain(rank), _plain(include), _plain(exclude)
+    if policy in ("ratio", "quantized", "optimized") and base == "ratio" or policy == "ratio":
+        R.check_ratio(ratio)
+    if policy == "energy" or base == "energy" and policy in ("quantized", "optimized"):
+        R.check_energy(energy)
+    if policy in ("quantized", "optimized"):
+        R.check_multiple(multiple)
+    if policy == "fixed":
+        if rank is None:
+            raise ValueError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
+        if not isinstance(rank, Mapping):
+            R.check_rank(rank)
+    settings = {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
+                "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
+                "include": list(include or []), "exclude": list(exclude or []),
+                "skip_stem": skip_stem, "skip_head": skip_head}
+
+    params_before = _count(model)
+    plans, skipped = find_candidates(model, include=include, exclude=exclude,
+                                     skip_stem=skip_stem, skip_head=skip_head)
+    if example_input is None:
+        size = tuple(input_size) if input_size is not None else default_input_size(model)
+        if size is not None:
+            p = next(model.parameters(), None)
+            example_input = torch.randn(1, *size, device=p.device if p is not None else None,
+                                        dtype=p.dtype if p is not None else None)
+    if example_input is not None:
+        _record_shapes(model, plans, example_input[:1])
+
+    dense_flops_all = [p.forward_flops(None) for p in plans]
+    reports: list[LayerReport] = []
+    chosen: dict[str, tuple[int, ...] | None] = {}
+    reasons: dict[str, str] = {}
+    if policy == "optimized":
+        from lrd_exp.rank_search import choose_ranks
+
+        estimates = {p.name: estimate_ranks(p, "quantized", ratio=ratio, energy=energy, multiple=multiple,
+                                            rounding=rounding, base=base, rank=rank) for p in plans}
+        chosen, reasons = choose_ranks(plans, estimates, window=window, step=step, objective=objective,
+                                       multiple=multiple, **dict(rank_search or {}))
+    elif policy != "none":
+        for p in plans:
+            chosen[p.name] = estimate_ranks(p, policy, ratio=ratio, energy=energy, multiple=multiple,
+                                            rounding=rounding, base=base, rank=rank)
+
+    for plan, dense_flops in zip(plans, dense_flops_all):
+        ranks = chosen.get(plan.name)
+        weight_shape = tuple(plan.module.weight.shape)
+        kept = LayerReport(name=plan.name, kind=type(plan.module).__name__, action="kept",
+                           weight_shape=weight_shape, full_ranks=plan.full_ranks,
+                           params_before=plan.params_dense, params_after=plan.params_dense,
+                           flops_before=dense_flops, flops_after=dense_flops)
+        if policy == "none":
+            kept.reason = "rank.policy=none"
+            reports.append(kept)
+            continue
+        if ranks is None:
+            kept.reason = reasons.get(plan.name, "no rank given for this layer")
+            reports.append(kept)
+            continue
+        if plan.params_for(ranks) >= plan.params_dense:
+            kept.reason = f"ranks {ranks} would not shrink it"
+            kept.ranks = tuple(ranks)
+            reports.append(kept)
+            continue
+        new, err = build_factorized(plan, ranks)
+        _set_module(model, plan.name, new)
+        reports.append(LayerReport(
+            name=plan.name, kind=plan.kind, action="decomposed", weight_shape=weight_shape,
+            factor_shapes=_shapes(new), ranks=tuple(new.ranks), full_ranks=plan.full_ranks,
+            params_before=plan.params_dense, params_after=plan.params_for(tuple(new.ranks)),
+            flops_before=dense_flops, flops_after=plan.forward_flops(tuple(new.ranks)), rel_error=err,
+            reason=reasons.get(plan.name, "")))
+        plan._spectra.clear()
+
+    report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=params_before,
+                                 params_after=_count(model), settings=settings)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    report.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
+    if plans and all(f is not None for f in dense_flops_all):
+        report.flops_before = sum(dense_flops_all)
+        report.flops_after = sum(layer.flops_after or 0 for layer in reports)
+    return report

@@ -1,0 +1,215 @@
+"""Decomposition core: exactness at full rank, optimality when truncated, rank formulas, model surgery."""
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lrd_exp import decompose_model
+from lrd_exp.decompose import SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
+from lrd_exp.decompose import ranks as R
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- full-rank exactness
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_full_rank_linear_is_exact(dtype, tol, bias, shape):
+    n_in, n_out = shape
+    lin = nn.Linear(n_in, n_out, bias=bias).to(dtype)
+    x = torch.randn(16, n_in, dtype=dtype)
+    new, _ = SVDLinear.from_linear(lin, min(n_in, n_out))
+    assert rel_err(new(x), lin(x)) < tol
+    assert [p for p in new.factors()] == ["first", "last"]
+    assert new.first.bias is None and (new.last.bias is not None) == bias
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (2, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_conv1x1_is_exact(dtype, tol, stride, padding, bias):
+    conv = nn.Conv2d(12, 20, 1, stride=stride, padding=padding, bias=bias).to(dtype)
+    x = torch.randn(2, 12, 9, 9, dtype=dtype)
+    new, _ = SVDConv1x1.from_conv(conv, 12)
+    assert new.first.stride == (stride, stride) and new.last.stride == (1, 1)
+    assert rel_err(new(x), conv(x)) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 4, 2), (3, 2, 0, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_tucker2_is_exact(dtype, tol, k, stride, padding, dilation, bias):
+    conv = nn.Conv2d(6, 10, k, stride=stride, padding=padding, dilation=dilation, bias=bias).to(dtype)
+    x = torch.randn(2, 6, 13, 13, dtype=dtype)
+    new = Tucker2Conv.from_conv(conv, 6, 10)
+    assert list(new.factors()) == ["first", "core", "last"]
+    assert new.core.stride == conv.stride and new.core.dilation == conv.dilation
+    assert rel_err(new(x), conv(x)) < tol
+
+
+# ---------------------------------------------------------------- optimality
+@pytest.mark.parametrize("rank", [1, 5, 17])
+def test_truncated_svd_reaches_eckart_young(rank):
+    w = torch.randn(48, 30, dtype=torch.float64) @ torch.diag(torch.logspace(0, -3, 30, dtype=torch.float64))
+    lin = nn.Linear(30, 48, bias=False).double()
+    lin.weight.data.copy_(w)
+    new, _ = SVDLinear.from_linear(lin, rank)
+    s = torch.linalg.svdvals(w)
+    optimal = s[rank:].pow(2).sum().sqrt()
+    err = (reconstruct_weight(new) - w).norm()
+    assert err.item() == pytest.approx(optimal.item(), rel=1e-8)
+    # factors share the singular values evenly
+    assert new.first.weight.norm().item() == pytest.approx(new.last.weight.norm().item(), rel=1e-8)
+
+
+def test_tucker2_error_monotone_and_exact_on_low_rank():
+    conv = nn.Conv2d(16, 24, 3, bias=False).double()
+    errs = []
+    for r in [1, 2, 4, 8, 12, 16]:
+        new = Tucker2Conv.from_conv(conv, r, r * 3 // 2)
+        errs.append(rel_err(reconstruct_weight(new), conv.weight.data))
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 1e-10
+    # a weight that is exactly Tucker-2 of ranks (3, 5)
+    core = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    u_out = torch.linalg.qr(torch.randn(24, 5, dtype=torch.float64))[0]
+    u_in = torch.linalg.qr(torch.randn(16, 3, dtype=torch.float64))[0]
+    conv.weight.data = torch.einsum("rskl,or,is->oikl", core, u_out, u_in)
+    new = Tucker2Conv.from_conv(conv, 3, 5)
+    assert rel_err(reconstruct_weight(new), conv.weight.data) < 1e-10
+
+
+# ---------------------------------------------------------------- rank formulas
+def test_ratio_rank_formulas():
+    r = R.svd_rank_for_ratio(768, 3072, 2)
+    assert r == math.floor(768 * 3072 / (2 * 3840)) == 307
+    assert R.svd_params(768, 3072, r) * 2 <= 768 * 3072 < R.svd_params(768, 3072, r + 1) * 2
+    r = R.tucker2_rank_for_ratio(256, 256, 9, 3)
+    target = 256 * 256 * 9 / 3
+    assert R.tucker2_params(256, 256, 9, r, r) <= target < R.tucker2_params(256, 256, 9, r + 1, r + 1)
+    # ratio just above 1 on a tiny layer: rank clamps to full rank, never 0
+    assert R.svd_rank_for_ratio(3, 2, 1.0001) == 1
+    assert R.tucker2_rank_for_ratio(2, 2, 9, 1.0001) <= 2
+    assert R.svd_rank_for_ratio(2, 2, 1000) == 1
+
+
+def test_energy_rank():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    # energies: 9/14, 13/14, 14/14
+    assert R.energy_rank(s, 0.5) == 1
+    assert R.energy_rank(s, 9 / 14) == 1
+    assert R.energy_rank(s, 0.9) == 2
+    assert R.energy_rank(s, 0.99) == 3
+    assert R.energy_rank(s, 1.0) == 3
+    assert R.energy_rank(torch.zeros(4), 0.9) == 1
+
+
+@pytest.mark.parametrize("rank,multiple,full,rounding,expected", [
+    (307, 8, 768, "nearest", 304), (307, 8, 768, "up", 312), (307, 8, 768, "down", 304),
+    (3, 8, 768, "down", 8),  # never 0
+    (3, 64, 40, "nearest", 40),  # multiple larger than full rank -> full rank
+    (100, 64, 120, "up", 64),  # rounding up past full -> largest multiple below
+    (36, 64, 768, "nearest", 64), (31, 64, 768, "nearest", 64), (97, 64, 768, "nearest", 128),
+])
+def test_quantize_rank(rank, multiple, full, rounding, expected):
+    q = R.quantize_rank(rank, multiple, full, rounding)
+    assert q == expected and 1 <= q <= full
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"policy": "bogus"}, "rank.policy"), ({"policy": "ratio", "ratio": 1.0}, "rank.ratio"),
+    ({"policy": "ratio", "ratio": -2}, "rank.ratio"), ({"policy": "energy", "energy": 0.0}, "rank.energy"),
+    ({"policy": "energy", "energy": 1.5}, "rank.energy"), ({"policy": "quantized", "multiple": 0}, "rank.multiple"),
+    ({"policy": "fixed", "rank": 0}, "rank.rank"), ({"policy": "fixed"}, "rank.rank"),
+    ({"policy": "quantized", "rounding": "sideways"}, "rank.rounding"),
+])
+def test_bad_values_raise_valueerror_naming_key(kwargs, key):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError) as e:
+        decompose_model(model, **kwargs)
+    msg = str(e.value)
+    assert key in msg and "allowed" in msg
+
+
+# ---------------------------------------------------------------- surgery on timm models
+def _count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 64), ("resnet50", 64), ("vit_tiny_patch16_224", 224),
+                                       ("vit_base_patch16_224", 224)])
+def test_decompose_timm_model(name, size):
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    before = _count(model)
+    x = torch.randn(2, 3, size, size)
+    report = decompose_model(model, policy="ratio", ratio=2.0, input_size=(3, size, size))
+    assert report.params_before == before
+    assert report.params_after == _count(model)
+    dec = report.decomposed
+    assert len(dec) > 10
+    # parameters of the decomposed layers fall by the requested ratio, within rounding of the ranks
+    ratio = report.decomposed_params_before / report.decomposed_params_after
+    assert 1.95 < ratio < 2.2
+    for layer in dec:
+        assert layer.params_after * 2 <= layer.params_before
+    # stem and head kept by default
+    kept = {layer.name: layer.reason for layer in report.layers if layer.action == "kept"}
+    assert "stem conv" in kept.values() and "classifier head" in kept.values()
+    assert model(x).shape == (2, 10)
+    assert report.flops_before / report.flops_after == pytest.approx(2.0, rel=0.1)
+    assert "decomposed" in report.table()
+
+
+def test_decomposed_model_matches_at_full_energy():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = model(x)
+    report = decompose_model(model, policy="energy", energy=1.0, input_size=(3, 32, 32))
+    # full energy gives full ranks, which never shrink a layer, so everything is kept
+    assert not report.decomposed and torch.allclose(model(x), ref)
+    report = decompose_model(model, policy="fixed", rank={"layer4.*conv*": 1000}, input_size=(3, 32, 32))
+    assert not report.decomposed
+
+
+def test_quantized_ranks_are_multiples_and_fixed_patterns():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    report = decompose_model(model, policy="quantized", ratio=2, multiple=16, input_size=(3, 224, 224))
+    assert all(r % 16 == 0 for layer in report.decomposed for r in layer.ranks)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    report = decompose_model(model, policy="fixed", rank={"*.mlp.fc1": 24}, input_size=(3, 224, 224))
+    assert {layer.name for layer in report.decomposed} == {f"blocks.{i}.mlp.fc1" for i in range(12)}
+    assert all(layer.ranks == (24,) for layer in report.decomposed)
+
+
+def test_include_overrides_skips_and_exclude_removes():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    report = decompose_model(model, policy="ratio", ratio=3, include=["conv1", "layer1.*"], exclude=["layer1.1.*"],
+                             input_size=(3, 32, 32))
+    names = {layer.name for layer in report.decomposed}
+    assert names == {"conv1", "layer1.0.conv1", "layer1.0.conv2"}
+
+
+def test_grouped_conv_skipped_and_works_with_rank_config_node():
+    from omegaconf import OmegaConf
+
+    from lrd_exp.config import RankConfig
+
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    cfg = OmegaConf.structured(RankConfig)
+    cfg.policy = "quantized"
+    report = decompose_model(model, **cfg, input_size=(3, 64, 64))
+    reasons = {layer.reason for layer in report.layers if layer.action == "kept"}
+    assert "grouped/depthwise conv (not supported)" in reasons
+    assert report.params_after == _count(model)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
