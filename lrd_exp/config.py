@@ -200,6 +200,7 @@ class LoggerConfig:
 class PathsConfig:
     cache_dir: str = ".lrd_cache"  # baseline checkpoints and rank timings, shared by sweeps
     data_dir: str = "data"
+    output_dir: str | None = None  # None: the Hydra job dir
 
 
 @dataclass

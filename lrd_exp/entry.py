@@ -1,0 +1,43 @@
+"""What ``run.py`` needs around the job: config registration, resolvers, and user errors without tracebacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from omegaconf import DictConfig, OmegaConf
+
+from lrd_exp.config import register_configs
+
+
+def job_dir_name(override_dirname: str) -> str:
+    """A sweep job's folder: its overrides (readable, stable across re-runs), or 'default' when none."""
+    name = override_dirname.replace("/", "_") or "default"
+    return name[:200]
+
+
+def prepare() -> None:
+    """Register schemas and resolvers once, before Hydra composes anything."""
+    register_configs()
+    if not OmegaConf.has_resolver("lrd_job_dir"):
+        OmegaConf.register_new_resolver("lrd_job_dir", job_dir_name)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """Run one job; a user error prints one line and exits non-zero without a traceback."""
+    from lrd_exp.devices import DeviceUnavailableError
+    from lrd_exp.pipeline import run
+    from lrd_exp.validation import ConfigError
+
+    try:
+        return run(cfg)
+    except (ConfigError, DeviceUnavailableError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

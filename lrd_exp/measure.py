@@ -1,0 +1,130 @@
+"""Side-by-side measurement of the original and the decomposed model (with its freeze schedule).
+
+Both run in the same process on the same input, interleaved over several rounds, so the ratios stay valid on
+a noisy machine. A freeze schedule is measured state by state and averaged by the time each state lasts.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrd_exp.bench import Timing, count_flops, count_params, measure_inference, measure_train_step
+from lrd_exp.devices import DeviceInfo
+from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
+
+
+@dataclass
+class FreezeState:
+    """One state of a freeze schedule and the share of training it lasts."""
+
+    weight: float
+    frozen: list[str]
+    label: str = ""
+
+
+@dataclass
+class Measured:
+    train: Timing
+    infer: Timing | None
+    train_flops: int
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
+                    history: list[dict[str, Any]] | None = None) -> list[FreezeState]:
+    """The states a schedule goes through over ``total_units``, from a run's history when there is one."""
+    factors = collect_factors(model)
+    schedule = FreezeSchedule(freeze_cfg, factors)
+    total_units = max(int(total_units), 1)
+    if history:
+        starts = [h["t"] for h in history] + [total_units]
+        states = []
+        for h, end in zip(history, starts[1:]):
+            states.append(FreezeState(max(end - h["t"], 0), list(h["frozen"]), f"{schedule.unit}>={h['t']}"))
+        states = [s for s in states if s.weight > 0] or states[-1:]
+    else:
+        states = [FreezeState(length, [f.key for f in frozen], f"{schedule.unit}>={start}")
+                  for start, length, frozen in schedule.timeline(total_units)]
+    total = sum(s.weight for s in states) or 1
+    for s in states:
+        s.weight = s.weight / total
+    return states
+
+
+def _merge(timings: list[Timing]) -> Timing:
+    times = [t for timing in timings for t in timing.times_s]
+    return Timing(median_s=statistics.median(times), min_s=min(times), max_s=max(times), times_s=times,
+                  batch_size=timings[0].batch_size)
+
+
+def _weighted(timings: list[Timing], weights: list[float]) -> Timing:
+    """A schedule's time-weighted step time: weighted mean of the states' medians (and of their extremes)."""
+    med = sum(w * t.median_s for t, w in zip(timings, weights))
+    lo = sum(w * t.min_s for t, w in zip(timings, weights))
+    hi = sum(w * t.max_s for t, w in zip(timings, weights))
+    return Timing(median_s=med, min_s=lo, max_s=hi, times_s=[med], batch_size=timings[0].batch_size)
+
+
+def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState], x: torch.Tensor,
+            y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int = 2, precision: str = "32-true",
+            channels_last: bool = False, compile: bool = False, device: DeviceInfo | None = None,
+            inference: bool = True) -> tuple[Measured, Measured]:
+    """Measure both models' training step (every freeze state of the decomposed one) and inference."""
+    factors: list[Factor] = collect_factors(decomposed)
+    by_key = {f.key: f for f in factors}
+    kw = dict(warmup=warmup, steps=max(1, steps // rounds), precision=precision, channels_last=channels_last,
+              compile=compile, device=device)
+    orig_train, orig_infer, dec_infer = [], [], []
+    dec_train: list[list[Timing]] = [[] for _ in states]
+    saved = {id(p): p.requires_grad for p in decomposed.parameters()}
+    try:
+        for _ in range(rounds):
+            orig_train.append(measure_train_step(original, x, y, **kw))
+            for i, state in enumerate(states):
+                set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
+                dec_train[i].append(measure_train_step(decomposed, x, y, **kw))
+            if inference:
+                orig_infer.append(measure_inference(original, x, **kw))
+                dec_infer.append(measure_inference(decomposed, x, **kw))
+        stage_flops = []
+        for state in states:
+            set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
+            stage_flops.append(count_flops(decomposed, x, y=y, train=True))
+    finally:
+        for p in decomposed.parameters():
+            p.requires_grad_(saved[id(p)])
+    weights = [s.weight for s in states]
+    merged = [_merge(t) for t in dec_train]
+    stages = [{"label": s.label, "weight": s.weight, "n_frozen": len(s.frozen),
+               "train_ips": m.ips, "train_ips_min": m.ips_min, "train_ips_max": m.ips_max, "train_flops": f}
+              for s, m, f in zip(states, merged, stage_flops)]
+    orig = Measured(_merge(orig_train), _merge(orig_infer) if inference else None,
+                    count_flops(original, x, y=y, train=True))
+    dec = Measured(_weighted(merged, weights), _merge(dec_infer) if inference else None,
+                   round(sum(w * f for w, f in zip(weights, stage_flops))), stages)
+    return orig, dec
+
+
+def comparison_fields(original: nn.Module, decomposed: nn.Module, orig: Measured, dec: Measured,
+                      x: torch.Tensor) -> dict[str, Any]:
+    """Result-row fields (size and speed) of a comparison."""
+    one = x[:1]
+    row: dict[str, Any] = {
+        "params_original": count_params(original), "params_decomposed": count_params(decomposed),
+        "flops_original": count_flops(original, one, train=False),
+        "flops_decomposed": count_flops(decomposed, one, train=False),
+        "train_flops_original": orig.train_flops, "train_flops_decomposed": dec.train_flops,
+        "freeze_stages": dec.stages,
+    }
+    for kind, a, b in (("train", orig.train, dec.train), ("infer", orig.infer, dec.infer)):
+        if a is None or b is None:
+            continue
+        row[f"{kind}_ips_original"], row[f"{kind}_ips_decomposed"] = a.ips, b.ips
+        row[f"{kind}_ips_original_min"], row[f"{kind}_ips_original_max"] = a.ips_min, a.ips_max
+        row[f"{kind}_ips_decomposed_min"], row[f"{kind}_ips_decomposed_max"] = b.ips_min, b.ips_max
+    return row

@@ -1,0 +1,87 @@
+"""The LightningModule: an image classifier around any ``nn.Module`` (timm model, original or decomposed)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss: the run stops and its row is marked failed."""
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy training with SGD/AdamW and an optional cosine schedule.
+
+    All parameters go to the optimizer; a frozen one (requires_grad False, grad None) is skipped by it, so
+    the freezing callback can change the frozen set at any step without rebuilding the optimizer.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, *, optim: Any = None, max_steps: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = dict(optim or {})
+        self.max_steps = max_steps
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.curve: list[dict[str, float]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=float(self.optim.get("label_smoothing", 0.0)))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower the learning rate "
+                f"(trainer.*_optim.lr={self.optim.get('lr')}) or enable gradient clipping")
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.val_acc(logits, y)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=x.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = self.trainer.callback_metrics
+        self.curve.append({
+            "epoch": self.current_epoch, "step": self.global_step,
+            "val_top1": 100.0 * float(metrics.get("val/acc", math.nan)),
+            "val_loss": float(metrics.get("val/loss", math.nan)),
+            "train_loss": float(metrics.get("train/loss_epoch", math.nan)),
+        })
+
+    def configure_optimizers(self) -> Any:
+        name = self.optim.get("name", "sgd")
+        lr = float(self.optim.get("lr", 0.05))
+        wd = float(self.optim.get("weight_decay", 0.0))
+        params = list(self.model.parameters())
+        if name == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=float(self.optim.get("momentum", 0.9)), weight_decay=wd)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        else:
+            raise ValueError(f"trainer.*_optim.name={name!r} is not allowed: choose one of sgd, adamw")
+        if self.optim.get("scheduler", "cosine") != "cosine":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if self.max_steps and self.max_steps > 0:
+            total = min(total, self.max_steps)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(total), 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,102 @@
+"""Fail fast on bad input: one line naming the key, the bad value and what is allowed, before any work."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lrd_exp.decompose import ranks as R
+from lrd_exp.freezing import FreezeSchedule
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: printed as one line, no traceback."""
+
+
+def _v(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def check_model_name(name: str) -> None:
+    import timm
+
+    if name in timm.list_models():
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise ConfigError(f"model.name={name!r} is not a timm model{hint}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the typed schema cannot express. Raises :class:`ConfigError`."""
+    try:
+        _validate(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # the library's own checks already name key, value and the allowed range
+        raise ConfigError(str(exc)) from None
+
+
+def _validate(cfg: DictConfig) -> None:
+    rank = cfg.rank
+    policy = _v(rank.policy)
+    if policy in ("ratio", "quantized", "optimized"):
+        R.check_ratio(rank.ratio)
+    if policy == "energy" or _v(rank.base) == "energy":
+        R.check_energy(rank.energy)
+    R.check_multiple(rank.multiple)
+    if policy == "fixed":
+        if rank.rank is None:
+            raise ConfigError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
+        if not isinstance(rank.rank, (dict, DictConfig)):
+            R.check_rank(rank.rank)
+    if policy == "optimized":
+        if not 0 <= rank.window < 1:
+            raise ConfigError(f"rank.window={rank.window} is not allowed: a fraction in [0, 1)")
+        if rank.step < 1:
+            raise ConfigError(f"rank.step={rank.step} is not allowed: an integer >= 1")
+    FreezeSchedule(cfg.freeze, [])  # raises on period <= 0, unknown positions, ...
+
+    t = cfg.trainer
+    for key in ("baseline_epochs", "finetune_epochs"):
+        if t[key] < 0:
+            raise ConfigError(f"trainer.{key}={t[key]} is not allowed: epochs must be >= 0")
+    if t.batch_size <= 0:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is not allowed: it must be an integer >= 1")
+    if cfg.bench.batch_size is not None and cfg.bench.batch_size <= 0:
+        raise ConfigError(f"bench.batch_size={cfg.bench.batch_size} is not allowed: null or an integer >= 1")
+    if cfg.bench.steps < 1 or cfg.bench.warmup < 0:
+        raise ConfigError(f"bench.steps={cfg.bench.steps} / bench.warmup={cfg.bench.warmup} are not allowed: "
+                          "steps >= 1, warmup >= 0")
+    for key in ("precision",):
+        allowed = ("32-true", "32", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
+        if str(t[key]) not in allowed:
+            raise ConfigError(f"trainer.{key}={t[key]!r} is not allowed: choose one of {', '.join(allowed)}")
+
+    d = cfg.dataset
+    from lrd_exp.data import DATASETS
+
+    if d.name not in DATASETS:
+        raise ConfigError(f"dataset.name={d.name!r} is not allowed: choose one of {', '.join(DATASETS)}")
+    if d.image_size <= 0 or d.in_chans <= 0 or d.num_classes <= 1:
+        raise ConfigError(f"dataset.image_size={d.image_size}, in_chans={d.in_chans}, num_classes={d.num_classes}: "
+                          "sizes must be >= 1 and num_classes >= 2")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"dataset.val_fraction={d.val_fraction} is not allowed: a fraction in (0, 1)")
+    if d.name == "imagenet" and _v(cfg.task) == "train":
+        root = d.root or os.path.join(cfg.paths.data_dir, d.name)
+        if not os.path.isdir(root):
+            raise ConfigError(f"dataset.root={root!r} does not exist: point it at an ImageFolder with train/ and val/")
+    if d.name in ("cifar10", "cifar100") and _v(cfg.task) == "train" and not d.download:
+        root = d.root or os.path.join(cfg.paths.data_dir, d.name)
+        if not os.path.isdir(root):
+            raise ConfigError(f"dataset.root={root!r} does not exist: set dataset.download=true or point "
+                              "dataset.root at the extracted CIFAR batches")
+
+    check_model_name(cfg.model.name)
+    ckpt = cfg.model.checkpoint
+    if ckpt is not None and not os.path.isfile(ckpt):
+        raise ConfigError(f"model.checkpoint={ckpt!r} is not a file")
