@@ -84,9 +84,10 @@ class RankConfig:
     rounding: Rounding = Rounding.nearest
     base: RankBase = RankBase.ratio  # the estimate quantized/optimized start from
     rank: Any = None  # policy=fixed: an int, or {name pattern: int}
-    window: float = 0.5  # optimized: search ranks in [est*(1-window), est*(1+window)]
+    window: float = 0.25  # optimized: search ranks in [est*(1-window), est*(1+window)]
     step: int = 8  # optimized: spacing of the searched ranks
     objective: Objective = Objective.train
+    tolerance: float = 0.03  # optimized: candidates this close to the fastest tie; the largest rank wins
     include: list[str] = field(default_factory=list)  # fnmatch patterns; overrides the default skips
     exclude: list[str] = field(default_factory=list)
     skip_stem: bool = True

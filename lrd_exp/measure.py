@@ -7,9 +7,11 @@ a noisy machine. A freeze schedule is measured state by state and averaged by th
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -128,3 +130,44 @@ def comparison_fields(original: nn.Module, decomposed: nn.Module, orig: Measured
         row[f"{kind}_ips_original_min"], row[f"{kind}_ips_original_max"] = a.ips_min, a.ips_max
         row[f"{kind}_ips_decomposed_min"], row[f"{kind}_ips_decomposed_max"] = b.ips_min, b.ips_max
     return row
+
+
+class StepThroughput(pl.Callback):
+    """Images/s of the real training loop (data loading, logging and callbacks included).
+
+    Wall time between consecutive batch ends, device-synchronised, skipping the first ``skip`` steps of every
+    epoch (warm-up, loader start). Compared with ``task=benchmark`` it shows whether the framework itself
+    hides a bottleneck.
+    """
+
+    def __init__(self, device: DeviceInfo | None = None, skip: int = 2) -> None:
+        super().__init__()
+        self.device = device
+        self.skip = skip
+        self.step_times: list[float] = []
+        self.batch_sizes: list[int] = []
+        self._last: float | None = None
+        self._seen = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last, self._seen = None, 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.device is not None:
+            self.device.synchronize()
+        now = time.perf_counter()
+        if self._last is not None and self._seen >= self.skip:
+            self.step_times.append(now - self._last)
+            self.batch_sizes.append(int(batch[0].shape[0]))
+            pl_module.log("train/images_per_s", self.batch_sizes[-1] / self.step_times[-1], on_step=True,
+                          on_epoch=False, batch_size=self.batch_sizes[-1])
+        self._last = now
+        self._seen += 1
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Mean throughput over the measured steps (total images / total time)."""
+        if not self.step_times:
+            return None
+        return sum(self.batch_sizes) / sum(self.step_times)

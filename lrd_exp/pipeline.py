@@ -27,7 +27,7 @@ from lrd_exp.data import build_datamodule
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo, resolve_device, trainer_device_kwargs
 from lrd_exp.freezing import FreezingCallback
-from lrd_exp.measure import compare, comparison_fields, schedule_states
+from lrd_exp.measure import StepThroughput, compare, comparison_fields, schedule_states
 from lrd_exp.module import Classifier
 from lrd_exp.validation import ConfigError, validate
 
@@ -205,7 +205,7 @@ def run(cfg: DictConfig) -> float | None:
         return existing.get("train_ips_decomposed")
 
     row = identity_row(cfg, out_dir)
-    row.update(device_name=device.name, status="running")
+    row.update(device=device.accelerator, device_name=device.name, status="running")
     results.write_result(out_dir, results.make_row(**row))
     started = time.perf_counter()
     wandb_logger = None
@@ -279,11 +279,13 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
 
     # 3. fine-tune with the freeze schedule
     freezer = FreezingCallback(cfg.freeze)
+    speed = StepThroughput(device)
     loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
     history: list[dict[str, Any]] = []
     if t.finetune_epochs > 0:
         module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=t.finetune_optim,
-                     out_dir=out_dir, stage="finetune", callbacks=[freezer], loggers=loggers, resume=cfg.resume)
+                     out_dir=out_dir, stage="finetune", callbacks=[freezer, speed], loggers=loggers,
+                     resume=cfg.resume)
         curves += [dict(c, stage="finetune") for c in module.curve]
         history = freezer.history
         for p in decomposed.parameters():  # measurement applies each state itself
@@ -298,6 +300,10 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     # 4. measure original vs decomposed side by side (every freeze state, time-weighted)
     if cfg.bench.enabled:
         row.update(measure_pair(cfg, device, original, decomposed, dm, history=history))
+    # fidelity: the images/s the Lightning loop really achieved vs the side-by-side benchmark
+    row["train_ips_logged"] = speed.images_per_s
+    if speed.images_per_s and row.get("train_ips_decomposed"):
+        row["train_ips_fidelity"] = speed.images_per_s / row["train_ips_decomposed"]
     return row
 
 

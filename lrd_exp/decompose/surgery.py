@@ -254,9 +254,10 @@ def decompose_model(
     rounding: str = "nearest",
     base: str = "ratio",
     rank: Any = None,
-    window: float = 0.5,
+    window: float = 0.25,
     step: int = 8,
     objective: str = "train",
+    tolerance: float = 0.03,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     skip_stem: bool = True,
@@ -292,7 +293,7 @@ def decompose_model(
         if not isinstance(rank, Mapping):
             R.check_rank(rank)
     settings = {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
-                "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
+                "base": base, "rank": rank, "window": window, "step": step, "objective": objective, "tolerance": tolerance,
                 "include": list(include or []), "exclude": list(exclude or []),
                 "skip_stem": skip_stem, "skip_head": skip_head}
 
@@ -317,8 +318,10 @@ def decompose_model(
 
         estimates = {p.name: estimate_ranks(p, "quantized", ratio=ratio, energy=energy, multiple=multiple,
                                             rounding=rounding, base=base, rank=rank) for p in plans}
-        chosen, reasons = choose_ranks(plans, estimates, window=window, step=step, objective=objective,
-                                       multiple=multiple, **dict(rank_search or {}))
+        chosen, reasons, stats = choose_ranks(plans, estimates, window=window, step=step, objective=objective,
+                                              multiple=multiple, base=base, ratio=ratio, energy=energy,
+                                              tolerance=tolerance, **dict(rank_search or {}))
+        settings["rank_search"] = stats
     elif policy != "none":
         for p in plans:
             chosen[p.name] = estimate_ranks(p, policy, ratio=ratio, energy=energy, multiple=multiple,

@@ -1,0 +1,244 @@
+"""``rank.policy=optimized``: pick each layer's rank by timing candidates on the run's own device.
+
+For every decomposable layer, candidate ranks near the estimate and the un-decomposed original are timed at
+the layer's real activation shape, batch, dtype and memory format. The fastest candidate that respects the
+constraint wins (compression at least ``ratio`` for ``base=ratio``; kept energy at least ``energy`` for
+``base=energy``); candidates within ``tolerance`` of the fastest count as ties and the largest rank among them
+is taken (same speed, better accuracy). A layer stays dense when the original is fastest. Timings are cached on
+disk, keyed by device, precision, layer geometry and batch, so sweeps and later runs do not re-measure.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrd_exp.bench import _autocast, normalize_precision, time_fn
+from lrd_exp.decompose import ranks as R
+from lrd_exp.devices import DeviceInfo, resolve_device
+
+log = logging.getLogger("lrd_exp")
+
+Timer = Callable[[Any, "tuple[int, ...] | None"], float]
+
+
+def candidate_ranks(plan: Any, estimate: tuple[int, ...], *, window: float, step: int, base: str,
+                    ratio: float, energy_ranks: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+    """Ranks to time for one layer: multiples of ``step`` around the estimate that meet the constraint."""
+    lead = estimate[0]
+    lo = max(1, math.floor(lead * (1 - window)))
+    hi = max(lo, math.ceil(lead * (1 + window)))
+    full = plan.full_ranks
+    leads = {r for r in range((lo + step - 1) // step * step, hi + 1, step) if r >= 1} | {lead}
+    cands = set()
+    for r in sorted(leads):
+        if len(estimate) == 1:
+            ranks: tuple[int, ...] = (min(r, full[0]),)
+        else:  # Tucker-2: scale r2 with r1, quantized to the step
+            r2 = max(step, round(estimate[1] * r / max(lead, 1) / step) * step) if r != lead else estimate[1]
+            ranks = (min(r, full[0]), min(r2, full[1]))
+        cands.add(ranks)
+    dense = plan.params_dense
+    ok = []
+    for ranks in sorted(cands):
+        params = plan.params_for(ranks)
+        if params >= dense:
+            continue
+        if base == "ratio" and params * ratio > dense * (1 + 1e-9) and ranks != tuple(estimate):
+            continue
+        if base == "energy" and energy_ranks is not None and any(r < e for r, e in zip(ranks, energy_ranks)):
+            continue
+        ok.append(ranks)
+    return ok or [tuple(estimate)]
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.device, channels_last: bool
+                   ) -> nn.Module:
+    from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
+
+    m = copy.deepcopy(plan.module).to(device)
+    if ranks is None:
+        module = m
+    elif isinstance(m, nn.Linear):
+        module = SVDLinear(m.in_features, m.out_features, ranks[0], m.bias is not None, device=device)
+    elif plan.kind == "svd":
+        module = SVDConv1x1(m, ranks[0])
+    else:
+        module = Tucker2Conv(m, ranks[0], ranks[1])
+    module = module.to(device).float()
+    if channels_last and not isinstance(m, nn.Linear):
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
+               precision: str, objective: str, channels_last: bool = False, warmup: int = 3,
+               steps: int = 10) -> float:
+    """Median seconds of the layer (dense when ``ranks`` is None) at its real activation shape."""
+    if plan.in_shape is None:
+        raise ValueError(f"layer {plan.name}: no activation shape recorded; pass example_input to decompose_model")
+    dev = device.torch_device
+    module = _layer_modules(plan, ranks, dev, channels_last)
+    x = torch.randn(batch_size, *plan.in_shape, device=dev)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    precision = normalize_precision(precision)
+    total = 0.0
+    if objective in ("train", "both"):
+        x.requires_grad_(True)
+
+        def train() -> None:
+            with _autocast(precision, dev.type):
+                out = module(x)
+            out.float().sum().backward()
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+
+        total += time_fn(train, warmup=warmup, steps=steps, sync=device.synchronize).median_s
+    if objective in ("inference", "both"):
+        xi = x.detach()
+
+        def infer() -> None:
+            with torch.inference_mode(), _autocast(precision, dev.type):
+                module(xi)
+
+        total += time_fn(infer, warmup=warmup, steps=steps, sync=device.synchronize).median_s
+    return total
+
+
+class TimingCache:
+    """One JSON file per (device, precision, geometry, batch, objective) key: rank -> median seconds."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(plan: Any, *, device_name: str, precision: str, batch_size: int, objective: str,
+            channels_last: bool) -> str:
+        m = plan.module
+        geometry = {"type": type(m).__name__, "in": plan.n_in, "out": plan.n_out, "in_shape": plan.in_shape,
+                    "bias": m.bias is not None}
+        if isinstance(m, nn.Conv2d):
+            geometry.update(k=m.kernel_size, s=m.stride, p=m.padding, d=m.dilation)
+        spec = {"device": device_name, "precision": precision, "batch": batch_size, "objective": objective,
+                "channels_last": channels_last, "geometry": geometry, "torch": torch.__version__}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def _path(self, key: str) -> str | None:
+        return os.path.join(self.directory, f"{key}.json") if self.directory else None
+
+    def load(self, key: str) -> dict[str, float]:
+        path = self._path(key)
+        if not path or not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as fh:
+                return {k: float(v) for k, v in json.load(fh).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, key: str, table: dict[str, float]) -> None:
+        path = self._path(key)
+        if not path:
+            return
+        from lrd_exp.results import write_json_atomic
+
+        os.makedirs(self.directory, exist_ok=True)
+        write_json_atomic(path, table)
+
+
+def _rank_key(ranks: tuple[int, ...] | None) -> str:
+    return "original" if ranks is None else "x".join(map(str, ranks))
+
+
+def pick(times: dict[tuple[int, ...] | None, float], tolerance: float) -> tuple[int, ...] | None:
+    """The fastest entry (None = keep the dense layer); decomposed ties within ``tolerance`` go to the largest rank."""
+    best = min(times.values())
+    if times.get(None, math.inf) <= best * (1 + 1e-12):
+        return None
+    ties = [r for r, t in times.items() if r is not None and t <= best * (1 + tolerance)]
+    return max(ties, key=lambda r: (math.prod(r), r))
+
+
+def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | None], *, window: float = 0.25,
+                 step: int = 8, objective: str = "train", multiple: int = 8, base: str = "ratio",
+                 ratio: float = 2.0, energy: float = 0.95, tolerance: float = 0.03, batch_size: int = 32,
+                 device: DeviceInfo | None = None, precision: str = "32-true", channels_last: bool = False,
+                 cache_dir: str | None = None, warmup: int = 3, steps: int = 10, output_dir: str | None = None,
+                 timer: Timer | None = None
+                 ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], dict[str, int]]:
+    """Per layer: the chosen ranks (None keeps it dense), a reason for the report, and cache statistics.
+
+    ``timer(plan, ranks_or_None) -> seconds`` replaces the device measurement (tests, custom cost models).
+    """
+    device = device or resolve_device("cpu")
+    cache = TimingCache(None if timer is not None else cache_dir)
+    chosen: dict[str, tuple[int, ...] | None] = {}
+    reasons: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    prec = normalize_precision(precision)
+    for plan in plans:
+        est = estimates.get(plan.name)
+        if est is None:
+            chosen[plan.name], reasons[plan.name] = None, "no estimate"
+            continue
+        energy_ranks = None
+        if base == "energy":
+            if plan.kind == "svd":
+                energy_ranks = (R.energy_rank(plan.singular_values(), energy),)
+            else:
+                (_, s_out), (_, s_in) = plan.mode_bases()
+                energy_ranks = (R.energy_rank(s_in, energy), R.energy_rank(s_out, energy))
+        cands = candidate_ranks(plan, est, window=window, step=step, base=base, ratio=ratio,
+                                energy_ranks=energy_ranks)
+        key = TimingCache.key(plan, device_name=device.name, precision=prec, batch_size=batch_size,
+                              objective=objective, channels_last=channels_last)
+        table = cache.load(key)
+        times: dict[tuple[int, ...] | None, float] = {}
+        for ranks in [None, *cands]:
+            k = _rank_key(ranks)
+            if k in table:
+                cache.hits += 1
+            else:
+                cache.misses += 1
+                table[k] = (timer(plan, ranks) if timer is not None else
+                            time_layer(plan, ranks, batch_size=batch_size, device=device, precision=prec,
+                                       objective=objective, channels_last=channels_last, warmup=warmup,
+                                       steps=steps))
+            times[ranks] = table[k]
+        cache.save(key, table)
+        choice = pick(times, tolerance)
+        chosen[plan.name] = choice
+        t_dense = times[None]
+        if choice is None:
+            reasons[plan.name] = (f"kept: the original ({t_dense * 1e3:.3f} ms) was faster than every candidate "
+                                  f"(best {min(v for r, v in times.items() if r is not None) * 1e3:.3f} ms)")
+        else:
+            reasons[plan.name] = (f"optimized: {_rank_key(choice)} {times[choice] * 1e3:.3f} ms vs original "
+                                  f"{t_dense * 1e3:.3f} ms, estimate {_rank_key(est)} {times.get(tuple(est), math.nan) * 1e3:.3f} ms")
+        for ranks, t in times.items():
+            rows.append({"layer": plan.name, "rank": -1 if ranks is None else ranks[0],
+                         "rank_out": -1 if ranks is None else ranks[-1], "time_ms": t * 1e3,
+                         "objective": objective, "device_name": device.name, "chosen": ranks == choice,
+                         "estimate": ranks == tuple(est)})
+    log.info("rank search: %d timings measured, %d from cache", cache.misses, cache.hits)
+    if output_dir and rows:
+        import pandas as pd
+
+        from lrd_exp.results import write_text_atomic
+
+        write_text_atomic(os.path.join(output_dir, "rank_timings.csv"), pd.DataFrame(rows).to_csv(index=False))
+    return chosen, reasons, {"timings_measured": cache.misses, "timings_cached": cache.hits}

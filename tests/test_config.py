@@ -1,0 +1,239 @@
+"""The typed config: every group option composes, bad enums fail at composition, bad ranges fail validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import CONF_DIR
+from lrd_exp import decompose_model
+from lrd_exp.decompose import FactorizedLayer
+from lrd_exp.validation import ConfigError, validate
+
+GROUPS = ("model", "dataset", "freeze", "device", "trainer", "logger", "experiment")
+
+
+def _options() -> list[tuple[str, str]]:
+    opts = []
+    for group in GROUPS:
+        folder = CONF_DIR / group
+        if folder.is_dir():
+            opts += [(group, p.stem) for p in sorted(folder.glob("*.yaml"))]
+    return opts
+
+
+OPTIONS = _options()
+
+
+def test_every_group_has_options():
+    found = {g for g, _ in OPTIONS}
+    assert {"model", "dataset", "freeze", "device", "trainer", "logger"} <= found
+    # the contract's freeze and device choices all exist as files
+    names = {(g, n) for g, n in OPTIONS}
+    for n in ("none", "sequential", "alternating", "first", "last", "largest"):
+        assert ("freeze", n) in names
+    for n in ("cpu", "cuda", "npu", "auto"):
+        assert ("device", n) in names
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else node
+
+
+def _assert_subset(expected, actual, where):
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), where
+        for k, v in expected.items():
+            assert k in actual, f"{where}.{k} missing from the composed config"
+            _assert_subset(v, actual[k], f"{where}.{k}")
+    else:
+        assert actual == expected or (isinstance(expected, (int, float)) and not isinstance(expected, bool)
+                                      and actual == pytest.approx(expected)), f"{where}: {actual!r} != {expected!r}"
+
+
+@pytest.mark.parametrize("group,name", OPTIONS, ids=[f"{g}={n}" for g, n in OPTIONS])
+def test_every_option_composes(cfg_factory, group, name):
+    cfg = cfg_factory([f"{group}={name}"], wandb=group in ("logger", "experiment"))
+    assert OmegaConf.select(cfg, "rank.policy") is not None
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"), resolve=False)
+    raw.pop("defaults", None)
+    if group == "experiment":  # global package: its keys land at the top level
+        raw.pop("hydra", None)  # not part of the job config
+        target = _plain(cfg)
+        where = ""
+    else:
+        target = _plain(cfg[group])
+        where = group
+    # every value the option file sets is what the composed config holds (enums compared by name)
+    resolved = {k: v for k, v in raw.items() if not (isinstance(v, str) and "${" in v)}
+    _assert_subset(resolved, target, where)
+    # the composed config is still fully typed: enum keys keep their Enum type
+    assert type(cfg.freeze.schedule).__name__ == "FreezeSchedule"
+    assert type(cfg.device.accelerator).__name__ == "Accelerator"
+
+
+def test_defaults_compose_and_validate(cfg_factory):
+    cfg = cfg_factory([])
+    assert _plain(cfg.rank.policy) == "quantized"
+    assert _plain(cfg.freeze.schedule) == "sequential"
+    assert cfg.model.name == "resnet18" and cfg.dataset.name == "digits"
+    assert cfg.logger.wandb.enabled is False
+    validate(cfg)  # the main job's config is valid
+
+
+def test_cfg_factory_points_outputs_at_tmp(cfg_factory, tmp_path):
+    cfg = cfg_factory([])
+    for key in ("cache_dir", "data_dir", "output_dir"):
+        assert Path(cfg.paths[key]).is_relative_to(tmp_path)
+    assert cfg_factory([], wandb=True).logger.wandb.enabled is True
+    assert cfg_factory(["paths.cache_dir=/x/y"]).paths.cache_dir == "/x/y"
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("rank.policy=bogus", "rank.policy", ["none", "ratio", "energy", "quantized", "optimized", "fixed"]),
+    ("freeze.schedule=bogus", "freeze.schedule", ["none", "sequential", "alternating", "first", "last", "largest"]),
+    ("device.accelerator=tpu", "device.accelerator", ["auto", "cpu", "cuda", "npu"]),
+    ("freeze.unit=hour", "freeze.unit", ["epoch", "step"]),
+    ("freeze.importance=random", "freeze.importance",
+     ["weight_change", "grad_norm", "depth", "reverse_depth", "size"]),
+    ("rank.rounding=sideways", "rank.rounding", ["nearest", "up", "down"]),
+    ("task=eval", "task", ["train", "benchmark"]),
+])
+def test_bad_enum_fails_at_composition(cfg_factory, override, key, allowed):
+    with pytest.raises(ConfigCompositionException) as info:
+        cfg_factory([override])
+    # what the user sees: Hydra prints the exception and its cause
+    message = f"{info.value}\n{info.value.__cause__}"
+    assert key in message
+    bad = override.split("=", 1)[1]
+    assert bad in message
+    for value in allowed:
+        assert value in message, f"allowed value {value!r} not named in: {message}"
+
+
+def test_bad_type_fails_at_composition(cfg_factory):
+    with pytest.raises(ConfigCompositionException) as info:
+        cfg_factory(["trainer.batch_size=abc"])
+    assert "trainer.batch_size" in f"{info.value}\n{info.value.__cause__}"
+
+
+def test_unknown_group_option_lists_the_choices(cfg_factory):
+    with pytest.raises(ConfigCompositionException) as info:
+        cfg_factory(["freeze=bogus"])
+    message = str(info.value)
+    assert "freeze/bogus" in message
+    for name in ("sequential", "alternating", "none"):
+        assert name in message
+
+
+# ------------------------------------------------------------------ decompose_model(model, **cfg.rank)
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 64, 3, padding=1)
+        self.pw = nn.Conv2d(64, 64, 1)
+        self.fc1 = nn.Linear(64, 96)
+        self.head = nn.Linear(96, 10)
+        with torch.no_grad():  # exactly rank 4: an energy threshold keeps at most 4 singular values
+            self.pw.weight.copy_((torch.randn(64, 4) @ torch.randn(4, 64))[:, :, None, None])
+            self.fc1.weight.copy_(torch.randn(96, 4) @ torch.randn(4, 64))
+
+    def forward(self, x):
+        x = torch.relu(self.pw(torch.relu(self.conv(torch.relu(self.stem(x))))))
+        return self.head(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("overrides,check", [
+    ([], "quantized"),
+    (["rank.policy=ratio", "rank.ratio=3"], "ratio"),
+    (["rank.policy=energy", "rank.energy=0.9"], "energy"),
+    (["rank.policy=fixed", "rank.rank=8"], "fixed"),
+    (["rank.policy=none"], "none"),
+])
+def test_decompose_model_accepts_composed_rank_node(cfg_factory, overrides, check):
+    torch.manual_seed(0)
+    cfg = cfg_factory(overrides)
+    model = _Small()
+    x = torch.randn(2, 1, 12, 12)
+    before = sum(p.numel() for p in model.parameters())
+    report = decompose_model(model, **cfg.rank, example_input=x)
+    after = sum(p.numel() for p in model.parameters())
+    assert report.policy == check
+    assert model(x).shape == (2, 10)
+    factorized = {n for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    if check == "none":
+        assert not factorized and after == before
+        return
+    # stem and head are skipped by default (rank.skip_stem / skip_head); the middle layers are decomposed
+    assert "stem" not in factorized and "head" not in factorized
+    assert {"conv", "pw", "fc1"} <= factorized
+    assert after < before
+    assert report.params_before == before and report.params_after == after
+    ranks = [r for layer in report.decomposed for r in layer.ranks]
+    if check == "quantized":
+        assert all(r % 8 == 0 for r in ranks), ranks
+    if check == "fixed":
+        assert all(r == 8 for r in ranks), ranks
+    if check == "energy":
+        by_name = {layer.name: layer for layer in report.decomposed}
+        assert by_name["pw"].ranks[0] <= 4 and by_name["fc1"].ranks[0] <= 4
+        for layer in report.decomposed:  # SVD: err^2 <= 1 - energy; HOSVD (two truncated modes): <= 2 (1 - energy)
+            bound = (1 - 0.9) * (1 if layer.kind == "svd" else 2)
+            assert layer.rel_error ** 2 <= bound + 1e-4, (layer.name, layer.rel_error)
+
+
+# ------------------------------------------------------------------ validate(): range checks
+@pytest.mark.parametrize("overrides,needles", [
+    (["rank.ratio=1"], ["rank.ratio", "> 1"]),
+    (["rank.ratio=0.5"], ["rank.ratio", "0.5"]),
+    (["rank.policy=energy", "rank.energy=0"], ["rank.energy", "(0, 1]"]),
+    (["rank.policy=quantized", "rank.base=energy", "rank.energy=1.5"], ["rank.energy"]),
+    (["rank.multiple=0"], ["rank.multiple", ">= 1"]),
+    (["rank.policy=fixed"], ["rank.rank"]),
+    (["rank.policy=optimized", "rank.window=1.5"], ["rank.window"]),
+    (["trainer.finetune_epochs=-1"], ["trainer.finetune_epochs", "-1"]),
+    (["trainer.baseline_epochs=-2"], ["trainer.baseline_epochs"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size", ">= 1"]),
+    (["trainer.precision=fp8"], ["trainer.precision", "bf16-mixed"]),
+    (["freeze.period=0"], ["freeze.period", ">= 1"]),
+    (["freeze.warmup=-1"], ["freeze.warmup"]),
+    (["freeze.per_stage=0"], ["freeze.per_stage"]),
+    (["freeze.final_fraction=1.5"], ["freeze.final_fraction"]),
+    (["freeze.positions=[middle]"], ["middle", "first", "core", "last"]),
+    (["freeze=alternating", "freeze.phases=[[first],[]]"], ["freeze.phases"]),
+    (["model.name=resnt18"], ["model.name", "resnt18", "resnet18"]),
+    (["dataset=imagenet"], ["dataset.root", "imagenet"]),
+    (["dataset=cifar10"], ["dataset.root", "download"]),
+    (["dataset.val_fraction=1.0"], ["dataset.val_fraction"]),
+    (["bench.steps=0"], ["bench.steps"]),
+    (["model.checkpoint=/nonexistent/ckpt.pt"], ["model.checkpoint"]),
+])
+def test_validate_rejects_bad_values(cfg_factory, overrides, needles):
+    cfg = cfg_factory(overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert "\n" not in message.strip(), "a user error is one line"
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+def test_validate_accepts_existing_imagenet_root(cfg_factory, tmp_path):
+    root = tmp_path / "imagenet"
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    validate(cfg_factory(["dataset=imagenet", f"dataset.root={root}"]))
+    # the default root is <paths.data_dir>/imagenet
+    (tmp_path / "data" / "imagenet").mkdir(parents=True)
+    validate(cfg_factory(["dataset=imagenet"]))
+
+
+def test_validate_accepts_benchmark_task_without_imagenet(cfg_factory):
+    # throughput only: no dataset needed on disk
+    validate(cfg_factory(["dataset=imagenet", "task=benchmark"]))

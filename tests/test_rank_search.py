@@ -1,0 +1,156 @@
+"""Device-measured rank optimization, FLOP accounting of decomposed models, and the benchmark task."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from lrd_exp import decompose_model
+from lrd_exp.bench import count_flops
+from lrd_exp.decompose.surgery import find_candidates
+from lrd_exp.freezing import collect_factors, set_frozen
+from lrd_exp.rank_search import candidate_ranks, choose_ranks, pick
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+# ------------------------------------------------------------------ FLOPs of decomposed models
+def test_flops_of_decomposed_mlp_match_formulas_with_and_without_freezing():
+    model = mlp()
+    report = decompose_model(model, policy="fixed", rank={"0": 16, "2": 24}, input_size=(64,), skip_head=True)
+    assert [layer.ranks for layer in report.decomposed] == [(16,), (24,)]
+    B = 8
+    x, y = torch.randn(B, 64), torch.randint(0, 10, (B,))
+    # forward: 0.first 64->16, 0.last 16->96, 2.first 96->24, 2.last 24->128, 4: 128->10
+    gemms = [64 * 16, 16 * 96, 96 * 24, 24 * 128, 128 * 10]
+    fwd = 2 * B * sum(gemms)
+    assert count_flops(model, x, train=False) == fwd
+    assert report.flops_after == sum(layer.flops_after for layer in report.layers if layer.flops_after)
+    # training: every GEMM has a weight-gradient GEMM; every layer but the first has an input-gradient GEMM
+    full = fwd + 2 * B * sum(gemms) + 2 * B * sum(gemms[1:])
+    assert count_flops(model, x, y=y, train=True) == full
+    # freezing a factor removes exactly its weight-gradient GEMM
+    factors = {f.key: f for f in collect_factors(model)}
+    set_frozen(list(factors.values()), [factors["2.last"]])
+    assert count_flops(model, x, y=y, train=True) == full - 2 * B * 24 * 128
+    # freezing the very first factor also drops 0.last's input-gradient GEMM: nothing upstream needs it
+    set_frozen(list(factors.values()), [factors["2.last"], factors["0.first"]])
+    assert count_flops(model, x, y=y, train=True) == full - 2 * B * (24 * 128 + 64 * 16 + 16 * 96)
+    # the report's per-layer numbers are the same formulas
+    assert report.decomposed[0].flops_before == 2 * 64 * 96 and report.decomposed[0].flops_after == 2 * 16 * (64 + 96)
+
+
+def test_tucker_flops_match_report():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 32, 3, stride=2, padding=1),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    report = decompose_model(conv, policy="fixed", rank=8, input_size=(3, 16, 16))
+    names = [layer.name for layer in report.decomposed]
+    assert names == ["1", "2"]
+    x = torch.randn(1, 3, 16, 16)
+    measured = count_flops(conv, x, train=False)
+    dense_parts = 2 * (16 * 16 * 8 * 3 * 9) + 2 * (32 * 8 * 8 * 10)  # stem conv and head, kept
+    assert measured == dense_parts + report.flops_after
+    # layer "1": first 1x1 on the 16x16 input grid, the strided core and last on 8x8
+    l1 = report.decomposed[0]
+    assert l1.flops_after == 2 * (16 * 16 * 8 * 8 + 8 * 8 * (8 * 8 * 9 + 8 * 32))
+
+
+# ------------------------------------------------------------------ the chooser
+def test_pick_fastest_and_keep_when_original_fastest():
+    assert pick({None: 5.0, (8,): 3.0, (16,): 4.0}, tolerance=0.0) == (8,)
+    assert pick({None: 2.0, (8,): 3.0, (16,): 4.0}, tolerance=0.0) is None
+    # ties within tolerance go to the largest rank (same speed, better accuracy)
+    assert pick({None: 5.0, (8,): 3.0, (16,): 3.05}, tolerance=0.03) == (16,)
+    assert pick({None: 5.0, (8,): 3.0, (16,): 3.2}, tolerance=0.03) == (8,)
+
+
+def _plans(model, size):
+    plans, _ = find_candidates(model)
+    from lrd_exp.decompose.surgery import _record_shapes
+
+    _record_shapes(model, plans, torch.randn(1, *size))
+    return plans
+
+
+def test_candidates_respect_compression_constraint():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plan = [p for p in _plans(model, (256,)) if p.name == "2"][0]
+    est = (128,)
+    cands = candidate_ranks(plan, est, window=0.5, step=8, base="ratio", ratio=2.0)
+    assert cands and all(c[0] % 8 == 0 for c in cands)
+    assert all(plan.params_for(c) * 2 <= plan.params_dense for c in cands)
+    assert min(c[0] for c in cands) >= 64 and max(c[0] for c in cands) == 128
+
+
+def test_choose_ranks_with_timing_table():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plans = _plans(model, (256,))
+    plans = [p for p in plans if p.name in ("0", "2")]
+    estimates = {"0": (80,), "2": (128,)}
+    table = {("0", None): 1.0, ("2", None): 1.0}
+
+    def timer(plan, ranks):
+        if ranks is None:
+            return table[(plan.name, None)] if plan.name == "2" else 0.1  # layer 0: original is fastest
+        return 0.5 if ranks[0] == 112 else 0.9
+
+    chosen, reasons, stats = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer)
+    assert chosen["0"] is None and "kept" in reasons["0"]
+    assert chosen["2"] == (112,) and "optimized" in reasons["2"]
+    assert stats["timings_measured"] > 0
+
+
+def test_optimized_policy_real_cpu_run_hits_cache_second_time(tmp_path):
+    ctx = {"batch_size": 4, "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 2,
+           "output_dir": str(tmp_path)}
+    model = mlp()
+    rep1 = decompose_model(model, policy="optimized", ratio=2, multiple=8, input_size=(64,), rank_search=ctx)
+    assert rep1.settings["rank_search"]["timings_measured"] > 0
+    assert rep1.settings["rank_search"]["timings_cached"] == 0
+    assert all(layer.reason for layer in rep1.layers)
+    model(torch.randn(2, 64))
+    timings = pd.read_csv(tmp_path / "rank_timings.csv")
+    assert {"layer", "rank", "time_ms", "objective", "device_name"} <= set(timings.columns)
+    assert (timings["rank"] == -1).any() and (timings["time_ms"] > 0).all()
+    rep2 = decompose_model(mlp(), policy="optimized", ratio=2, multiple=8, input_size=(64,), rank_search=ctx)
+    assert rep2.settings["rank_search"]["timings_measured"] == 0
+    assert rep2.settings["rank_search"]["timings_cached"] == rep1.settings["rank_search"]["timings_measured"]
+    assert [lay.ranks for lay in rep2.layers] == [lay.ranks for lay in rep1.layers]
+
+
+# ------------------------------------------------------------------ the benchmark task
+def test_benchmark_task_writes_valid_rows(tmp_path):
+    from lrd_exp.results import RESULT_COLUMNS
+
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "run.py", "task=benchmark", "logger=csv", "model=resnet18", "dataset=digits",
+           "bench.batch_size=8", "bench.warmup=1", "bench.steps=2", "trainer.finetune_epochs=3",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}",
+           "bench.variants=[{label: plain, rank: {policy: ratio}, freeze: {schedule: none}}]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((out / "result.json").read_text())
+    assert set(RESULT_COLUMNS) <= set(row)
+    assert row["status"] == "ok" and row["task"] == "benchmark"
+    assert row["top1_original"] is None and row["top1_decomposed"] is None
+    assert row["train_ips_original"] > 0 and row["train_ips_decomposed"] > 0
+    assert row["train_speedup"] == pytest.approx(row["train_ips_decomposed"] / row["train_ips_original"])
+    assert row["params_decomposed"] < row["params_original"]
+    # sequential over 3 epochs: states 0, 1, 2 frozen-stages, weighted by their length
+    stages = row["freeze_stages"]
+    assert sum(s["weight"] for s in stages) == pytest.approx(1.0)
+    assert [s["n_frozen"] for s in stages] == sorted(s["n_frozen"] for s in stages)
+    assert stages[-1]["train_flops"] < stages[0]["train_flops"]
+    variant = json.loads((out / "variants" / "plain" / "result.json").read_text())
+    assert variant["rank_policy"] == "ratio" and variant["freeze"] == "none" and variant["status"] == "ok"
+    assert "Benchmark (resnet18" in proc.stdout and "FLOP-pred." in proc.stdout
