@@ -205,6 +205,14 @@ class PathsConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a job returns to a sweeper (Optuna): a row metric, penalised when accuracy drops too far."""
+
+    metric: str = "train_ips_decomposed"
+    max_top1_drop: float | None = None  # points; a larger drop returns -drop instead of the metric
+
+
+@dataclass
 class LrdConfig:
     task: Task = Task.train
     seed: int = 0
@@ -218,6 +226,7 @@ class LrdConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     name: str = "lrd"  # experiment name, used for W&B grouping
 
 

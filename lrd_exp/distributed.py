@@ -302,7 +302,7 @@ class StepTimer(pl.Callback):
 class ReplicaStateDump(pl.Callback):
     """Saves, per rank, each parameter's value when it got frozen and every parameter at the end of fit.
 
-    ``<dir>/rank<r>.pt`` holds ``{"rank", "frozen_at": {name: (step, tensor)}, "final": {name: tensor},
+    Frozen: ``requires_grad`` off, or in a :class:`FreezingCallback`'s frozen set. ``<dir>/rank<r>.pt`` holds ``{"rank", "frozen_at": {name: (step, tensor)}, "final": {name: tensor},
     "rewraps": [...], "step_times": [...]}``; :func:`compare_replicas` checks a set of them. Place it after the
     freezing callback: a factor's value is taken right after it was frozen, before the next update.
     """
@@ -314,10 +314,13 @@ class ReplicaStateDump(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        scheduled = {id(p) for cb in trainer.callbacks if isinstance(cb, FreezingCallback) and cb.schedule
+                     for f in cb.frozen for p in f.parameters(cb.schedule.freeze_bias)}
         for name, p in pl_module.named_parameters():
-            if not p.requires_grad and name not in self.frozen_at:
+            frozen = not p.requires_grad or id(p) in scheduled
+            if frozen and name not in self.frozen_at:
                 self.frozen_at[name] = (trainer.global_step, p.detach().cpu().clone())
-            elif p.requires_grad and name in self.frozen_at:  # unfrozen again (alternating)
+            elif not frozen and name in self.frozen_at:  # unfrozen again (alternating)
                 del self.frozen_at[name]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -176,7 +176,7 @@ class FreezeSchedule:
         """
         segments: list[tuple[int, int, list[Factor]]] = []
         frozen: list[Factor] = []
-        start, key = 0, None
+        key = None
         for t in range(max(total, 1)):
             k = self.state_key(t)
             if k != key:

@@ -52,6 +52,14 @@ def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
     else:
         states = [FreezeState(length, [f.key for f in frozen], f"{schedule.unit}>={start}")
                   for start, length, frozen in schedule.timeline(total_units)]
+    merged: dict[tuple[str, ...], FreezeState] = {}  # alternating phases repeat: measure each set once
+    for s in states:
+        key = tuple(sorted(s.frozen))
+        if key in merged:
+            merged[key].weight += s.weight
+        else:
+            merged[key] = s
+    states = list(merged.values())
     total = sum(s.weight for s in states) or 1
     for s in states:
         s.weight = s.weight / total

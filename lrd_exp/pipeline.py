@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> float | None:
     if existing and results.is_complete(existing) and not cfg.resume:
         log.info("result.json in %s is complete: skipping this job (delete it to re-run)", out_dir)
         print(results.format_summary(existing))
-        return existing.get("train_ips_decomposed")
+        return objective_value(cfg, existing)
 
     row = identity_row(cfg, out_dir)
     row.update(device=device.accelerator, device_name=device.name, status="running")
@@ -227,7 +227,18 @@ def run(cfg: DictConfig) -> float | None:
             _finish_wandb(wandb_logger, final)
         print(results.format_summary(final))
         print(f"result row: {os.path.join(out_dir, 'result.json')}")
-    return final.get("train_ips_decomposed") if final["status"] == "ok" else None
+    return objective_value(cfg, final)
+
+
+def objective_value(cfg: DictConfig, row: dict[str, Any]) -> float | None:
+    """The sweep objective: ``objective.metric`` of an ok row, or -drop when top-1 fell too far."""
+    if row.get("status") != "ok":
+        return None
+    drop, limit = row.get("top1_drop"), cfg.objective.max_top1_drop
+    if limit is not None and drop is not None and drop > limit:
+        return -float(drop)
+    value = row.get(cfg.objective.metric)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _finish_wandb(wandb_logger: Any, row: dict[str, Any]) -> None:

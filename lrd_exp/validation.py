@@ -98,5 +98,26 @@ def _validate(cfg: DictConfig) -> None:
 
     check_model_name(cfg.model.name)
     ckpt = cfg.model.checkpoint
-    if ckpt is not None and not os.path.isfile(ckpt):
-        raise ConfigError(f"model.checkpoint={ckpt!r} is not a file")
+    if ckpt is not None:
+        check_checkpoint(ckpt)
+
+
+def check_checkpoint(path: str) -> None:
+    """A checkpoint that cannot be read fails here, before a baseline is trained or a file written."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.checkpoint={path!r} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ConfigError(f"model.checkpoint={path!r} is corrupt or not a torch checkpoint "
+                              f"({type(exc).__name__}): expected a state_dict or a Lightning .ckpt") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ConfigError(f"model.checkpoint={path!r} holds no state_dict of tensors: expected a state_dict "
+                          "or a Lightning .ckpt")
