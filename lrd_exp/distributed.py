@@ -153,38 +153,81 @@ FreezeAwareDDPStrategy.register_strategies(StrategyRegistry)
 
 
 # ------------------------------------------------------------------ state the spawned workers send back
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """None, bool, int, float, str, and lists / tuples / dicts of them: safe to send and to assign."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth > 6:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _own_callbacks(trainer: pl.Trainer) -> list[pl.Callback]:
+    """This project's callbacks (Lightning's own are left alone), in trainer order."""
+    return [cb for cb in trainer.callbacks if type(cb).__module__.split(".")[0] == "lrd_exp"]
+
+
 def _worker_state(trainer: pl.Trainer) -> dict[str, Any]:
+    """What rank 0 sends back besides the weights: plain-data attributes of the LightningModule (public lists
+    and dicts, e.g. ``Classifier.curve``) and of this project's callbacks (e.g. ``FreezingCallback.history``,
+    ``StepThroughput.step_times``), each freezer's frozen keys and the strategy's re-wraps."""
     module = trainer.lightning_module
-    freezers = [cb for cb in trainer.callbacks if isinstance(cb, FreezingCallback)]
     return {
-        "curve": list(getattr(module, "curve", []) or []),
-        "freezers": [{"history": cb.history, "frozen": [f.key for f in cb.frozen], "key": cb._key}
-                     for cb in freezers],
+        "module": {k: v for k, v in vars(module).items()
+                   if not k.startswith("_") and isinstance(v, (list, dict)) and _is_plain(v)},
+        "callbacks": [{k: v for k, v in vars(cb).items() if _is_plain(v)} for cb in _own_callbacks(trainer)],
+        "frozen": [[f.key for f in cb.frozen] if isinstance(cb, FreezingCallback) else None
+                   for cb in _own_callbacks(trainer)],
         "rewraps": list(getattr(trainer.strategy, "rewraps", [])),
     }
 
 
 def _restore_worker_state(trainer: pl.Trainer, state: dict[str, Any]) -> None:
     module = trainer.lightning_module
-    if hasattr(module, "curve"):
-        module.curve = state["curve"]
-    freezers = [cb for cb in trainer.callbacks if isinstance(cb, FreezingCallback)]
-    for cb, saved in zip(freezers, state["freezers"]):
-        cb.history, cb._key = saved["history"], saved["key"]
-        cb.setup(trainer, module, "fit")  # builds the schedule over the main process' model
-        by_key = {f.key: f for f in cb.schedule.factors}
-        cb.frozen = [by_key[k] for k in saved["frozen"] if k in by_key]
-        set_frozen(cb.schedule.factors, cb.frozen, cb.schedule.freeze_bias)  # as after a single-device fit
+    for key, value in state["module"].items():
+        setattr(module, key, value)
+    for cb, attrs, frozen in zip(_own_callbacks(trainer), state["callbacks"], state["frozen"]):
+        for key, value in attrs.items():
+            setattr(cb, key, value)
+        if isinstance(cb, FreezingCallback) and frozen is not None:
+            cb.setup(trainer, module, "fit")  # builds the schedule over the main process' model
+            by_key = {f.key: f for f in cb.schedule.factors}
+            cb.frozen = [by_key[k] for k in frozen if k in by_key]
+            set_frozen(cb.schedule.factors, cb.frozen, cb.schedule.freeze_bias)  # as after a single-device fit
     if hasattr(trainer.strategy, "rewraps"):
         trainer.strategy.rewraps = state["rewraps"]
 
 
-class FreezeStateLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn launcher that also brings back the training curve, the freeze history and the re-wraps.
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the job process dies (a killed or timed-out job leaves no orphan
+    ranks spinning on the machine, e.g. under submitit_local or joblib)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
 
-    Lightning returns rank 0's weights and ``callback_metrics``; the pipeline also needs ``Classifier.curve``
-    and ``FreezingCallback.history`` (the freeze states the benchmark replays).
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+class FreezeStateLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn launcher that also brings back rank 0's curve, freeze history and callback records.
+
+    Lightning returns rank 0's weights and ``callback_metrics``; the pipeline also reads ``Classifier.curve``,
+    ``FreezingCallback.history`` (the freeze states the benchmark replays) and ``StepThroughput``'s step times
+    after ``fit`` (see :func:`_worker_state`).
     """
+
+    def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
+        _die_with_parent()
+        return super()._wrapping_function(process_idx, *args, **kwargs)
 
     def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
@@ -286,16 +329,18 @@ class StepTimer(pl.Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.n_trainable: list[int] = []
-        self._t0 = 0.0
+        self._t0 = self._c0 = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu_times.append(time.process_time() - self._c0)  # this rank's CPU time: robust to a busy machine
         self.n_trainable.append(sum(p.requires_grad for p in pl_module.parameters()))
 
 
@@ -331,6 +376,7 @@ class ReplicaStateDump(pl.Callback):
             "final": {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()},
             "rewraps": list(getattr(trainer.strategy, "rewraps", [])),
             "step_times": list(self.timer.times) if self.timer else [],
+            "step_cpu_times": list(self.timer.cpu_times) if self.timer else [],
             "n_trainable": list(self.timer.n_trainable) if self.timer else [],
         }
         torch.save(state, os.path.join(self.directory, f"rank{trainer.global_rank}.pt"))
@@ -586,25 +632,30 @@ class GradMaskFreezing(FreezingCallback):
 
 
 def _summarize(variant: str, dump_dir: str, args: Any) -> dict[str, Any]:
+    """Median wall and CPU time per step before freezing (steps 2..warmup) and in the final freeze state."""
     paths = sorted(os.path.join(dump_dir, f) for f in os.listdir(dump_dir) if f.endswith(".pt"))
-    rank0 = torch.load(paths[0], map_location="cpu", weights_only=False)
-    times, n_tr = rank0["step_times"], rank0["n_trainable"]
-    final_start = args.warmup + args.period * (math.ceil(args.final_fraction / args.per_stage) - 1) + 2
-    steady = times[final_start:]
-    early = times[2:args.warmup]
+    dumps = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    rank0 = dumps[0]
+    final_start = args.warmup + args.period * (math.ceil(args.final_fraction / args.per_stage - 1e-9) - 1) + 2
+    phases = {"before_freezing": slice(2, args.warmup), "final_state": slice(final_start, None)}
+
+    def med(values: list[float]) -> float | None:
+        return round(statistics.median(values), 4) if values else None
+
+    row: dict[str, Any] = {"variant": variant, "steps": len(rank0["step_times"])}
+    for name, sl in phases.items():
+        row[f"wall_s_{name}"] = med(rank0["step_times"][sl])  # ranks step in lock-step: rank 0 is enough
+        cpu = [med(d["step_cpu_times"][sl]) for d in dumps]
+        row[f"cpu_s_{name}"] = round(statistics.mean(cpu), 4) if all(c is not None for c in cpu) else None
     cmp = compare_replicas(paths)
-    return {
-        "variant": variant, "steps": len(times),
-        "median_step_s_all": round(statistics.median(times[2:]), 4),
-        "median_step_s_before_freezing": round(statistics.median(early), 4) if early else None,
-        "median_step_s_final_state": round(statistics.median(steady), 4) if steady else None,
-        "iqr_final_state": [round(q, 4) for q in statistics.quantiles(steady, n=4)[::2]] if len(steady) > 3 else None,
-        "max_step_s": round(max(times), 4),
-        "trainable_tensors_final": n_tr[-1] if n_tr else None,
-        "rewraps": [(r["step"], r["trainable_tensors"], r["seconds"]) for r in rank0["rewraps"]],
-        "frozen_factor_tensors": len(cmp["frozen"]),
-        "frozen_unchanged": not cmp["frozen_changed"], "ranks_in_sync": not cmp["mismatched"],
-    }
+    row.update(
+        max_step_s=round(max(rank0["step_times"]), 4),
+        trainable_tensors_final=rank0["n_trainable"][-1] if rank0["n_trainable"] else None,
+        rewraps=[(r["step"], r["trainable_tensors"], r["seconds"]) for r in rank0["rewraps"]],
+        frozen_factor_tensors=len(cmp["frozen"]),
+        frozen_unchanged=not cmp["frozen_changed"], ranks_in_sync=not cmp["mismatched"],
+    )
+    return row
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
@@ -633,7 +684,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         for rep in range(args.repeat):
             for variant in args.variants.split(","):
                 out = os.path.join(tmp, f"r{rep}")
-                started = time.perf_counter()
+                started, load = time.perf_counter(), os.getloadavg()[0]
                 try:
                     _bench_worker_fit(variant, args, out)
                     row = _summarize(variant, os.path.join(out, variant), args)
@@ -642,7 +693,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
                     row = {"variant": variant, "error": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300]}
                     if os.environ.get("LRD_DEBUG"):
                         traceback.print_exc()
-                row.update(repeat=rep, fit_s=round(time.perf_counter() - started, 1))
+                row.update(repeat=rep, fit_s=round(time.perf_counter() - started, 1),
+                           loadavg=[round(load, 2), round(os.getloadavg()[0], 2)])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:

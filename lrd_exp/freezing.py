@@ -314,7 +314,10 @@ class FreezingCallback(pl.Callback):
 
             x, y = batch[0], batch[1]
             try:
-                info["train_flops_per_step"] = count_flops(model, x[:1], y=y[:1], train=True) * x.shape[0]
+                # two samples, not one: BatchNorm in train mode needs more than one value per channel
+                # (ResNet's last stage is 1x1 at 32 px); FLOPs scale linearly with the batch
+                n = min(2, x.shape[0])
+                info["train_flops_per_step"] = count_flops(model, x[:n], y=y[:n], train=True) * x.shape[0] // n
             except Exception as exc:  # counting must never break training
                 info["train_flops_error"] = repr(exc)
         self.history.append(info)

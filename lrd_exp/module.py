@@ -31,6 +31,10 @@ class Classifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.curve: list[dict[str, float]] = []
+        # the running training loss of the current epoch, summed on the device (no sync per step): validation
+        # runs before Lightning aggregates `train/loss_epoch`, so the curve cannot read that metric
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -44,6 +48,9 @@ class Classifier(pl.LightningModule):
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower the learning rate "
                 f"(trainer.*_optim.lr={self.optim.get('lr')}) or enable gradient clipping")
         self.train_acc(logits.detach(), y)
+        weighted = loss.detach() * x.shape[0]
+        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
+        self._loss_n += x.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
@@ -56,15 +63,19 @@ class Classifier(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=x.shape[0])
 
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._loss_n = None, 0
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         metrics = self.trainer.callback_metrics
+        train_loss = float(self._loss_sum / self._loss_n) if self._loss_sum is not None and self._loss_n else math.nan
         self.curve.append({
             "epoch": self.current_epoch, "step": self.global_step,
             "val_top1": 100.0 * float(metrics.get("val/acc", math.nan)),
             "val_loss": float(metrics.get("val/loss", math.nan)),
-            "train_loss": float(metrics.get("train/loss_epoch", math.nan)),
+            "train_loss": train_loss,  # mean of this epoch's steps so far
         })
 
     def configure_optimizers(self) -> Any:

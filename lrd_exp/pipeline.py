@@ -171,7 +171,10 @@ def make_loggers(cfg: DictConfig, out_dir: str, stage: str) -> list[Any]:
 
     loggers: list[Any] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=out_dir, name="csv", version=stage))
+        version = stage
+        if os.path.isdir(os.path.join(out_dir, "csv", stage)):  # a resumed or repeated run keeps the old logs
+            version = f"{stage}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        loggers.append(CSVLogger(save_dir=out_dir, name="csv", version=version))
     return loggers
 
 

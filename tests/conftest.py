@@ -60,6 +60,9 @@ def cfg_factory(tmp_path: Path) -> Callable[..., DictConfig]:
 def run_cli(args: Sequence[str], *, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python run.py <args>`` from the repository root, as a user runs it."""
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    # one intra-op thread: on a busy 2-core box OpenMP spin-waiting made a smoke job 4x slower
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
     return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -67,3 +70,16 @@ def run_cli(args: Sequence[str], *, timeout: float = 600) -> subprocess.Complete
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test's torch work on one intra-op thread (predictable time on a loaded machine), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,8 @@ from lrd_exp.decompose import SVDLinear
 from lrd_exp.freezing import FreezeSchedule, FreezingCallback, collect_factors, set_frozen
 from lrd_exp.module import Classifier
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 
@@ -69,11 +71,11 @@ def make_optimizer(model: nn.Module, name: str):
     return opt
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int = 1) -> None:
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int = 1, set_to_none: bool = True) -> None:
     model.train()
     for i in range(n):
         x, y = batch(seed=seed + i)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
@@ -132,16 +134,19 @@ def test_freeze_bias_freezes_the_bias_too(model, factors):
 
 
 # ------------------------------------------------------------------ (b) momentum must not keep moving it
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["zero_grad-none", "zero_grad-zeros"])
 @pytest.mark.parametrize("optimizer,buffer", [("sgd", "momentum_buffer"), ("adamw", "exp_avg")])
-def test_factor_frozen_mid_training_stops_despite_momentum(model, factors, optimizer, buffer):
+def test_factor_frozen_mid_training_stops_despite_momentum(model, factors, optimizer, buffer, set_to_none):
+    # zero_grad(set_to_none=False) keeps a zero .grad on every weight that had one: a frozen weight with a zero
+    # grad would still get momentum and weight decay, so freezing must drop the grad itself
     opt = make_optimizer(model, optimizer)
-    train_steps(model, opt, 4)  # momentum / Adam moments build up for every weight
+    train_steps(model, opt, 4, set_to_none=set_to_none)  # momentum / Adam moments build up for every weight
     frozen = by_key(factors, ["3.core", "9.last", "0.first"])
     for f in frozen:  # the test could fail: there IS a moment that would keep moving it
         assert opt.state[f.module.weight][buffer].abs().sum() > 0
     set_frozen(factors, frozen)
     at_freeze = weights(factors)
-    train_steps(model, opt, 5, seed=20)
+    train_steps(model, opt, 5, seed=20, set_to_none=set_to_none)
     after = weights(factors)
     for f in factors:
         if f in frozen:
@@ -405,9 +410,10 @@ def test_callback_alternating_phases_in_a_trainer():
 
 
 class DeadBranch(nn.Module):
-    """A live SVD network plus an SVD branch multiplied by zero: the branch's factors get exactly zero gradient.
+    """A live SVD network plus two branches whose gradients are exactly zero at known times.
 
-    The branch is registered last, so it is the *deepest*: depth order would never freeze it first.
+    ``early`` feeds the output (scaled by 5: it moves a lot) only during the first 3 training steps, ``dead``
+    never. Both are registered after the body, so they are the *deepest*: depth order would never pick them.
     """
 
     def __init__(self):
@@ -415,30 +421,57 @@ class DeadBranch(nn.Module):
         torch.manual_seed(0)
         self.body = nn.Sequential(SVDLinear(16, 32, 8), nn.ReLU(), SVDLinear(32, 32, 8), nn.ReLU(),
                                   SVDLinear(32, 10, 6))
+        self.early = SVDLinear(16, 10, 4)
         self.dead = SVDLinear(16, 10, 4)
+        self.calls = 0
 
     def forward(self, x):
-        return self.body(x) + 0.0 * self.dead(x)
+        if self.training:
+            self.calls += 1
+        gate = 5.0 if self.calls <= 3 else 0.0
+        return self.body(x) + gate * self.early(x) + 0.0 * self.dead(x)
 
 
 @pytest.mark.parametrize("importance", ["weight_change", "grad_norm"])
 def test_measured_importance_freezes_what_moved_least(importance):
     model = DeadBranch()
     keys = [f.key for f in collect_factors(model)]
-    assert keys[-2:] == ["dead.first", "dead.last"]
+    assert keys[-4:] == ["early.first", "early.last", "dead.first", "dead.last"]
     cfg = {"schedule": "sequential", "unit": "step", "warmup": 3, "period": 3, "per_stage": 2,
            "final_fraction": 0.75, "importance": importance}
-    optim = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "none"}
+    # no momentum: a branch without gradient stops at once
+    optim = {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none"}
     freezer, rec = fit(model, cfg, (16,), max_steps=8, optim=optim)
     hist = freezer.history
     assert [h["t"] for h in hist] == [0, 3, 6]
-    # stage 1: the zero-gradient branch did not move at all, so it is frozen first (depth would pick body.0)
+    assert not torch.equal(rec.at_step[3]["early.first"], rec.at_step[0]["early.first"])  # it did move early
+    # stage 1 (steps 0-2): the never-used branch did not move at all, so it is frozen first
     assert sorted(hist[1]["frozen"]) == ["dead.first", "dead.last"]
+    # stage 2 measures since the previous stage (steps 3-5): the early branch stood still there
+    assert hist[2]["frozen"][:2] == hist[1]["frozen"]
+    assert sorted(hist[2]["frozen"][2:]) == ["early.first", "early.last"]
     if importance != "weight_change":
         return
-    # stage 2: the two live factors with the smallest relative change over steps 3..6, recomputed here
+    # the same order recomputed here from the recorded weights
     change = {k: ((rec.at_step[6][k] - rec.at_step[3][k]).norm() / rec.at_step[3][k].norm()).item()
               for k in keys if k not in hist[1]["frozen"]}
-    assert len(set(change.values())) == len(change)  # no ties: the order is decided by the scores
-    expected = sorted(change, key=change.get)[:2]
-    assert hist[2]["frozen"] == hist[1]["frozen"] + expected
+    assert sorted(change, key=lambda k: (change[k], keys.index(k)))[:2] == hist[2]["frozen"][2:]
+
+def test_callback_counts_training_flops_with_batchnorm_on_pooled_features():
+    """ResNet at 32 px ends in 1x1 maps: a one-sample count failed in BatchNorm ('more than 1 value per channel')."""
+    from lrd_exp.bench import count_flops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SVDLinear(16, 32, 8), nn.BatchNorm1d(32), nn.ReLU(), SVDLinear(32, 10, 4))
+    cfg = {"schedule": "sequential", "unit": "step", "warmup": 1, "period": 1, "per_stage": 1,
+           "final_fraction": 0.5, "importance": "depth"}
+    freezer, _ = fit(model, cfg, (16,), max_steps=4, log_flops=True)
+    hist = freezer.history
+    assert [h["n_frozen"] for h in hist] == [0, 1, 2]
+    assert all("train_flops_error" not in h for h in hist), [h.get("train_flops_error") for h in hist]
+    flops = [h["train_flops_per_step"] for h in hist]
+    assert flops[0] > flops[1] > flops[2] > 0
+    # per step = the whole batch (8), counted in the final frozen state
+    x, y = next(iter(loader((16,))))
+    model.train()
+    assert flops[-1] == count_flops(model, x, y=y, train=True)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Regenerates everything under results/ that this CPU can produce (about 30 min on 2 cores).
+# Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
+#   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence bench resnet50 figures
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+RUNS=${RUNS_DIR:-multirun/reproduce}
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence bench resnet50 figures)
+export WANDB_MODE=offline WANDB_SILENT=true
+
+provenance() {  # provenance DIR COMMAND...
+  local dir=$1; shift
+  mkdir -p "$dir"
+  {
+    echo "# Provenance"
+    echo "- command: \`$*\`"
+    echo "- date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "- commit: $(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- lrd_exp conf run.py || echo ' (+uncommitted changes)')"
+    echo "- device: $($PY -c 'from lrd_exp.devices import resolve_device; print(resolve_device("cpu").name)')"
+    echo "- torch: $($PY -c 'import torch; print(torch.__version__)'), threads: $($PY -c 'import torch; print(torch.get_num_threads())')"
+  } > "$dir/PROVENANCE.md"
+}
+
+sweep() {  # sweep NAME RESULT_DIR overrides...
+  local name=$1 dest=$2; shift 2
+  local cmd=("$PY" run.py "experiment=$name" "hydra.sweep.dir=$RUNS/$name" "$@")
+  "${cmd[@]}"
+  provenance "$dest" "${cmd[*]}"
+  cp "$RUNS/$name/results.csv" "$RUNS/$name/results.md" "$dest/"
+}
+
+for step in "${steps[@]}"; do
+  case $step in
+    paper) sweep digits_paper results/digits_paper ;;
+    vit) sweep digits_vit results/digits_vit ;;
+    convergence)
+      sweep digits_convergence results/digits_convergence
+      find "$RUNS/digits_convergence" -name curves.csv | while read -r f; do
+        v=$(basename "$(dirname "$f")"); cp "$f" "results/digits_convergence/curves_${v//[^A-Za-z0-9_=.-]/_}.csv"; done ;;
+    bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
+      dest=results/benchmark_cpu; mkdir -p "$dest"
+      for i in 1 2 3; do
+        cmd=("$PY" run.py task=benchmark logger=csv "hydra.run.dir=$RUNS/bench_default_$i")
+        "${cmd[@]}"
+        cp "$RUNS/bench_default_$i/result.json" "$dest/default_run$i.json"
+      done
+      provenance "$dest" "${cmd[*]} (x3, run i -> default_run\$i.json)"
+      $PY experiments/summarize_repeats.py "$dest"/default_run*.json > "$dest/repeatability.md" ;;
+    resnet50)  # resnet50, batch 16, 128 px: original vs quantized/optimized LRD (ratio 2) with sequential freezing
+      dest=results/benchmark_cpu
+      cmd=("$PY" run.py task=benchmark logger=csv model=resnet50 dataset=synthetic dataset.image_size=128
+           dataset.num_classes=1000 bench.batch_size=16 bench.steps=10 rank.policy=quantized freeze=sequential
+           "bench.variants=[{label: optimized+sequential, rank: {policy: optimized}}, {label: quantized, freeze: {schedule: none}}, {label: ratio-unquantized, rank: {policy: ratio}, freeze: {schedule: none}}]"
+           "hydra.run.dir=$RUNS/bench_resnet50")
+      "${cmd[@]}" | tee "$RUNS/bench_resnet50.log"
+      mkdir -p "$dest/resnet50"
+      provenance "$dest/resnet50" "${cmd[*]}"
+      $PY -c "import sys; from lrd_exp.results import collect_rows, write_tables; write_tables(collect_rows(sys.argv[1]), sys.argv[2])" "$RUNS/bench_resnet50" "$dest/resnet50"
+      cp "$RUNS/bench_resnet50/freeze_stages.csv" "$dest/resnet50/"
+      find "$RUNS/bench_resnet50" -name rank_timings.csv -exec cp {} "$dest/resnet50/rank_timings.csv" \; ;;
+    figures)
+      cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/digits_vit/results.csv
+           "$RUNS/digits_convergence" results/benchmark_cpu/resnet50/rank_timings.csv --out results/figures)
+      "${cmd[@]}"
+      provenance results/figures "${cmd[*]}" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,30 @@
+"""Run-to-run spread of repeated benchmark invocations (result.json files in, a Markdown table out).
+
+    python experiments/summarize_repeats.py results/benchmark_cpu/default_run*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+
+KEYS = ["train_ips_original", "train_ips_decomposed", "train_speedup", "infer_ips_original",
+        "infer_ips_decomposed", "infer_speedup"]
+
+
+def main(paths: list[str]) -> None:
+    rows = [json.load(open(p)) for p in paths]
+    df = pd.DataFrame([{k: r.get(k) for k in KEYS} for r in rows], index=[f"run {i + 1}" for i in range(len(rows))])
+    spread = (df.max() - df.min()) / df.median()
+    out = pd.concat([df, df.median().to_frame("median").T, spread.to_frame("(max-min)/median").T])
+    print(f"Repeated `task=benchmark` invocations of the default config ({rows[0].get('model')}, batch "
+          f"{rows[0].get('batch_size')}, {rows[0].get('device_name')}).\n")
+    print(out.to_markdown(floatfmt=".3f"))
+    worst = spread.max()
+    print(f"\nLargest run-to-run spread: {worst:.1%} ({'within' if worst <= 0.10 else 'outside'} the 10 % target).")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
