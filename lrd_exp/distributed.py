@@ -225,6 +225,13 @@ class FreezeStateLauncher(_MultiProcessingLauncher):
     after ``fit`` (see :func:`_worker_state`).
     """
 
+    def launch(self, function: Any, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except torch.multiprocessing.ProcessRaisedException as exc:  # one line for the result row, not a traceback
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            raise RuntimeError(f"DDP worker {exc.error_index} failed: {lines[-1] if lines else exc}") from exc
+
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
         _die_with_parent()
         return super()._wrapping_function(process_idx, *args, **kwargs)

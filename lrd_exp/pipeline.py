@@ -135,8 +135,10 @@ def make_trainer(cfg: DictConfig, device: DeviceInfo, *, epochs: int, out_dir: s
     kwargs = trainer_device_kwargs(device, cfg.device.devices, str(t.precision), cfg.device.strategy)
     if kwargs.get("plugins") is None:
         kwargs.pop("plugins", None)
+    # a step cap spreads over the epochs, so smoke runs still validate, log curves and change freeze stages
+    limit_train = max(1, -(-t.max_steps // max(epochs, 1))) if t.max_steps > 0 else 1.0
     return pl.Trainer(
-        max_epochs=epochs, max_steps=t.max_steps if t.max_steps > 0 else -1,
+        max_epochs=epochs, max_steps=t.max_steps if t.max_steps > 0 else -1, limit_train_batches=limit_train,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,

@@ -10,11 +10,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CONF_DIR
 from lrd_exp import decompose_model
 from lrd_exp.decompose import FactorizedLayer
 from lrd_exp.validation import ConfigError, validate
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "dataset", "freeze", "device", "trainer", "logger", "experiment")
 
 

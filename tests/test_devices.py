@@ -124,9 +124,15 @@ def fake_npu(monkeypatch):
         empty_cache=lambda: calls.append(("empty_cache",)),
     )
     monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
-    monkeypatch.setattr(torch, "npu", npu, raising=False)
-    yield calls
-    AcceleratorRegistry.pop("npu", None)
+    torch.npu = npu
+    try:
+        yield calls
+    finally:
+        AcceleratorRegistry.pop("npu", None)
+        # the backend rename is process-wide and cannot be undone: leave an "unavailable" npu module behind,
+        # or torch.accelerator (used by e.g. AdamW) breaks in every later test
+        torch.npu = types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0,
+                                          current_device=lambda: 0, synchronize=lambda *a: None)
 
 
 def test_fake_npu_resolves(fake_npu):

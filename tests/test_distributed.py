@@ -66,7 +66,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
                          limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(tmp),
                          callbacks=[timer, freezer, ReplicaStateDump(str(tmp / "dumps"), timer=timer)])
     trainer.fit(module, train_dataloaders=loader)
-    return {"tmp": tmp, "initial": initial, "module": module, "freezer": freezer, "trainer": trainer,
+    return {"tmp": tmp, "initial": initial, "module": module, "freezer": freezer, "trainer": trainer, "timer": timer,
             "dumps": sorted(str(p) for p in (tmp / "dumps").glob("rank*.pt"))}
 
 
@@ -106,6 +106,8 @@ def test_spawned_fit_results_come_back_to_the_job(ddp_run):
     assert all("train_flops_per_step" in h for h in freezer.history)
     assert len(freezer.frozen) == 5
     assert [r["step"] for r in ddp_run["trainer"].strategy.rewraps] == [-1, 2, 4, 6]
+    assert len(ddp_run["timer"].times) == STEPS  # plain-data attributes of the project's callbacks come back
+    assert ddp_run["timer"].times == rank0["step_times"]
 
 
 # --------------------------------------------------------------------------------------------- choosing the strategy
@@ -186,5 +188,18 @@ def test_plain_ddp_fails_when_a_factor_freezes(tmp_path: Path):
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          strategy=DDPStrategy(start_method="spawn", cluster_environment=LightningEnvironment()),
                          callbacks=[FreezingCallback(FREEZE, log_flops=False)], default_root_dir=str(tmp_path))
-    with pytest.raises(Exception, match="unused parameters|finished reduction"):
+    with pytest.raises(Exception, match="unused parameters|finished reduction"):  # noqa: B017
+        trainer.fit(Classifier(model, 10), train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+def test_a_failing_worker_gives_one_line(tmp_path: Path):
+    """A worker's exception reaches the job as one line (it ends up in the result row), not a traceback dump."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=ddp_strategy(CPU, 2, "ddp"), max_steps=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"^DDP worker \d failed: .*NonFiniteLossError: non-finite training loss"):
         trainer.fit(Classifier(model, 10), train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=8))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
+
 from lrd_exp.results import RESULT_COLUMNS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
