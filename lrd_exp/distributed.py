@@ -93,6 +93,7 @@ class FreezeAwareDDPStrategy(DDPStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._signature: tuple[bool, ...] | None = None
+        self._params: list[torch.nn.Parameter] = []
         self.rewraps: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ wrapping
@@ -112,7 +113,8 @@ class FreezeAwareDDPStrategy(DDPStrategy):
         if n_trainable:
             self.model = self._setup_model(module)
             self._register_ddp_hooks()
-        self._signature = trainable_signature(module)
+        self._params = list(module.parameters())  # fixed during fit; iterating a list keeps the check cheap
+        self._signature = tuple(p.requires_grad for p in self._params)
         self.rewraps.append({"step": step, "trainable_tensors": int(n_trainable),
                              "seconds": round(time.perf_counter() - started, 6)})
 
@@ -124,7 +126,7 @@ class FreezeAwareDDPStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None or self._signature is None:
             return False
-        if trainable_signature(module) == self._signature:
+        if all(p.requires_grad is t for p, t in zip(self._params, self._signature)):
             return False
         step = module.trainer.global_step if module._trainer is not None else -1
         self._wrap(step=step)
@@ -313,7 +315,7 @@ def ddp_strategy(device: Any, devices: Any, strategy: Any = "auto", *, num_nodes
                           "fails; use device.strategy=ddp (spawned workers)")
     if accelerator == "npu":
         ddp_kwargs.setdefault("process_group_backend", "hccl")
-    _rank_zero_log("[ddp] %d x %s: DistributedDataParallel in %s'ed workers, re-wrapped at each freeze stage",
+    _rank_zero_log("[ddp] %d x %s: DistributedDataParallel in %s-started workers, re-wrapped at each freeze stage",
                    n, accelerator, start_method)
     return FreezeAwareDDPStrategy(cluster_environment=LightningEnvironment(), start_method=start_method,
                                   **ddp_kwargs)
@@ -526,8 +528,7 @@ class ParallelThroughputGuard:
                    "for an accuracy-only sweep.")
         if self.action == "error":
             raise RuntimeError(message.replace("WARNING", "parallel_guard (action=error)"))
-        print(message, file=sys.stderr)
-        log.warning(message)
+        print(message, file=sys.stderr)  # stderr, not the logger: Hydra would print it a second time
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.flagged:

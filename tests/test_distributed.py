@@ -176,7 +176,6 @@ def test_tiny_model_pickles_for_spawn():
     torch.testing.assert_close(clone(x), model(x))
 
 
-@pytest.mark.slow
 def test_plain_ddp_fails_when_a_factor_freezes(tmp_path: Path):
     """Why the strategy exists: Lightning's DDP + freezing stops with DDP's unused-parameter error."""
     from lightning_fabric.plugins.environments import LightningEnvironment
