@@ -48,8 +48,10 @@ def _slug(label: str) -> str:
 
 
 def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
+    from lrd_exp.distributed import warn_parallel_throughput
     from lrd_exp.pipeline import build_model, freeze_total_units, identity_row, rank_search_context
 
+    parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
     b, d = cfg.bench, cfg.dataset
     batch = b.batch_size or cfg.trainer.batch_size
     precision = str(b.precision or cfg.trainer.precision)
@@ -64,7 +66,7 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
         started = time.perf_counter()
         row = identity_row(vcfg, out_dir)
         row.update(device=device.accelerator, device_name=device.name, precision=precision, batch_size=batch,
-                   variant=label, status="running")
+                   variant=label, status="running", parallel_jobs=parallel)
         vdir = out_dir if i == 0 else os.path.join(out_dir, "variants", _slug(label))
         row["output_dir"] = vdir
         try:

@@ -26,6 +26,8 @@ def prepare() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    # conf/hydra/launcher/joblib.yaml shadows the plugin's structured config of the same name on purpose
+    warnings.filterwarnings("ignore", "(?s).*'hydra/launcher/joblib' is validated against ConfigStore schema")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 

@@ -287,11 +287,19 @@ class FreezingCallback(pl.Callback):
         if key == self._key:
             return
         order = self._importance_order() if s.name == "sequential" else None
-        self.frozen = s.frozen_at(t, order=order, already=self.frozen if s.name == "sequential" else ())
+        self.frozen = self._agree(trainer, s.frozen_at(t, order=order,
+                                                      already=self.frozen if s.name == "sequential" else ()))
         set_frozen(s.factors, self.frozen, s.freeze_bias)
         self._key = key
         self._take_snapshot()
         self._log_stage(trainer, pl_module, t, batch)
+
+    def _agree(self, trainer: pl.Trainer, frozen: list[Factor]) -> list[Factor]:
+        """Rank 0's frozen set on every rank (DDP): all replicas freeze, and re-wrap, identically."""
+        from lrd_exp.distributed import broadcast_keys
+
+        by_key = {f.key: f for f in self.schedule.factors}
+        return [by_key[k] for k in broadcast_keys(trainer, [f.key for f in frozen])]
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.importance != "grad_norm":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lrd_exp.bench import Timing, count_flops, count_params, measure_inference, measure_train_step
-from lrd_exp.devices import DeviceInfo
+from lrd_exp.devices import DeviceInfo, synchronize
 from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
 
 
@@ -163,7 +163,7 @@ class StepThroughput(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.device is not None:
-            self.device.synchronize()
+            synchronize(trainer.strategy.root_device)  # this rank's device (a DDP worker is not on cuda:0)
         now = time.perf_counter()
         if self._last is not None and self._seen >= self.skip:
             self.step_times.append(now - self._last)

@@ -26,6 +26,7 @@ from lrd_exp.baseline import get_or_train
 from lrd_exp.data import build_datamodule
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo, resolve_device, trainer_device_kwargs
+from lrd_exp.distributed import ddp_strategy, warn_parallel_throughput
 from lrd_exp.freezing import FreezingCallback
 from lrd_exp.measure import StepThroughput, compare, comparison_fields, schedule_states
 from lrd_exp.module import Classifier
@@ -132,7 +133,12 @@ def make_trainer(cfg: DictConfig, device: DeviceInfo, *, epochs: int, out_dir: s
     if checkpoint:
         cbs.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "checkpoints", stage),
                                                 save_last=True, save_top_k=0, every_n_epochs=1))
-    kwargs = trainer_device_kwargs(device, cfg.device.devices, str(t.precision), cfg.device.strategy)
+    devices, num_nodes = cfg.device.devices, cfg.device.num_nodes
+    if stage == "eval":  # one device: exact top-1 (a DistributedSampler pads with repeats), no worker start-up
+        devices, num_nodes, strategy = 1, 1, "auto"
+    else:  # several devices: DDP in spawned workers, re-wrapped at each freeze stage (lrd_exp.distributed)
+        strategy = ddp_strategy(device, devices, cfg.device.strategy, num_nodes=num_nodes)
+    kwargs = trainer_device_kwargs(device, devices, str(t.precision), strategy)
     if kwargs.get("plugins") is None:
         kwargs.pop("plugins", None)
     # a step cap spreads over the epochs, so smoke runs still validate, log curves and change freeze stages
@@ -143,7 +149,7 @@ def make_trainer(cfg: DictConfig, device: DeviceInfo, *, epochs: int, out_dir: s
         gradient_clip_val=t.gradient_clip_val, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
         enable_checkpointing=checkpoint, logger=loggers if loggers else False, callbacks=cbs,
-        num_nodes=cfg.device.num_nodes, default_root_dir=out_dir, num_sanity_val_steps=0, **kwargs)
+        num_nodes=num_nodes, default_root_dir=out_dir, num_sanity_val_steps=0, **kwargs)
 
 
 def evaluate(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningDataModule,
@@ -210,7 +216,8 @@ def run(cfg: DictConfig) -> float | None:
         return objective_value(cfg, existing)
 
     row = identity_row(cfg, out_dir)
-    row.update(device=device.accelerator, device_name=device.name, status="running")
+    row.update(device=device.accelerator, device_name=device.name, status="running",
+               parallel_jobs=warn_parallel_throughput(cfg))
     results.write_result(out_dir, results.make_row(**row))
     started = time.perf_counter()
     wandb_logger = None
