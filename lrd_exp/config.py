@@ -161,7 +161,7 @@ class TrainerConfig:
     batch_size: int = 64
     precision: str = "32-true"
     max_steps: int = -1  # >0 caps every training stage (smoke runs)
-    limit_val_batches: float = 1.0
+    limit_val_batches: Any = 1.0  # float: fraction of batches; int: count
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = None
     deterministic: bool = False
