@@ -60,8 +60,9 @@ for step in "${steps[@]}"; do
       cp "$RUNS/bench_resnet50/freeze_stages.csv" "$dest/resnet50/"
       find "$RUNS/bench_resnet50" -name rank_timings.csv -exec cp {} "$dest/resnet50/rank_timings.csv" \; ;;
     figures)
-      cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/digits_vit/results.csv
+      cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/benchmark_cpu/resnet50/results.csv
            "$RUNS/digits_convergence" results/benchmark_cpu/resnet50/rank_timings.csv --out results/figures)
+      [ -f results/digits_vit/results.csv ] && cmd+=(results/digits_vit/results.csv)
       "${cmd[@]}"
       provenance results/figures "${cmd[*]}" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
