@@ -59,8 +59,8 @@ def test_bad_input_one_line_no_files(tmp_path, capsys, overrides, needles):
 
 
 def test_unknown_policy_and_freeze_fail_at_composition(tmp_path):
-    from hydra.errors import ConfigCompositionException
     from conftest import compose_config
+    from hydra.errors import ConfigCompositionException
 
     for override, allowed in (("rank.policy=fast", "quantized"), ("freeze=weird", "sequential")):
         with pytest.raises(ConfigCompositionException) as exc:

@@ -85,3 +85,22 @@ def test_figures_from_sweep(sweep, tmp_path):
     pngs = list(out.glob("*.png"))
     assert len(pngs) >= 2
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+@pytest.mark.slow
+def test_optuna_sweep_returns_the_objective(tmp_path):
+    import yaml
+
+    sweep_dir = tmp_path / "optuna"
+    cmd = [sys.executable, "run.py", "experiment=optuna_digits", "trainer=smoke", "logger=csv",
+           "hydra.sweeper.n_trials=2", "trainer.enable_progress_bar=false", "bench.warmup=1", "bench.steps=2",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}"]
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    df = pd.read_csv(sweep_dir / "results.csv")
+    assert len(df) == 2 and (df.status == "ok").all()
+    # the objective is the decomposed training throughput, or -drop when top-1 fell by more than 1.5 points
+    expected = [(-r.top1_drop if r.top1_drop > 1.5 else r.train_ips_decomposed) for r in df.itertuples()]
+    assert best["best_value"] == pytest.approx(max(expected))
