@@ -77,7 +77,7 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
             results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
             states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg))
             log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
-            orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps,
+            orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                                 precision=precision, channels_last=b.channels_last, compile=b.compile,
                                 device=device)
             row.update(comparison_fields(original, decomposed, orig, dec, x))

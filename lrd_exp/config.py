@@ -175,7 +175,8 @@ class BenchConfig:
     enabled: bool = True  # measure throughput inside a training job
     batch_size: int | None = None  # None: trainer.batch_size
     warmup: int = 3
-    steps: int = 10
+    steps: int = 12  # timed steps per model / freeze state, split over `rounds`
+    rounds: int = 3  # interleaved original/decomposed rounds (drift on a shared machine hits both)
     channels_last: bool = False
     compile: bool = False
     precision: str | None = None  # None: trainer.precision

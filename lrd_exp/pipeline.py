@@ -362,7 +362,7 @@ def measure_pair(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decom
     states = schedule_states(decomposed, cfg.freeze, freeze_total_units(cfg, steps_per_epoch), history)
     log.info("measuring throughput: batch %d, %d freeze state(s), %d warm-up + %d timed steps", batch,
              len(states), b.warmup, b.steps)
-    orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps,
+    orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                         precision=str(b.precision or cfg.trainer.precision), channels_last=b.channels_last,
                         compile=b.compile, device=device)
     return comparison_fields(original, decomposed, orig, dec, x)

@@ -68,6 +68,8 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not allowed: it must be an integer >= 1")
     if cfg.bench.batch_size is not None and cfg.bench.batch_size <= 0:
         raise ConfigError(f"bench.batch_size={cfg.bench.batch_size} is not allowed: null or an integer >= 1")
+    if cfg.bench.rounds < 1:
+        raise ConfigError(f"bench.rounds={cfg.bench.rounds} is not allowed: an integer >= 1")
     if cfg.bench.steps < 1 or cfg.bench.warmup < 0:
         raise ConfigError(f"bench.steps={cfg.bench.steps} / bench.warmup={cfg.bench.warmup} are not allowed: "
                           "steps >= 1, warmup >= 0")
