@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lrd_exp import results
+from lrd_exp.config import enum_value
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo
 from lrd_exp.measure import compare, comparison_fields, schedule_states
@@ -28,8 +29,7 @@ log = logging.getLogger("lrd_exp")
 
 def variant_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     """(label, cfg) for the run's own variant, then one per ``bench.variants`` entry (rank / freeze overrides)."""
-    out = [(f"{cfg.rank.policy.value if hasattr(cfg.rank.policy, 'value') else cfg.rank.policy}"
-            f"+{getattr(cfg.freeze.schedule, 'value', cfg.freeze.schedule)}", cfg)]
+    out = [(f"{enum_value(cfg.rank.policy)}+{enum_value(cfg.freeze.schedule)}", cfg)]
     for i, spec in enumerate(cfg.bench.variants):
         spec = OmegaConf.to_container(spec, resolve=True)
         label = str(spec.pop("label", f"variant{i + 1}"))

@@ -13,6 +13,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 
+def enum_value(value: Any) -> Any:
+    """A config enum as its plain value (typed configs hand out Enum members; the library compares strings)."""
+    return getattr(value, "value", value)
+
+
 class RankPolicy(str, Enum):
     none = "none"
     ratio = "ratio"

@@ -50,6 +50,7 @@ from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch.nn.parallel import DistributedDataParallel
 
+from lrd_exp.config import enum_value as _v
 from lrd_exp.freezing import FreezingCallback, set_frozen
 
 log = logging.getLogger("lrd_exp")
@@ -60,10 +61,6 @@ PARALLEL_ENV = "LRD_PARALLEL_JOBS"
 DDP_NAMES = {"auto": "spawn", "ddp": "spawn", "ddp_spawn": "spawn", "ddp_freeze": "spawn",
              "ddp_fork": "fork", "ddp_notebook": "fork"}
 GUARD_ACTIONS = ("warn", "serialize", "error")
-
-
-def _v(value: Any) -> Any:
-    return getattr(value, "value", value)
 
 
 def _rank_zero_log(msg: str, *args: Any, level: int = logging.INFO) -> None:

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from lrd_exp.results import collect_rows, read_result
+from lrd_exp.results import collect_rows, finite_number, read_result
 
 DPI = 150
 FIGSIZE = (7.0, 4.5)
@@ -44,14 +44,17 @@ def _skip(name: str, why: str) -> None:
     print(f"[figures] {name}: skipped ({why})")
 
 
-def _num(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
+def _numeric_table(name: str, kind: str, df: pd.DataFrame | None, need: set[str],
+                   numeric: tuple[str, ...]) -> pd.DataFrame | None:
+    """A copy of ``df`` with ``numeric`` columns coerced and rows lacking them dropped; None (skipped) when
+    a needed column is missing."""
+    if df is None or df.empty or not need <= set(df.columns):
+        _skip(name, f"needs a {kind} table with columns {sorted(need)}")
         return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+    data = df.copy()
+    for col in numeric:
+        data[col] = pd.to_numeric(data[col], errors="coerce")
+    return data[data[list(numeric)].notna().all(axis=1)]
 
 
 def _txt(v: Any) -> str | None:
@@ -71,7 +74,7 @@ def variant_label(row: Any) -> str:
     get = row.get if hasattr(row, "get") else (lambda k, d=None: getattr(row, k, d))
     policy = _txt(get("rank_policy")) or "?"
     parts = [_POLICY_ABBREV.get(policy, policy)]
-    ratio, energy, multiple = _num(get("rank_ratio")), _num(get("rank_energy")), _num(get("rank_multiple"))
+    ratio, energy, multiple = finite_number(get("rank_ratio")), finite_number(get("rank_energy")), finite_number(get("rank_multiple"))
     if policy != "none":
         if policy == "energy" and energy is not None:
             parts.append(f"e={energy:g}")
@@ -231,14 +234,9 @@ def speedup_bars(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path | None:
 def convergence(curves_df: pd.DataFrame, path: str | os.PathLike[str]) -> Path | None:
     """Validation top-1 vs epoch per variant: does sequential freezing converge faster (paper, CIFAR-10)?"""
     name = "convergence"
-    need = {"variant", "epoch", "val_top1"}
-    if curves_df is None or curves_df.empty or not need <= set(curves_df.columns):
-        _skip(name, f"needs a curves table with columns {sorted(need)}")
+    data = _numeric_table(name, "curves", curves_df, {"variant", "epoch", "val_top1"}, ("epoch", "val_top1"))
+    if data is None:
         return None
-    data = curves_df.copy()
-    data["epoch"] = pd.to_numeric(data["epoch"], errors="coerce")
-    data["val_top1"] = pd.to_numeric(data["val_top1"], errors="coerce")
-    data = data[data["epoch"].notna() & data["val_top1"].notna()]
     if data.empty:
         _skip(name, "no validation top-1 values")
         return None
@@ -268,14 +266,9 @@ def rank_saw_tooth(timings_df: pd.DataFrame, path: str | os.PathLike[str], layer
     rows with ``rank == -1`` (the un-decomposed layer) give a horizontal reference line.
     """
     name = "rank_saw_tooth"
-    need = {"layer", "rank", "time_ms"}
-    if timings_df is None or timings_df.empty or not need <= set(timings_df.columns):
-        _skip(name, f"needs a timings table with columns {sorted(need)}")
+    data = _numeric_table(name, "timings", timings_df, {"layer", "rank", "time_ms"}, ("rank", "time_ms"))
+    if data is None:
         return None
-    data = timings_df.copy()
-    data["rank"] = pd.to_numeric(data["rank"], errors="coerce")
-    data["time_ms"] = pd.to_numeric(data["time_ms"], errors="coerce")
-    data = data[data["rank"].notna() & data["time_ms"].notna()]
     if "objective" not in data.columns:
         data["objective"] = "time"
     data["objective"] = data["objective"].fillna("time").astype(str)

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lrd_exp.config import enum_value
 from lrd_exp.decompose.layers import POSITIONS, FactorizedLayer
 
 SCHEDULES = ("none", "sequential", "alternating", "first", "last", "largest")
@@ -61,8 +62,7 @@ def collect_factors(model: nn.Module) -> list[Factor]:
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return getattr(value, "value", value)
+    return enum_value(cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default))
 
 
 class FreezeSchedule:

@@ -23,6 +23,7 @@ from torch import nn
 
 from lrd_exp import results
 from lrd_exp.baseline import get_or_train
+from lrd_exp.config import enum_value as _v
 from lrd_exp.data import build_datamodule
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo, resolve_device, trainer_device_kwargs
@@ -33,10 +34,6 @@ from lrd_exp.module import Classifier
 from lrd_exp.validation import ConfigError, validate
 
 log = logging.getLogger("lrd_exp")
-
-
-def _v(value: Any) -> Any:
-    return getattr(value, "value", value)
 
 
 # ---------------------------------------------------------------------------------------------- context

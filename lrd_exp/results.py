@@ -190,7 +190,7 @@ def _jsonable(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ rows
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite float, or None (missing, NaN, bool, non-numeric)."""
     if value is None or isinstance(value, bool):
         return None
@@ -202,7 +202,7 @@ def _number(value: Any) -> float | None:
 
 
 def _ratio(num: Any, den: Any) -> float | None:
-    a, b = _number(num), _number(den)
+    a, b = finite_number(num), finite_number(den)
     if a is None or b is None or b == 0:
         return None
     return a / b
@@ -261,7 +261,7 @@ def make_row(**values: Any) -> dict[str, Any]:
         if row[out] is None:
             row[out] = _ratio(row[num], row[den])
     if row["top1_drop"] is None:
-        a, b = _number(row["top1_original"]), _number(row["top1_decomposed"])
+        a, b = finite_number(row["top1_original"]), finite_number(row["top1_decomposed"])
         row["top1_drop"] = None if a is None or b is None else a - b
     return row
 
@@ -415,7 +415,7 @@ def _fmt(value: Any, kind: str, row: Mapping[str, Any] | None = None) -> str:
         return str(value)
     if kind == "text":
         return "-" if _is_missing(value) else str(value)
-    num = _number(value)
+    num = finite_number(value)
     if num is None:
         return "-" if _is_missing(value) else str(value)
     if kind == "int":
@@ -491,7 +491,7 @@ def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike[str]) -> tuple[Pat
 
 
 def _human(value: Any, unit: str = "") -> str:
-    num = _number(value)
+    num = finite_number(value)
     if num is None:
         return "-"
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -501,10 +501,10 @@ def _human(value: Any, unit: str = "") -> str:
 
 
 def _spread(row: Mapping[str, Any], key: str) -> str:
-    med = _number(row.get(key))
+    med = finite_number(row.get(key))
     if med is None:
         return "-"
-    lo, hi = _number(row.get(f"{key}_min")), _number(row.get(f"{key}_max"))
+    lo, hi = finite_number(row.get(f"{key}_min")), finite_number(row.get(f"{key}_max"))
     txt = f"{med:,.1f}"
     if lo is not None and hi is not None:
         txt += f" [{lo:,.1f}-{hi:,.1f}]"
@@ -518,15 +518,15 @@ def format_summary(row: Mapping[str, Any]) -> str:
     r = make_row(**dict(row))
 
     def x(v: Any, suffix: str = "x") -> str:
-        n = _number(v)
+        n = finite_number(v)
         return "-" if n is None else f"{n:.2f}{suffix}"
 
     def pct(v: Any) -> str:
-        n = _number(v)
+        n = finite_number(v)
         return "-" if n is None else f"{n:.2f}"
 
     def drop(a: Any, b: Any) -> str:
-        na, nb = _number(a), _number(b)
+        na, nb = finite_number(a), finite_number(b)
         return "-" if na is None or nb is None else f"{na - nb:+.2f} pt drop"
 
     table = [
@@ -559,7 +559,7 @@ def format_summary(row: Mapping[str, Any]) -> str:
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",
                  disable_numparse=True, colalign=("left", "right", "right", "left")),
         "ratio: size rows original/decomposed (FLOP-predicted speedup); speed rows decomposed/original.",
-        f"status: {status}" + (f" ({_number(r['duration_s']):.0f} s)" if _number(r["duration_s"]) is not None else ""),
+        f"status: {status}" + (f" ({finite_number(r['duration_s']):.0f} s)" if finite_number(r["duration_s"]) is not None else ""),
     ]
     if r.get("output_dir"):
         lines.append(f"output: {r['output_dir']}")

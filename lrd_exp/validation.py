@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any
 
 from omegaconf import DictConfig
 
+from lrd_exp.config import enum_value as _v
 from lrd_exp.decompose import ranks as R
 from lrd_exp.freezing import FreezeSchedule
 
 
 class ConfigError(ValueError):
     """A user error in the configuration: printed as one line, no traceback."""
-
-
-def _v(value: Any) -> Any:
-    return getattr(value, "value", value)
 
 
 def check_model_name(name: str) -> None:

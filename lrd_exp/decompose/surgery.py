@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrd_exp.config import enum_value
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv, mode_singular, svd_basis
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
@@ -88,7 +89,7 @@ def _plain(value: Any) -> Any:
             return OmegaConf.to_container(value, resolve=True)
     except ImportError:  # pragma: no cover
         pass
-    return getattr(value, "value", value)
+    return enum_value(value)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
