@@ -156,6 +156,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     scheduler: str = "cosine"  # cosine | none
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up from ~0 (transformers from scratch need it)
     label_smoothing: float = 0.0
 
 

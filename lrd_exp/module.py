@@ -89,10 +89,33 @@ class Classifier(pl.LightningModule):
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
         else:
             raise ValueError(f"trainer.*_optim.name={name!r} is not allowed: choose one of sgd, adamw")
-        if self.optim.get("scheduler", "cosine") != "cosine":
+        schedule = self.optim.get("scheduler", "cosine")
+        warmup_epochs = float(self.optim.get("warmup_epochs", 0.0) or 0.0)
+        if schedule not in ("cosine", "none"):
+            raise ValueError(f"trainer.*_optim.scheduler={schedule!r} is not allowed: choose one of cosine, none")
+        if warmup_epochs < 0:
+            raise ValueError(f"trainer.*_optim.warmup_epochs={warmup_epochs} is not allowed: must be >= 0")
+        if schedule == "none" and warmup_epochs == 0:
             return opt
-        total = self.trainer.estimated_stepping_batches
+        total = int(self.trainer.estimated_stepping_batches)
         if self.max_steps and self.max_steps > 0:
             total = min(total, self.max_steps)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(total), 1))
+        total = max(total, 1)
+        per_epoch = self.trainer.estimated_stepping_batches / max(self.trainer.max_epochs or 1, 1)
+        warmup = min(int(round(warmup_epochs * per_epoch)), total - 1) if warmup_epochs > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(warmup, total, cosine=schedule == "cosine"))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _warmup_cosine(warmup: int, total: int, *, cosine: bool = True):
+    """LR factor per step: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to 0 (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

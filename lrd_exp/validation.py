@@ -69,6 +69,16 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.bench.steps < 1 or cfg.bench.warmup < 0:
         raise ConfigError(f"bench.steps={cfg.bench.steps} / bench.warmup={cfg.bench.warmup} are not allowed: "
                           "steps >= 1, warmup >= 0")
+    for key in ("baseline_optim", "finetune_optim"):
+        o = t[key]
+        if o.name not in ("sgd", "adamw"):
+            raise ConfigError(f"trainer.{key}.name={o.name!r} is not allowed: choose one of sgd, adamw")
+        if o.scheduler not in ("cosine", "none"):
+            raise ConfigError(f"trainer.{key}.scheduler={o.scheduler!r} is not allowed: choose one of cosine, none")
+        if not o.lr > 0:
+            raise ConfigError(f"trainer.{key}.lr={o.lr} is not allowed: a learning rate > 0")
+        if o.warmup_epochs < 0:
+            raise ConfigError(f"trainer.{key}.warmup_epochs={o.warmup_epochs} is not allowed: epochs >= 0")
     for key in ("precision",):
         allowed = ("32-true", "32", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
         if str(t[key]) not in allowed:

@@ -38,6 +38,10 @@ def _env():
     (["dataset=cifar10"], ["dataset.root", "dataset.download=true"]),
     (["device=cuda"], ["device=cuda", "no CUDA GPU"]),
     (["device=npu"], ["torch_npu"]),
+    (["trainer.baseline_optim.name=adam"], ["trainer.baseline_optim.name", "adam", "sgd, adamw"]),
+    (["trainer.finetune_optim.scheduler=step"], ["trainer.finetune_optim.scheduler", "step", "cosine, none"]),
+    (["trainer.baseline_optim.warmup_epochs=-1"], ["trainer.baseline_optim.warmup_epochs", "-1", ">= 0"]),
+    (["trainer.finetune_optim.lr=0"], ["trainer.finetune_optim.lr", "0", "> 0"]),
 ])
 def test_bad_input_one_line_no_files(tmp_path, capsys, overrides, needles):
     if "device=cuda" in overrides and torch.cuda.is_available():

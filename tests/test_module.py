@@ -1,0 +1,58 @@
+"""The classifier's optimizer schedule: linear warm-up then cosine, stepped per batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrd_exp.module import Classifier
+
+
+class _RecordLR(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _fit(optim: dict, epochs: int = 2, batches: int = 4) -> list[float]:
+    torch.manual_seed(0)
+    x, y = torch.randn(8 * batches, 6), torch.randint(0, 3, (8 * batches,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    module = Classifier(nn.Linear(6, 3), num_classes=3, optim=optim)
+    rec = _RecordLR()
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[rec],
+                         limit_val_batches=0)
+    trainer.fit(module, loader)
+    return rec.lrs
+
+
+def test_warmup_is_linear_then_cosine_to_zero():
+    lrs = _fit({"name": "sgd", "lr": 0.4, "momentum": 0.0, "weight_decay": 0.0, "scheduler": "cosine",
+                "warmup_epochs": 1}, epochs=3, batches=4)
+    assert len(lrs) == 12
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # (k+1)/4 of the peak over the first epoch
+    cosine = [0.2 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs[4:] == pytest.approx(cosine)
+
+
+def test_no_warmup_keeps_plain_cosine():
+    lrs = _fit({"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine"}, epochs=2, batches=4)
+    assert lrs == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+
+
+def test_warmup_with_constant_schedule():
+    lrs = _fit({"name": "sgd", "lr": 0.2, "scheduler": "none", "warmup_epochs": 0.5}, epochs=2, batches=4)
+    assert lrs == pytest.approx([0.1, 0.2] + [0.2] * 6)
+
+
+def test_scheduler_none_without_warmup_is_constant():
+    lrs = _fit({"name": "sgd", "lr": 0.2, "scheduler": "none"}, epochs=1, batches=4)
+    assert lrs == pytest.approx([0.2] * 4)
