@@ -85,11 +85,15 @@ def time_fn(
     sync: Callable[[], None],
     batch_size: int = 1,
     clock: Callable[[], float] = time.perf_counter,
+    min_time_s: float = 0.0,
+    max_steps: int | None = None,
 ) -> Timing:
     """Time ``fn`` per call: ``warmup`` untimed calls, then ``steps`` calls each bracketed by ``sync``.
 
     Synchronising before the clock starts keeps earlier queued work out of the step; synchronising
-    before it stops makes an asynchronous device's step count fully.
+    before it stops makes an asynchronous device's step count fully. ``min_time_s`` keeps timing past
+    ``steps`` until that much step time is collected (at most ``max_steps``, default 50 x ``steps``): a
+    fast step needs many samples for a median that repeats on a noisy machine.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -97,8 +101,11 @@ def time_fn(
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     for _ in range(warmup):
         fn()
+    if min_time_s < 0:
+        raise ValueError(f"min_time_s must be >= 0, got {min_time_s}")
+    cap = max(steps, max_steps if max_steps is not None else 50 * steps)
     times: list[float] = []
-    for _ in range(steps):
+    while len(times) < steps or (sum(times) < min_time_s and len(times) < cap):
         sync()
         t0 = clock()
         fn()
@@ -239,6 +246,7 @@ def measure_train_step(
     channels_last: bool = False,
     compile: bool = False,
     device: DeviceInfo | None = None,
+    min_time_s: float = 0.0,
 ) -> Timing:
     """Time full training steps (fwd, loss, bwd, optimizer step) of a deep copy of ``model`` in train mode.
 
@@ -254,7 +262,8 @@ def measure_train_step(
     run = torch.compile(work) if compile else work
     step = make_train_step(run, xw, yw, optimizer_factory=optimizer_factory, precision=precision)
     return time_fn(
-        step, warmup=warmup, steps=steps, sync=_sync_for(device, torch_device), batch_size=x.shape[0]
+        step, warmup=warmup, steps=steps, sync=_sync_for(device, torch_device), batch_size=x.shape[0],
+        min_time_s=min_time_s,
     )
 
 
@@ -268,6 +277,7 @@ def measure_inference(
     channels_last: bool = False,
     compile: bool = False,
     device: DeviceInfo | None = None,
+    min_time_s: float = 0.0,
 ) -> Timing:
     """Time forward passes of a deep copy of ``model`` in eval mode under ``torch.inference_mode``."""
     precision = normalize_precision(precision)
@@ -283,7 +293,8 @@ def measure_inference(
             run(xw)
 
     return time_fn(
-        forward, warmup=warmup, steps=steps, sync=_sync_for(device, torch_device), batch_size=x.shape[0]
+        forward, warmup=warmup, steps=steps, sync=_sync_for(device, torch_device), batch_size=x.shape[0],
+        min_time_s=min_time_s,
     )
 
 

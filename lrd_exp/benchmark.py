@@ -79,7 +79,7 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
             log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
             orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                                 precision=precision, channels_last=b.channels_last, compile=b.compile,
-                                device=device)
+                                device=device, min_time_s=b.min_time_s)
             row.update(comparison_fields(original, decomposed, orig, dec, x))
             row["status"] = "ok"
             for st in dec.stages:

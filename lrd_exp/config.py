@@ -183,6 +183,7 @@ class BenchConfig:
     warmup: int = 3
     steps: int = 12  # timed steps per model / freeze state, split over `rounds`
     rounds: int = 3  # interleaved original/decomposed rounds (drift on a shared machine hits both)
+    min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
     channels_last: bool = False
     compile: bool = False
     precision: str | None = None  # None: trainer.precision

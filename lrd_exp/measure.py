@@ -83,12 +83,12 @@ def _weighted(timings: list[Timing], weights: list[float]) -> Timing:
 def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState], x: torch.Tensor,
             y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int = 2, precision: str = "32-true",
             channels_last: bool = False, compile: bool = False, device: DeviceInfo | None = None,
-            inference: bool = True) -> tuple[Measured, Measured]:
+            inference: bool = True, min_time_s: float = 0.0) -> tuple[Measured, Measured]:
     """Measure both models' training step (every freeze state of the decomposed one) and inference."""
     factors: list[Factor] = collect_factors(decomposed)
     by_key = {f.key: f for f in factors}
     kw = dict(warmup=warmup, steps=max(1, steps // rounds), precision=precision, channels_last=channels_last,
-              compile=compile, device=device)
+              compile=compile, device=device, min_time_s=min_time_s / rounds)
     orig_train, orig_infer, dec_infer = [], [], []
     dec_train: list[list[Timing]] = [[] for _ in states]
     saved = {id(p): p.requires_grad for p in decomposed.parameters()}
@@ -144,8 +144,9 @@ class StepThroughput(pl.Callback):
     """Images/s of the real training loop (data loading, logging and callbacks included).
 
     Wall time between consecutive batch ends, device-synchronised, skipping the first ``skip`` steps of every
-    epoch (warm-up, loader start). Compared with ``task=benchmark`` it shows whether the framework itself
-    hides a bottleneck.
+    epoch (warm-up, loader start). The summary uses the benchmark's statistic (median step time per epoch,
+    i.e. per freeze state, averaged by the steps each epoch lasted), so ``train_ips_fidelity`` compares like with
+    like and shows whether the framework itself (data loader, logging, callbacks) hides a bottleneck.
     """
 
     def __init__(self, device: DeviceInfo | None = None, skip: int = 2) -> None:
@@ -154,6 +155,7 @@ class StepThroughput(pl.Callback):
         self.skip = skip
         self.step_times: list[float] = []
         self.batch_sizes: list[int] = []
+        self.epochs: list[int] = []
         self._last: float | None = None
         self._seen = 0
 
@@ -168,6 +170,7 @@ class StepThroughput(pl.Callback):
         if self._last is not None and self._seen >= self.skip:
             self.step_times.append(now - self._last)
             self.batch_sizes.append(int(batch[0].shape[0]))
+            self.epochs.append(int(trainer.current_epoch))
             pl_module.log("train/images_per_s", self.batch_sizes[-1] / self.step_times[-1], on_step=True,
                           on_epoch=False, batch_size=self.batch_sizes[-1])
         self._last = now
@@ -175,7 +178,12 @@ class StepThroughput(pl.Callback):
 
     @property
     def images_per_s(self) -> float | None:
-        """Mean throughput over the measured steps (total images / total time)."""
+        """Median-based throughput: each epoch's median step time, averaged by the epochs' step counts."""
         if not self.step_times:
             return None
-        return sum(self.batch_sizes) / sum(self.step_times)
+        per_epoch: dict[int, list[float]] = {}
+        for epoch, dt in zip(self.epochs, self.step_times):
+            per_epoch.setdefault(epoch, []).append(dt)
+        n = len(self.step_times)
+        mean_step = sum(len(ts) * statistics.median(ts) for ts in per_epoch.values()) / n
+        return statistics.median(self.batch_sizes) / mean_step if mean_step > 0 else None

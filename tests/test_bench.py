@@ -118,6 +118,30 @@ def test_time_fn_fake_clock():
     assert t.to_dict()["ips"] == pytest.approx(8 / 3)
 
 
+def _ticking(step_s: float):
+    state = {"t": 0.0, "calls": 0}
+
+    def fn():
+        state["t"] += step_s
+        state["calls"] += 1
+
+    return fn, state
+
+
+def test_time_fn_min_time_adds_steps_until_enough_time():
+    fn, state = _ticking(0.125)
+    t = time_fn(fn, warmup=1, steps=3, sync=lambda: None, clock=lambda: state["t"], min_time_s=1.0)
+    assert len(t.times_s) == 8 and state["calls"] == 9  # 8 x 0.125 s = 1 s, plus one warm-up
+    fn, state = _ticking(0.5)
+    t = time_fn(fn, warmup=0, steps=3, sync=lambda: None, clock=lambda: state["t"], min_time_s=1.0)
+    assert len(t.times_s) == 3  # the step count already covers the time
+    fn, state = _ticking(0.001)
+    t = time_fn(fn, warmup=0, steps=2, sync=lambda: None, clock=lambda: state["t"], min_time_s=10.0, max_steps=7)
+    assert len(t.times_s) == 7  # capped
+    with pytest.raises(ValueError, match="min_time_s"):
+        time_fn(fn, warmup=0, steps=2, sync=lambda: None, min_time_s=-1)
+
+
 def test_time_fn_real_clock_sleep():
     import time
 

@@ -56,3 +56,25 @@ def test_warmup_with_constant_schedule():
 def test_scheduler_none_without_warmup_is_constant():
     lrs = _fit({"name": "sgd", "lr": 0.2, "scheduler": "none"}, epochs=1, batches=4)
     assert lrs == pytest.approx([0.2] * 4)
+
+
+def test_step_throughput_uses_per_epoch_medians():
+    from types import SimpleNamespace
+
+    from lrd_exp.measure import StepThroughput
+
+    speed = StepThroughput(skip=0)
+    # epoch 0: steps of 0.1 s with one 5 s stall (a median ignores it); epoch 1: 0.05 s steps
+    speed.step_times = [0.1, 0.1, 5.0, 0.1, 0.05, 0.05, 0.05, 0.05]
+    speed.batch_sizes = [10] * 8
+    speed.epochs = [0, 0, 0, 0, 1, 1, 1, 1]
+    assert speed.images_per_s == pytest.approx(10 / 0.075)
+    assert StepThroughput().images_per_s is None
+    # and the callback records per epoch in a real loop
+    trainer = SimpleNamespace(current_epoch=3, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module = SimpleNamespace(log=lambda *a, **k: None)
+    live = StepThroughput(skip=1)
+    live.on_train_epoch_start(trainer, module)
+    for i in range(4):
+        live.on_train_batch_end(trainer, module, None, (torch.zeros(5, 1), None), i)
+    assert len(live.step_times) == 3 and live.epochs == [3, 3, 3] and live.batch_sizes == [5, 5, 5]
