@@ -234,6 +234,72 @@ def make_train_step(
 # --------------------------------------------------------------------------------------------- throughput
 
 
+@dataclass
+class PreparedStep:
+    """A ready-to-time step on its own copy of a model: timed again and again (interleaved rounds) without
+    re-copying, so only the first round pays for allocation and compilation warm-up."""
+
+    fn: Callable[[], None]
+    sync: Callable[[], None]
+    batch_size: int
+
+    def time(self, *, warmup: int, steps: int, min_time_s: float = 0.0) -> Timing:
+        return time_fn(self.fn, warmup=warmup, steps=steps, sync=self.sync, batch_size=self.batch_size,
+                       min_time_s=min_time_s)
+
+
+def prepare_train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    optimizer_factory: OptimizerFactory | None = None,
+    precision: str = "32-true",
+    channels_last: bool = False,
+    compile: bool = False,
+    device: DeviceInfo | None = None,
+) -> PreparedStep:
+    """A training step (fwd, loss, bwd, optimizer step) on a deep copy of ``model`` in train mode.
+
+    The copy keeps ``requires_grad`` as it is, so frozen parameters are measured as frozen; the caller's
+    model is untouched. ``device=None`` measures where ``x`` lives. ``compile=True`` wraps the copy in
+    ``torch.compile``; warm-up steps absorb the compilation.
+    """
+    precision = normalize_precision(precision)
+    work, (xw, yw), torch_device = _prepare(
+        model, (x, y), precision=precision, channels_last=channels_last, device=device
+    )
+    work.train()
+    run = torch.compile(work) if compile else work
+    step = make_train_step(run, xw, yw, optimizer_factory=optimizer_factory, precision=precision)
+    return PreparedStep(step, _sync_for(device, torch_device), int(x.shape[0]))
+
+
+def prepare_inference(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    precision: str = "32-true",
+    channels_last: bool = False,
+    compile: bool = False,
+    device: DeviceInfo | None = None,
+) -> PreparedStep:
+    """A forward pass of a deep copy of ``model`` in eval mode under ``torch.inference_mode``."""
+    precision = normalize_precision(precision)
+    work, (xw,), torch_device = _prepare(
+        model, (x,), precision=precision, channels_last=channels_last, device=device
+    )
+    work.eval()
+    run = torch.compile(work) if compile else work
+    device_type = torch_device.type
+
+    def forward() -> None:
+        with torch.inference_mode(), _autocast(precision, device_type):
+            run(xw)
+
+    return PreparedStep(forward, _sync_for(device, torch_device), int(x.shape[0]))
+
+
 def measure_train_step(
     model: nn.Module,
     x: torch.Tensor,
@@ -248,23 +314,10 @@ def measure_train_step(
     device: DeviceInfo | None = None,
     min_time_s: float = 0.0,
 ) -> Timing:
-    """Time full training steps (fwd, loss, bwd, optimizer step) of a deep copy of ``model`` in train mode.
-
-    The copy keeps ``requires_grad`` as it is, so frozen parameters are measured as frozen; the caller's
-    model is untouched. ``device=None`` measures where ``x`` lives. ``compile=True`` wraps the copy in
-    ``torch.compile``; warm-up steps absorb the compilation.
-    """
-    precision = normalize_precision(precision)
-    work, (xw, yw), torch_device = _prepare(
-        model, (x, y), precision=precision, channels_last=channels_last, device=device
-    )
-    work.train()
-    run = torch.compile(work) if compile else work
-    step = make_train_step(run, xw, yw, optimizer_factory=optimizer_factory, precision=precision)
-    return time_fn(
-        step, warmup=warmup, steps=steps, sync=_sync_for(device, torch_device), batch_size=x.shape[0],
-        min_time_s=min_time_s,
-    )
+    """Time full training steps of a deep copy of ``model`` (see :func:`prepare_train_step`)."""
+    prepared = prepare_train_step(model, x, y, optimizer_factory=optimizer_factory, precision=precision,
+                                  channels_last=channels_last, compile=compile, device=device)
+    return prepared.time(warmup=warmup, steps=steps, min_time_s=min_time_s)
 
 
 def measure_inference(
@@ -279,23 +332,10 @@ def measure_inference(
     device: DeviceInfo | None = None,
     min_time_s: float = 0.0,
 ) -> Timing:
-    """Time forward passes of a deep copy of ``model`` in eval mode under ``torch.inference_mode``."""
-    precision = normalize_precision(precision)
-    work, (xw,), torch_device = _prepare(
-        model, (x,), precision=precision, channels_last=channels_last, device=device
-    )
-    work.eval()
-    run = torch.compile(work) if compile else work
-    device_type = torch_device.type
-
-    def forward() -> None:
-        with torch.inference_mode(), _autocast(precision, device_type):
-            run(xw)
-
-    return time_fn(
-        forward, warmup=warmup, steps=steps, sync=_sync_for(device, torch_device), batch_size=x.shape[0],
-        min_time_s=min_time_s,
-    )
+    """Time forward passes of a deep copy of ``model`` in eval mode (see :func:`prepare_inference`)."""
+    prepared = prepare_inference(model, x, precision=precision, channels_last=channels_last, compile=compile,
+                                 device=device)
+    return prepared.time(warmup=warmup, steps=steps, min_time_s=min_time_s)
 
 
 # --------------------------------------------------------------------------------------------- FLOPs

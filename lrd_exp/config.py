@@ -181,8 +181,8 @@ class BenchConfig:
     enabled: bool = True  # measure throughput inside a training job
     batch_size: int | None = None  # None: trainer.batch_size
     warmup: int = 3
-    steps: int = 12  # timed steps per model / freeze state, split over `rounds`
-    rounds: int = 3  # interleaved original/decomposed rounds (drift on a shared machine hits both)
+    steps: int = 24  # timed steps per model / freeze state, split over `rounds`
+    rounds: int = 6  # interleaved original/decomposed rounds (drift on a shared machine hits both)
     min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
     channels_last: bool = False
     compile: bool = False

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lrd_exp.bench import Timing, count_flops, count_params, measure_inference, measure_train_step
+from lrd_exp.bench import Timing, count_flops, count_params, prepare_inference, prepare_train_step
 from lrd_exp.devices import DeviceInfo, synchronize
 from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
 
@@ -84,23 +84,39 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
             y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int = 2, precision: str = "32-true",
             channels_last: bool = False, compile: bool = False, device: DeviceInfo | None = None,
             inference: bool = True, min_time_s: float = 0.0) -> tuple[Measured, Measured]:
-    """Measure both models' training step (every freeze state of the decomposed one) and inference."""
+    """Measure both models' training step (every freeze state of the decomposed one) and inference.
+
+    Each model / freeze state gets its own prepared copy once; the rounds then time them in turn (``warmup``
+    steps in the first round, one after each switch), so drift of a shared machine hits all of them alike.
+    ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds.
+    """
     factors: list[Factor] = collect_factors(decomposed)
     by_key = {f.key: f for f in factors}
-    kw = dict(warmup=warmup, steps=max(1, steps // rounds), precision=precision, channels_last=channels_last,
-              compile=compile, device=device, min_time_s=min_time_s / rounds)
-    orig_train, orig_infer, dec_infer = [], [], []
-    dec_train: list[list[Timing]] = [[] for _ in states]
+    kw = dict(precision=precision, channels_last=channels_last, compile=compile, device=device)
+    per_round = dict(steps=max(1, steps // rounds), min_time_s=min_time_s / rounds)
     saved = {id(p): p.requires_grad for p in decomposed.parameters()}
     try:
-        for _ in range(rounds):
-            orig_train.append(measure_train_step(original, x, y, **kw))
-            for i, state in enumerate(states):
-                set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
-                dec_train[i].append(measure_train_step(decomposed, x, y, **kw))
+        orig_step = prepare_train_step(original, x, y, **kw)
+        dec_steps = []
+        for state in states:
+            set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
+            dec_steps.append(prepare_train_step(decomposed, x, y, **kw))
+        for p in decomposed.parameters():
+            p.requires_grad_(saved[id(p)])
+        infer_steps = [prepare_inference(original, x, **kw), prepare_inference(decomposed, x, **kw)] if inference else []
+        orig_train: list[Timing] = []
+        dec_train: list[list[Timing]] = [[] for _ in states]
+        orig_infer: list[Timing] = []
+        dec_infer: list[Timing] = []
+        for r in range(rounds):
+            w = warmup if r == 0 else min(warmup, 1)
+            orig_train.append(orig_step.time(warmup=w, **per_round))
+            for i, step in enumerate(dec_steps):
+                dec_train[i].append(step.time(warmup=w, **per_round))
             if inference:
-                orig_infer.append(measure_inference(original, x, **kw))
-                dec_infer.append(measure_inference(decomposed, x, **kw))
+                orig_infer.append(infer_steps[0].time(warmup=w, **per_round))
+                dec_infer.append(infer_steps[1].time(warmup=w, **per_round))
+        del orig_step, dec_steps, infer_steps
         stage_flops = []
         for state in states:
             set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
