@@ -49,7 +49,13 @@ def _slug(label: str) -> str:
 
 def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     from lrd_exp.distributed import warn_parallel_throughput
-    from lrd_exp.pipeline import build_model, freeze_total_units, identity_row, rank_search_context
+    from lrd_exp.pipeline import (
+        bench_channels_last,
+        build_model,
+        freeze_total_units,
+        identity_row,
+        rank_search_context,
+    )
 
     parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
     b, d = cfg.bench, cfg.dataset
@@ -78,7 +84,7 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
             states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg))
             log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
             orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
-                                precision=precision, channels_last=b.channels_last, compile=b.compile,
+                                precision=precision, channels_last=bench_channels_last(cfg), compile=b.compile,
                                 device=device, min_time_s=b.min_time_s)
             row.update(comparison_fields(original, decomposed, orig, dec, x))
             row["status"] = "ok"

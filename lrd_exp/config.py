@@ -172,6 +172,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     deterministic: bool = False
     enable_progress_bar: bool = True
+    channels_last: bool = False  # NHWC activations and weights in training (and, by default, in the benchmark)
     baseline_optim: OptimConfig = field(default_factory=OptimConfig)
     finetune_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01))
 
@@ -184,7 +185,7 @@ class BenchConfig:
     steps: int = 24  # timed steps per model / freeze state, split over `rounds`
     rounds: int = 6  # interleaved original/decomposed rounds (drift on a shared machine hits both)
     min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: trainer.channels_last (the layout the training loop uses)
     compile: bool = False
     precision: str | None = None  # None: trainer.precision
     variants: list[dict[str, Any]] = field(default_factory=list)  # benchmark task: extra rank/freeze overrides

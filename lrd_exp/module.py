@@ -23,9 +23,11 @@ class Classifier(pl.LightningModule):
     the freezing callback can change the frozen set at any step without rebuilding the optimizer.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, *, optim: Any = None, max_steps: int | None = None) -> None:
+    def __init__(self, model: nn.Module, num_classes: int, *, optim: Any = None, max_steps: int | None = None,
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.channels_last = bool(channels_last)
         self.optim = dict(optim or {})
         self.max_steps = max_steps
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -35,6 +37,17 @@ class Classifier(pl.LightningModule):
         # runs before Lightning aggregates `train/loss_epoch`, so the curve cannot read that metric
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
+
+    def setup(self, stage: str) -> None:
+        # before the optimizer is built; `.to(memory_format=...)` keeps the Parameter objects
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.channels_last and isinstance(batch, (tuple, list)) and batch and getattr(batch[0], "dim", None) \
+                and batch[0].dim() == 4:
+            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

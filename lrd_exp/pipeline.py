@@ -76,7 +76,8 @@ def identity_row(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
         "rank_multiple": rank["multiple"], "rank_params": json.dumps(rank, sort_keys=True),
         "freeze": freeze["schedule"], "freeze_params": json.dumps(freeze, sort_keys=True),
         "device": _v(cfg.device.accelerator), "precision": str(cfg.bench.precision or cfg.trainer.precision),
-        "batch_size": cfg.bench.batch_size or cfg.trainer.batch_size, "seed": cfg.seed,
+        "batch_size": cfg.bench.batch_size or cfg.trainer.batch_size, "channels_last": bench_channels_last(cfg),
+        "seed": cfg.seed,
         "git_commit": git_commit(), "overrides": overrides_string(),
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "output_dir": out_dir,
     }
@@ -152,7 +153,7 @@ def make_trainer(cfg: DictConfig, device: DeviceInfo, *, epochs: int, out_dir: s
 def evaluate(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningDataModule,
              out_dir: str) -> float:
     trainer = make_trainer(cfg, device, epochs=1, out_dir=out_dir, stage="eval")
-    module = Classifier(model, dm.num_classes)
+    module = Classifier(model, dm.num_classes, channels_last=cfg.trainer.channels_last)
     metrics = trainer.validate(module, datamodule=dm, verbose=False)
     return 100.0 * float(metrics[0]["val/acc"])
 
@@ -161,7 +162,7 @@ def fit(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningD
         optim: Any, out_dir: str, stage: str, callbacks: list[pl.Callback] | None = None,
         loggers: list[Any] | None = None, resume: bool = False) -> Classifier:
     module = Classifier(model, dm.num_classes, optim=OmegaConf.to_container(optim, resolve=True),
-                        max_steps=cfg.trainer.max_steps)
+                        max_steps=cfg.trainer.max_steps, channels_last=cfg.trainer.channels_last)
     trainer = make_trainer(cfg, device, epochs=epochs, out_dir=out_dir, stage=stage, callbacks=callbacks,
                            loggers=loggers, checkpoint=True)
     ckpt = os.path.join(out_dir, "checkpoints", stage, "last.ckpt")
@@ -331,9 +332,15 @@ def rank_search_context(cfg: DictConfig, device: DeviceInfo, dm: Any) -> dict[st
     """What rank.policy=optimized needs to time candidates like the run will execute them."""
     b = cfg.bench
     return {"batch_size": b.batch_size or cfg.trainer.batch_size, "device": device,
-            "precision": str(b.precision or cfg.trainer.precision), "channels_last": b.channels_last,
+            "precision": str(b.precision or cfg.trainer.precision), "channels_last": bench_channels_last(cfg),
             "cache_dir": os.path.join(cfg.paths.cache_dir, "rank_timings"), "warmup": b.warmup,
             "steps": b.steps, "output_dir": output_dir(cfg)}
+
+
+def bench_channels_last(cfg: DictConfig) -> bool:
+    """The benchmark's layout: ``bench.channels_last``, or the training loop's when that is null."""
+    value = cfg.bench.channels_last
+    return bool(cfg.trainer.channels_last if value is None else value)
 
 
 def freeze_total_units(cfg: DictConfig, steps_per_epoch: int | None = None) -> int:
@@ -360,6 +367,6 @@ def measure_pair(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decom
     log.info("measuring throughput: batch %d, %d freeze state(s), %d warm-up + %d timed steps", batch,
              len(states), b.warmup, b.steps)
     orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
-                        precision=str(b.precision or cfg.trainer.precision), channels_last=b.channels_last,
+                        precision=str(b.precision or cfg.trainer.precision), channels_last=bench_channels_last(cfg),
                         compile=b.compile, device=device, min_time_s=b.min_time_s)
     return comparison_fields(original, decomposed, orig, dec, x)

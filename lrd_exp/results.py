@@ -43,6 +43,7 @@ IDENTITY_COLUMNS: list[str] = [
     "device_name",
     "precision",
     "batch_size",
+    "channels_last",  # memory layout the speeds were measured in
     "seed",
     "git_commit",
     "overrides",  # e.g. "rank.policy=quantized freeze=sequential"

@@ -78,3 +78,31 @@ def test_step_throughput_uses_per_epoch_medians():
     for i in range(4):
         live.on_train_batch_end(trainer, module, None, (torch.zeros(5, 1), None), i)
     assert len(live.step_times) == 3 and live.epochs == [3, 3, 3] and live.batch_sizes == [5, 5, 5]
+
+
+class _Layouts(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        conv = pl_module.model[0]
+        cl = torch.channels_last
+        self.seen.append((batch[0].is_contiguous(memory_format=cl), conv.weight.is_contiguous(memory_format=cl)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_training_layout(channels_last):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    params_before = list(model.parameters())
+    module = Classifier(model, num_classes=3, optim={"name": "sgd", "lr": 0.1, "scheduler": "none"},
+                        channels_last=channels_last)
+    rec = _Layouts()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[rec], limit_val_batches=0)
+    before = model[0].weight.detach().clone()
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert rec.seen == [(channels_last, channels_last)] * 2
+    assert list(model.parameters()) == params_before  # same Parameter objects: the optimizer trained them
+    assert not torch.equal(model[0].weight.detach(), before)

@@ -172,6 +172,7 @@ def test_pipeline_run_in_process(cfg_factory, tmp_path):
     assert not [c for c in RESULT_COLUMNS if c not in row]
     assert row["output_dir"] == str(out)
     assert row["baseline_cache_hit"] is False
+    assert row["channels_last"] is False
     assert value == pytest.approx(row["train_ips_decomposed"]) and value > 0  # the sweep objective
     assert (out / "decomposition.csv").is_file()
     assert list((tmp_path / "cache" / "baselines").glob("*.pt"))

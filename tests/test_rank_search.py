@@ -134,7 +134,8 @@ def test_benchmark_task_writes_valid_rows(tmp_path):
 
     out = tmp_path / "bench"
     cmd = [sys.executable, "run.py", "task=benchmark", "logger=csv", "model=resnet18", "dataset=digits",
-           "bench.batch_size=8", "bench.warmup=1", "bench.steps=2", "trainer.finetune_epochs=3",
+           "bench.batch_size=8", "bench.warmup=1", "bench.steps=2", "bench.rounds=2", "trainer.finetune_epochs=3",
+           "trainer.channels_last=true",
            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}",
            "bench.variants=[{label: plain, rank: {policy: ratio}, freeze: {schedule: none}}]"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -142,6 +143,7 @@ def test_benchmark_task_writes_valid_rows(tmp_path):
     row = json.loads((out / "result.json").read_text())
     assert set(RESULT_COLUMNS) <= set(row)
     assert row["status"] == "ok" and row["task"] == "benchmark"
+    assert row["channels_last"] is True  # bench.channels_last=null follows the training loop's layout
     assert row["top1_original"] is None and row["top1_decomposed"] is None
     assert row["train_ips_original"] > 0 and row["train_ips_decomposed"] > 0
     assert row["train_speedup"] == pytest.approx(row["train_ips_decomposed"] / row["train_ips_original"])
