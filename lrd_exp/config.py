@@ -38,6 +38,11 @@ class RankBase(str, Enum):
     energy = "energy"
 
 
+class RankBudget(str, Enum):
+    layer = "layer"
+    model = "model"
+
+
 class Objective(str, Enum):
     train = "train"
     inference = "inference"
@@ -93,6 +98,7 @@ class RankConfig:
     step: int = 8  # optimized: spacing of the searched ranks
     objective: Objective = Objective.train
     tolerance: float = 0.03  # optimized: candidates this close to the fastest tie; the largest rank wins
+    budget: RankBudget = RankBudget.model  # optimized, base=ratio: the compression holds per layer or model-wide
     include: list[str] = field(default_factory=list)  # fnmatch patterns; overrides the default skips
     exclude: list[str] = field(default_factory=list)
     skip_stem: bool = True

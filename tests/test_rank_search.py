@@ -14,7 +14,7 @@ from lrd_exp import decompose_model
 from lrd_exp.bench import count_flops
 from lrd_exp.decompose.surgery import find_candidates
 from lrd_exp.freezing import collect_factors, set_frozen
-from lrd_exp.rank_search import candidate_ranks, choose_ranks, pick
+from lrd_exp.rank_search import candidate_ranks, choose_ranks, pick, pick_within_budget
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,10 +104,83 @@ def test_choose_ranks_with_timing_table():
             return table[(plan.name, None)] if plan.name == "2" else 0.1  # layer 0: original is fastest
         return 0.5 if ranks[0] == 112 else 0.9
 
-    chosen, reasons, stats = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer)
+    chosen, reasons, stats = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+                                          budget="layer")
     assert chosen["0"] is None and "kept" in reasons["0"]
     assert chosen["2"] == (112,) and "optimized" in reasons["2"]
     assert stats["timings_measured"] > 0
+
+
+def test_model_budget_trades_params_between_layers():
+    # layer a: time grows 10x faster per parameter than layer b; estimates 100 params each -> budget 200
+    params = {"a": {(1,): 50, (2,): 100, (3,): 150}, "b": {(1,): 50, (2,): 100, (3,): 150}}
+    times = {"a": {None: 99.0, (1,): 0.5, (2,): 1.0, (3,): 1.5}, "b": {None: 99.0, (1,): 0.95, (2,): 1.0, (3,): 1.05}}
+    est = {"a": (2,), "b": (2,)}
+    chosen = pick_within_budget(times, params, est, tolerance=0.0)
+    # a compressed more, b less: 1.55 s instead of 2.0 s at the same 200 parameters
+    assert chosen == {"a": (1,), "b": (3,)}
+    # per layer each takes its own fastest (rank 1 twice): faster, but half the parameters (more compression)
+    assert {n: pick(t, 0.0) for n, t in times.items()} == {"a": (1,), "b": (1,)}
+
+
+def test_model_budget_pays_for_a_too_slow_estimate():
+    # the fastest ranks are above budget: the layer whose parameters cost least time gives them up
+    params = {"a": {(1,): 50, (2,): 100, (3,): 150}, "b": {(1,): 50, (2,): 100, (3,): 150}}
+    times = {"a": {None: 99.0, (1,): 3.0, (2,): 2.0, (3,): 1.0}, "b": {None: 99.0, (1,): 1.2, (2,): 1.1, (3,): 1.0}}
+    chosen = pick_within_budget(times, params, {"a": (2,), "b": (2,)}, tolerance=0.0)
+    assert chosen == {"a": (3,), "b": (1,)}  # 2.2 s at 200 params; the estimates take 3.1 s
+
+
+def test_model_budget_keeps_dense_layers_out_and_spends_spare_on_ties():
+    params = {"a": {(1,): 50, (2,): 100}, "k": {(1,): 50, (2,): 100}, "c": {(1,): 40, (2,): 80, (3,): 120}}
+    times = {"a": {None: 9.0, (1,): 1.0, (2,): 1.01},
+             "k": {None: 0.1, (1,): 1.0, (2,): 2.0},  # the original is fastest: kept dense, out of the budget
+             "c": {None: 9.0, (1,): 1.0, (2,): 3.0, (3,): 5.0}}
+    chosen = pick_within_budget(times, params, {"a": (2,), "k": (2,), "c": (2,)}, tolerance=0.03)
+    assert chosen["k"] is None
+    # budget 180, floor 171: a's larger rank is nearly free, c's is not -> a=2 + c=2 (180) is the only way to
+    # keep the compression; c=3 would exceed it
+    assert chosen == {"a": (2,), "k": None, "c": (2,)}
+
+
+def test_model_budget_never_slower_than_estimates_and_fits():
+    import random
+
+    rng = random.Random(0)
+    reached = 0
+    for _ in range(100):
+        names = [f"l{i}" for i in range(6)]
+        params = {n: {(r,): r * rng.randint(5, 20) for r in range(1, 9)} for n in names}
+        times = {n: {None: 1e3, **{r: p[r] * rng.uniform(0.5, 2.0) for r in p}} for n, p in params.items()}
+        est = {n: (rng.randint(2, 7),) for n in names}
+        chosen = pick_within_budget(times, params, est, tolerance=0.0)
+        budget = sum(params[n][est[n]] for n in names)
+        used = sum(params[n][chosen[n]] for n in names)
+        assert used <= budget
+        assert sum(times[n][chosen[n]] for n in names) <= sum(times[n][est[n]] for n in names) + 1e-9
+        reached += used >= 0.95 * budget
+    assert reached >= 90  # the compression stays the estimates' (within the 5 % slack) nearly always
+
+
+def test_choose_ranks_model_budget_searches_above_the_estimate():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plans = [p for p in _plans(model, (256,)) if p.name in ("0", "2")]
+    estimates = {"0": (80,), "2": (128,)}
+    seen: dict[str, set] = {"0": set(), "2": set()}
+
+    def timer(plan, ranks):
+        if ranks is None:
+            return 10.0
+        seen[plan.name].add(ranks[0])
+        return plan.params_for(ranks) * (3e-6 if plan.name == "0" else 1e-6)
+
+    chosen, reasons, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+                                      budget="model", tolerance=0.0)
+    assert max(seen["2"]) > 128  # ranks above the estimate are candidates when the budget is model-wide
+    budget = sum(p.params_for(estimates[p.name]) for p in plans)
+    assert sum(p.params_for(chosen[p.name]) for p in plans) <= budget
+    assert chosen["0"][0] < 80 and chosen["2"][0] > 128  # the costly layer pays for the cheap one
+    assert all("model-wide budget" in reasons[n] for n in ("0", "2"))
 
 
 def test_optimized_policy_real_cpu_run_hits_cache_second_time(tmp_path):

@@ -13,6 +13,7 @@ import torch
 POLICIES = ("none", "ratio", "energy", "quantized", "optimized", "fixed")
 ROUNDINGS = ("nearest", "up", "down")
 BASES = ("ratio", "energy")
+BUDGETS = ("layer", "model")
 
 
 def svd_params(n_in: int, n_out: int, rank: int) -> int:

@@ -259,6 +259,7 @@ def decompose_model(
     step: int = 8,
     objective: str = "train",
     tolerance: float = 0.03,
+    budget: str = "model",
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     skip_stem: bool = True,
@@ -279,6 +280,9 @@ def decompose_model(
     if policy not in R.POLICIES:
         raise ValueError(f"rank.policy={policy!r} is not allowed: choose one of {', '.join(R.POLICIES)}")
     rounding, base, objective = R.check_rounding(_plain(rounding)), _plain(base), _plain(objective)
+    budget = _plain(budget)
+    if budget not in R.BUDGETS:
+        raise ValueError(f"rank.budget={budget!r} is not allowed: choose one of {', '.join(R.BUDGETS)}")
     if base not in R.BASES:
         raise ValueError(f"rank.base={base!r} is not allowed: choose one of {', '.join(R.BASES)}")
     rank, include, exclude = _plain(rank), _plain(include), _plain(exclude)
@@ -295,6 +299,7 @@ def decompose_model(
             R.check_rank(rank)
     settings = {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
                 "base": base, "rank": rank, "window": window, "step": step, "objective": objective, "tolerance": tolerance,
+                "budget": budget,
                 "include": list(include or []), "exclude": list(exclude or []),
                 "skip_stem": skip_stem, "skip_head": skip_head}
 
@@ -321,7 +326,7 @@ def decompose_model(
                                             rounding=rounding, base=base, rank=rank) for p in plans}
         chosen, reasons, stats = choose_ranks(plans, estimates, window=window, step=step, objective=objective,
                                               multiple=multiple, base=base, ratio=ratio, energy=energy,
-                                              tolerance=tolerance, **dict(rank_search or {}))
+                                              tolerance=tolerance, budget=budget, **dict(rank_search or {}))
         settings["rank_search"] = stats
     elif policy != "none":
         for p in plans:
