@@ -189,7 +189,7 @@ class BenchConfig:
     batch_size: int | None = None  # None: trainer.batch_size
     warmup: int = 3
     steps: int = 24  # timed steps per model / freeze state, split over `rounds`
-    rounds: int = 6  # interleaved original/decomposed rounds (drift on a shared machine hits both)
+    rounds: int = 12  # interleaved original/decomposed rounds (drift on a shared machine hits both)
     min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
     channels_last: bool | None = None  # None: trainer.channels_last (the layout the training loop uses)
     compile: bool = False

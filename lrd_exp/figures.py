@@ -72,6 +72,8 @@ def variant_label(row: Any) -> str:
     e.g. ``quant r=2 m=8 | seq. freeze``; long enough to tell variants apart, short enough for a legend.
     """
     get = row.get if hasattr(row, "get") else (lambda k, d=None: getattr(row, k, d))
+    if _txt(get("task")) == "benchmark" and _txt(get("variant")):
+        return str(_txt(get("variant")))  # bench.variants labels are the user's own names for them
     policy = _txt(get("rank_policy")) or "?"
     parts = [_POLICY_ABBREV.get(policy, policy)]
     ratio, energy, multiple = finite_number(get("rank_ratio")), finite_number(get("rank_energy")), finite_number(get("rank_multiple"))

@@ -87,7 +87,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     """Measure both models' training step (every freeze state of the decomposed one) and inference.
 
     Each model / freeze state gets its own prepared copy once; the rounds then time them in turn (``warmup``
-    steps in the first round, one after each switch), so drift of a shared machine hits all of them alike.
+    steps in the first round only), so drift of a shared machine hits all of them alike.
     ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds.
     """
     factors: list[Factor] = collect_factors(decomposed)
@@ -109,7 +109,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
         orig_infer: list[Timing] = []
         dec_infer: list[Timing] = []
         for r in range(rounds):
-            w = warmup if r == 0 else min(warmup, 1)
+            w = warmup if r == 0 else 0  # measured here: no first-step penalty after a switch
             orig_train.append(orig_step.time(warmup=w, **per_round))
             for i, step in enumerate(dec_steps):
                 dec_train[i].append(step.time(warmup=w, **per_round))

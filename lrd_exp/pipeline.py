@@ -67,11 +67,21 @@ def overrides_string() -> str:
     return " ".join(HydraConfig.get().overrides.task)
 
 
+def variant_choice() -> str | None:
+    """The ``variant=`` config group this job was composed with (the paper's variant names), if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get("variant")
+    return None if choice in (None, "null") else str(choice)
+
+
 def identity_row(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
     rank = OmegaConf.to_container(cfg.rank, resolve=True, enum_to_str=True)
     freeze = OmegaConf.to_container(cfg.freeze, resolve=True, enum_to_str=True)
     return {
-        "model": cfg.model.name, "dataset": cfg.dataset.name, "task": _v(cfg.task),
+        "model": cfg.model.name, "dataset": cfg.dataset.name, "task": _v(cfg.task), "variant": variant_choice(),
         "rank_policy": rank["policy"], "rank_ratio": rank["ratio"], "rank_energy": rank["energy"],
         "rank_multiple": rank["multiple"], "rank_params": json.dumps(rank, sort_keys=True),
         "freeze": freeze["schedule"], "freeze_params": json.dumps(freeze, sort_keys=True),

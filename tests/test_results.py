@@ -62,7 +62,8 @@ def test_columns_contract():
     assert cols[:3] == ["model", "dataset", "task"]
     assert cols[-3:] == ["status", "error", "duration_s"]
     for c in ("rank_params", "freeze_params", "overrides", "baseline_cache_hit", "flops_speedup_infer",
-              "train_ips_decomposed_max", "top1_drop", "train_flops_decomposed"):
+              "train_ips_decomposed_max", "top1_drop", "train_flops_decomposed", "variant", "channels_last",
+              "train_ips_logged", "train_ips_fidelity"):
         assert c in cols
 
 
@@ -233,6 +234,7 @@ def test_write_tables_roundtrip(tmp_path):
     md = md_path.read_text()
     assert "_Provenance:" in md and "Test CPU" in md and "abcdef1234" in md and "_Legend:" in md
     assert "| model" in md and "train speedup" in md and "1.22" in md  # 122/100
+    assert "loop / bench" in md  # the fidelity column
     assert "failed: CUDA out of memory" in md
     table_lines = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table_lines) == 2 + len(df)
@@ -248,6 +250,9 @@ def test_format_summary():
     assert "+30.00 pt drop" in text and "+1.50 pt drop" in text
     assert "1.22x speedup" in text and "95.0-105.0" in text
     assert "status: ok (12 s)" in text
+    assert "fine-tuning loop" not in text  # a benchmark row has no loop throughput
+    looped = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.9))
+    assert "fine-tuning loop images/s" in looped and "110.0" in looped and "0.90x of the benchmark" in looped
     assert "-" in R.format_summary({"status": "failed", "error": "boom"})
 
 
