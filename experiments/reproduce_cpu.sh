@@ -2,6 +2,7 @@
 # Regenerates everything under results/ that this CPU can produce (about 30 min on 2 cores).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
 #   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence bench resnet50 figures
+# (bench: three default benchmark invocations + 60 s of machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -46,7 +47,8 @@ for step in "${steps[@]}"; do
         cp "$RUNS/bench_default_$i/result.json" "$dest/default_run$i.json"
       done
       provenance "$dest" "${cmd[*]} (x3, run i -> default_run\$i.json)"
-      $PY experiments/summarize_repeats.py "$dest"/default_run*.json > "$dest/repeatability.md" ;;
+      $PY experiments/summarize_repeats.py "$dest"/default_run*.json > "$dest/repeatability.md"
+      $PY experiments/machine_drift.py --seconds 60 > "$dest/machine_drift.md" ;;
     resnet50)  # resnet50, batch 16, 128 px: original vs quantized/optimized LRD (ratio 2) with sequential freezing
       dest=results/benchmark_cpu
       cmd=("$PY" run.py task=benchmark logger=csv model=resnet50 dataset=synthetic dataset.image_size=128

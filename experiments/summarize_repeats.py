@@ -22,8 +22,13 @@ def main(paths: list[str]) -> None:
     print(f"Repeated `task=benchmark` invocations of the default config ({rows[0].get('model')}, batch "
           f"{rows[0].get('batch_size')}, {rows[0].get('device_name')}).\n")
     print(out.to_markdown(floatfmt=".3f"))
-    worst = spread.max()
-    print(f"\nLargest run-to-run spread: {worst:.1%} ({'within' if worst <= 0.10 else 'outside'} the 10 % target).")
+    ratios = spread[["train_speedup", "infer_speedup"]].max()
+    absolute = spread.drop(["train_speedup", "infer_speedup"]).max()
+    print(f"\nLargest run-to-run spread of the measured speedups: {ratios:.1%} "
+          f"({'within' if ratios <= 0.10 else 'outside'} the 10 % target).")
+    print(f"Largest run-to-run spread of absolute images/s: {absolute:.1%} "
+          f"({'within' if absolute <= 0.10 else 'outside'} 10 %; absolute speed also moves with the machine itself, "
+          "see machine_drift.md).")
 
 
 if __name__ == "__main__":
