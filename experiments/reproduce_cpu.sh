@@ -63,8 +63,9 @@ for step in "${steps[@]}"; do
       find "$RUNS/bench_resnet50" -name rank_timings.csv -exec cp {} "$dest/resnet50/rank_timings.csv" \; ;;
     figures)
       cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/benchmark_cpu/resnet50/results.csv
-           "$RUNS/digits_convergence" results/benchmark_cpu/resnet50/rank_timings.csv --out results/figures)
+           "$RUNS/digits_convergence" results/benchmark_cpu/resnet50/rank_timings.csv)
       [ -f results/digits_vit/results.csv ] && cmd+=(results/digits_vit/results.csv)
+      cmd+=(--out results/figures)
       "${cmd[@]}"
       provenance results/figures "${cmd[*]}" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

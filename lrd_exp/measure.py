@@ -83,11 +83,12 @@ def _weighted(timings: list[Timing], weights: list[float]) -> Timing:
 def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState], x: torch.Tensor,
             y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int = 2, precision: str = "32-true",
             channels_last: bool = False, compile: bool = False, device: DeviceInfo | None = None,
-            inference: bool = True, min_time_s: float = 0.0) -> tuple[Measured, Measured]:
+            inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 1) -> tuple[Measured, Measured]:
     """Measure both models' training step (every freeze state of the decomposed one) and inference.
 
     Each model / freeze state gets its own prepared copy once; the rounds then time them in turn (``warmup``
-    steps in the first round only), so drift of a shared machine hits all of them alike.
+    untimed steps in the first round, ``switch_warmup`` in later ones, after the switch from another model),
+    so drift of a shared machine hits all of them alike.
     ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds.
     """
     factors: list[Factor] = collect_factors(decomposed)
@@ -109,7 +110,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
         orig_infer: list[Timing] = []
         dec_infer: list[Timing] = []
         for r in range(rounds):
-            w = warmup if r == 0 else 0  # measured here: no first-step penalty after a switch
+            w = warmup if r == 0 else switch_warmup
             orig_train.append(orig_step.time(warmup=w, **per_round))
             for i, step in enumerate(dec_steps):
                 dec_train[i].append(step.time(warmup=w, **per_round))

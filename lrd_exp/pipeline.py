@@ -378,5 +378,5 @@ def measure_pair(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decom
              len(states), b.warmup, b.steps)
     orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                         precision=str(b.precision or cfg.trainer.precision), channels_last=bench_channels_last(cfg),
-                        compile=b.compile, device=device, min_time_s=b.min_time_s)
+                        compile=b.compile, device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup)
     return comparison_fields(original, decomposed, orig, dec, x)

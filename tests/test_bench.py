@@ -250,3 +250,36 @@ def test_compile_train_and_inference():
     t = measure_inference(model, x, warmup=2, steps=2, compile=True)
     assert math.isfinite(t.ips) and t.ips > 0
     assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_compare_interleaves_prepared_copies_and_restores_the_model(monkeypatch):
+    from lrd_exp import bench as B
+    from lrd_exp import decompose_model
+    from lrd_exp.freezing import collect_factors
+    from lrd_exp.measure import FreezeState, compare
+
+    original = mlp()
+    decomposed = mlp()
+    decompose_model(decomposed, policy="ratio", ratio=2.0, skip_head=False, skip_stem=False, input_size=(IN,))
+    keys = [f.key for f in collect_factors(decomposed)]
+    flags = [p.requires_grad for p in decomposed.parameters()]
+    calls: list[tuple[int, int, int]] = []  # (id of the prepared step, warmup, steps)
+    real_time = B.PreparedStep.time
+
+    def spy(self, *, warmup, steps, min_time_s=0.0):
+        calls.append((id(self), warmup, steps))
+        return real_time(self, warmup=warmup, steps=steps, min_time_s=min_time_s)
+
+    monkeypatch.setattr(B.PreparedStep, "time", spy)
+    states = [FreezeState(0.25, [], "all train"), FreezeState(0.75, keys[:1], "one frozen")]
+    x, y = torch.randn(4, IN), torch.randint(0, OUT, (4,))
+    orig, dec = compare(original, decomposed, states, x, y, warmup=2, steps=6, rounds=3, switch_warmup=1)
+    items = {c[0] for c in calls}
+    assert len(items) == 1 + len(states) + 2  # original, each state, two inference copies: prepared once each
+    assert len(calls) == 3 * len(items)  # every item timed once per round, in turn
+    assert [c[1] for c in calls[: len(items)]] == [2] * len(items)  # warm-up in the first round
+    assert {c[1] for c in calls[len(items):]} == {1}  # one untimed step after each later switch
+    assert {c[2] for c in calls} == {2}  # 6 steps over 3 rounds
+    assert len(orig.train.times_s) == 6 and len(dec.stages) == 2
+    assert dec.stages[1]["train_flops"] < dec.stages[0]["train_flops"]
+    assert [p.requires_grad for p in decomposed.parameters()] == flags
