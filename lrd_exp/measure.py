@@ -94,6 +94,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     factors: list[Factor] = collect_factors(decomposed)
     by_key = {f.key: f for f in factors}
     kw = dict(precision=precision, channels_last=channels_last, compile=compile, device=device)
+    rounds = max(1, min(rounds, steps))  # at least one timed step per round: `steps` stays the total
     per_round = dict(steps=max(1, steps // rounds), min_time_s=min_time_s / rounds)
     saved = {id(p): p.requires_grad for p in decomposed.parameters()}
     try:

@@ -283,3 +283,6 @@ def test_compare_interleaves_prepared_copies_and_restores_the_model(monkeypatch)
     assert len(orig.train.times_s) == 6 and len(dec.stages) == 2
     assert dec.stages[1]["train_flops"] < dec.stages[0]["train_flops"]
     assert [p.requires_grad for p in decomposed.parameters()] == flags
+    calls.clear()
+    compare(original, decomposed, states, x, y, warmup=0, steps=2, rounds=12, inference=False)
+    assert len(calls) == 2 * (1 + len(states))  # fewer steps than rounds: the rounds shrink, the total stays
