@@ -43,13 +43,9 @@ class Classifier(pl.LightningModule):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.channels_last and isinstance(batch, (tuple, list)) and batch and getattr(batch[0], "dim", None) \
-                and batch[0].dim() == 4:
-            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
-        return batch
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:  # (a batch hook would warn with every LightningDataModule)
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

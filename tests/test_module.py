@@ -87,7 +87,11 @@ class _Layouts(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         conv = pl_module.model[0]
         cl = torch.channels_last
-        self.seen.append((batch[0].is_contiguous(memory_format=cl), conv.weight.is_contiguous(memory_format=cl)))
+        inputs: list[torch.Tensor] = []
+        hook = conv.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+        pl_module(batch[0])
+        hook.remove()
+        self.seen.append((inputs[0].is_contiguous(memory_format=cl), conv.weight.is_contiguous(memory_format=cl)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
