@@ -99,10 +99,10 @@ def time_fn(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    for _ in range(warmup):
-        fn()
     if min_time_s < 0:
         raise ValueError(f"min_time_s must be >= 0, got {min_time_s}")
+    for _ in range(warmup):
+        fn()
     cap = max(steps, max_steps if max_steps is not None else 50 * steps)
     times: list[float] = []
     while len(times) < steps or (sum(times) < min_time_s and len(times) < cap):

@@ -155,6 +155,10 @@ class DeviceConfig:
     strategy: str = "auto"
 
 
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "none")
+
+
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lrd_exp.config import LR_SCHEDULES, OPTIMIZERS
+
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss: the run stops and its row is marked failed."""
@@ -97,11 +99,12 @@ class Classifier(pl.LightningModule):
         elif name == "adamw":
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
         else:
-            raise ValueError(f"trainer.*_optim.name={name!r} is not allowed: choose one of sgd, adamw")
+            raise ValueError(f"trainer.*_optim.name={name!r} is not allowed: choose one of {', '.join(OPTIMIZERS)}")
         schedule = self.optim.get("scheduler", "cosine")
         warmup_epochs = float(self.optim.get("warmup_epochs", 0.0) or 0.0)
-        if schedule not in ("cosine", "none"):
-            raise ValueError(f"trainer.*_optim.scheduler={schedule!r} is not allowed: choose one of cosine, none")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"trainer.*_optim.scheduler={schedule!r} is not allowed: choose one of "
+                             f"{', '.join(LR_SCHEDULES)}")
         if warmup_epochs < 0:
             raise ValueError(f"trainer.*_optim.warmup_epochs={warmup_epochs} is not allowed: must be >= 0")
         if schedule == "none" and warmup_epochs == 0:

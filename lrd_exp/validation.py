@@ -7,6 +7,7 @@ import os
 
 from omegaconf import DictConfig
 
+from lrd_exp.config import LR_SCHEDULES, OPTIMIZERS
 from lrd_exp.config import enum_value as _v
 from lrd_exp.decompose import ranks as R
 from lrd_exp.freezing import FreezeSchedule
@@ -75,10 +76,11 @@ def _validate(cfg: DictConfig) -> None:
                           "steps >= 1, warmup >= 0")
     for key in ("baseline_optim", "finetune_optim"):
         o = t[key]
-        if o.name not in ("sgd", "adamw"):
-            raise ConfigError(f"trainer.{key}.name={o.name!r} is not allowed: choose one of sgd, adamw")
-        if o.scheduler not in ("cosine", "none"):
-            raise ConfigError(f"trainer.{key}.scheduler={o.scheduler!r} is not allowed: choose one of cosine, none")
+        if o.name not in OPTIMIZERS:
+            raise ConfigError(f"trainer.{key}.name={o.name!r} is not allowed: choose one of {', '.join(OPTIMIZERS)}")
+        if o.scheduler not in LR_SCHEDULES:
+            raise ConfigError(f"trainer.{key}.scheduler={o.scheduler!r} is not allowed: choose one of "
+                              f"{', '.join(LR_SCHEDULES)}")
         if not o.lr > 0:
             raise ConfigError(f"trainer.{key}.lr={o.lr} is not allowed: a learning rate > 0")
         if o.warmup_epochs < 0:
