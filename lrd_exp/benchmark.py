@@ -51,6 +51,7 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
     from lrd_exp.distributed import warn_parallel_throughput
     from lrd_exp.pipeline import (
         bench_channels_last,
+        bench_optimizer,
         build_model,
         freeze_total_units,
         identity_row,
@@ -85,7 +86,8 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
             log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
             orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                                 precision=precision, channels_last=bench_channels_last(cfg), compile=b.compile,
-                                device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup)
+                                device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup,
+                                optimizer_factory=bench_optimizer(vcfg))
             row.update(comparison_fields(original, decomposed, orig, dec, x))
             row["status"] = "ok"
             for st in dec.stages:

@@ -83,6 +83,11 @@ class Accelerator(str, Enum):
     npu = "npu"
 
 
+class MallocMode(str, Enum):
+    tuned = "tuned"  # freed host buffers stay in the process (lrd_exp.allocator): no page faults per step
+    system = "system"
+
+
 @dataclass
 class RankConfig:
     """Keys equal ``decompose_model``'s keywords, so ``decompose_model(model, **cfg.rank)`` works."""
@@ -153,6 +158,7 @@ class DeviceConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
+    malloc: MallocMode = MallocMode.tuned
 
 
 OPTIMIZERS = ("sgd", "adamw")

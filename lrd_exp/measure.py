@@ -15,7 +15,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lrd_exp.bench import Timing, count_flops, count_params, prepare_inference, prepare_train_step
+from lrd_exp.bench import (
+    OptimizerFactory,
+    Timing,
+    count_flops,
+    count_params,
+    prepare_inference,
+    prepare_train_step,
+)
 from lrd_exp.devices import DeviceInfo, synchronize
 from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
 
@@ -83,26 +90,29 @@ def _weighted(timings: list[Timing], weights: list[float]) -> Timing:
 def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState], x: torch.Tensor,
             y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int = 2, precision: str = "32-true",
             channels_last: bool = False, compile: bool = False, device: DeviceInfo | None = None,
-            inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 1) -> tuple[Measured, Measured]:
+            inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 1,
+            optimizer_factory: OptimizerFactory | None = None) -> tuple[Measured, Measured]:
     """Measure both models' training step (every freeze state of the decomposed one) and inference.
 
     Each model / freeze state gets its own prepared copy once; the rounds then time them in turn (``warmup``
     untimed steps in the first round, ``switch_warmup`` in later ones, after the switch from another model),
-    so drift of a shared machine hits all of them alike.
+    so drift of a shared machine hits all of them alike. ``optimizer_factory`` builds the training step's optimizer
+    (default: SGD with momentum); pass the training loop's so the benchmark times the same update.
     ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds.
     """
     factors: list[Factor] = collect_factors(decomposed)
     by_key = {f.key: f for f in factors}
     kw = dict(precision=precision, channels_last=channels_last, compile=compile, device=device)
+    train_kw = dict(kw, optimizer_factory=optimizer_factory)
     rounds = max(1, min(rounds, steps))  # at least one timed step per round: `steps` stays the total
     per_round = dict(steps=max(1, steps // rounds), min_time_s=min_time_s / rounds)
     saved = {id(p): p.requires_grad for p in decomposed.parameters()}
     try:
-        orig_step = prepare_train_step(original, x, y, **kw)
+        orig_step = prepare_train_step(original, x, y, **train_kw)
         dec_steps = []
         for state in states:
             set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
-            dec_steps.append(prepare_train_step(decomposed, x, y, **kw))
+            dec_steps.append(prepare_train_step(decomposed, x, y, **train_kw))
         for p in decomposed.parameters():
             p.requires_grad_(saved[id(p)])
         infer_steps = [prepare_inference(original, x, **kw), prepare_inference(decomposed, x, **kw)] if inference else []

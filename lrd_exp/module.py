@@ -18,6 +18,19 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss: the run stops and its row is marked failed."""
 
 
+def make_optimizer(params: list[torch.nn.Parameter], optim: Any) -> torch.optim.Optimizer:
+    """The optimizer a ``trainer.*_optim`` node names; the benchmark builds the same one, so both time alike."""
+    optim = optim or {}
+    name = optim.get("name", "sgd")
+    lr = float(optim.get("lr", 0.05))
+    wd = float(optim.get("weight_decay", 0.0))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(optim.get("momentum", 0.9)), weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    raise ValueError(f"trainer.*_optim.name={name!r} is not allowed: choose one of {', '.join(OPTIMIZERS)}")
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy training with SGD/AdamW and an optional cosine schedule.
 
@@ -90,16 +103,7 @@ class Classifier(pl.LightningModule):
         })
 
     def configure_optimizers(self) -> Any:
-        name = self.optim.get("name", "sgd")
-        lr = float(self.optim.get("lr", 0.05))
-        wd = float(self.optim.get("weight_decay", 0.0))
-        params = list(self.model.parameters())
-        if name == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=float(self.optim.get("momentum", 0.9)), weight_decay=wd)
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-        else:
-            raise ValueError(f"trainer.*_optim.name={name!r} is not allowed: choose one of {', '.join(OPTIMIZERS)}")
+        opt = make_optimizer(list(self.model.parameters()), self.optim)
         schedule = self.optim.get("scheduler", "cosine")
         warmup_epochs = float(self.optim.get("warmup_epochs", 0.0) or 0.0)
         if schedule not in LR_SCHEDULES:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrd_exp import results
+from lrd_exp.allocator import malloc_mode, tune_malloc
 from lrd_exp.baseline import get_or_train
 from lrd_exp.config import enum_value as _v
 from lrd_exp.data import build_datamodule
@@ -30,7 +33,7 @@ from lrd_exp.devices import DeviceInfo, resolve_device, trainer_device_kwargs
 from lrd_exp.distributed import ddp_strategy, warn_parallel_throughput
 from lrd_exp.freezing import FreezingCallback
 from lrd_exp.measure import StepThroughput, compare, comparison_fields, schedule_states
-from lrd_exp.module import Classifier
+from lrd_exp.module import Classifier, make_optimizer
 from lrd_exp.validation import ConfigError, validate
 
 log = logging.getLogger("lrd_exp")
@@ -87,7 +90,7 @@ def identity_row(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
         "freeze": freeze["schedule"], "freeze_params": json.dumps(freeze, sort_keys=True),
         "device": _v(cfg.device.accelerator), "precision": str(cfg.bench.precision or cfg.trainer.precision),
         "batch_size": cfg.bench.batch_size or cfg.trainer.batch_size, "channels_last": bench_channels_last(cfg),
-        "seed": cfg.seed,
+        "malloc": malloc_mode(), "seed": cfg.seed,
         "git_commit": git_commit(), "overrides": overrides_string(),
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "output_dir": out_dir,
     }
@@ -211,6 +214,7 @@ def make_wandb(cfg: DictConfig, out_dir: str, row: dict[str, Any]) -> Any | None
 def run(cfg: DictConfig) -> float | None:
     """Run one job and write its result row. User errors raise ConfigError before any file is written."""
     validate(cfg)
+    tune_malloc(_v(cfg.device.malloc))
     device = resolve_device(_v(cfg.device.accelerator))
     out_dir = output_dir(cfg)
     if _v(cfg.task) == "benchmark":
@@ -353,6 +357,12 @@ def bench_channels_last(cfg: DictConfig) -> bool:
     return bool(cfg.trainer.channels_last if value is None else value)
 
 
+def bench_optimizer(cfg: DictConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """The fine-tuning loop's optimizer (SGD or AdamW, with its momentum and weight decay), for the benchmark."""
+    optim = OmegaConf.to_container(cfg.trainer.finetune_optim, resolve=True)
+    return functools.partial(make_optimizer, optim=optim)
+
+
 def freeze_total_units(cfg: DictConfig, steps_per_epoch: int | None = None) -> int:
     t = cfg.trainer
     if _v(cfg.freeze.unit) == "step":
@@ -378,5 +388,6 @@ def measure_pair(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decom
              len(states), b.warmup, b.steps)
     orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                         precision=str(b.precision or cfg.trainer.precision), channels_last=bench_channels_last(cfg),
-                        compile=b.compile, device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup)
+                        compile=b.compile, device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup,
+                        optimizer_factory=bench_optimizer(cfg))
     return comparison_fields(original, decomposed, orig, dec, x)

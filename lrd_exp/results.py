@@ -45,6 +45,7 @@ IDENTITY_COLUMNS: list[str] = [
     "precision",
     "batch_size",
     "channels_last",  # memory layout the speeds were measured in
+    "malloc",  # host allocator the speeds were measured under (device.malloc: tuned | system)
     "seed",
     "git_commit",
     "overrides",  # e.g. "rank.policy=quantized freeze=sequential"

@@ -286,3 +286,42 @@ def test_compare_interleaves_prepared_copies_and_restores_the_model(monkeypatch)
     calls.clear()
     compare(original, decomposed, states, x, y, warmup=0, steps=2, rounds=12, inference=False)
     assert len(calls) == 2 * (1 + len(states))  # fewer steps than rounds: the rounds shrink, the total stays
+
+
+def test_compare_builds_the_given_optimizer_over_trainable_params_only():
+    from lrd_exp import decompose_model
+    from lrd_exp.freezing import collect_factors
+    from lrd_exp.measure import FreezeState, compare
+    from lrd_exp.module import make_optimizer
+
+    original, decomposed = mlp(), mlp()
+    decompose_model(decomposed, policy="ratio", ratio=2.0, skip_head=False, skip_stem=False, input_size=(IN,))
+    frozen_factor = collect_factors(decomposed)[0]
+    frozen_key = frozen_factor.key
+    built: list[tuple[type, int]] = []
+
+    def factory(params):
+        opt = make_optimizer(params, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+        built.append((type(opt), sum(p.numel() for p in params)))
+        return opt
+
+    states = [FreezeState(0.5, [], "all train"), FreezeState(0.5, [frozen_key], "one frozen")]
+    x, y = torch.randn(4, IN), torch.randint(0, OUT, (4,))
+    compare(original, decomposed, states, x, y, warmup=1, steps=2, rounds=1, inference=False,
+            optimizer_factory=factory)
+    assert [t for t, _ in built] == [torch.optim.AdamW] * 3  # original + both states
+    n_orig, n_all, n_frozen = (n for _, n in built)
+    assert n_orig == count_params(original) and n_all == count_params(decomposed)
+    assert n_all - n_frozen == frozen_factor.numel  # the frozen weight never reaches the optimizer
+
+
+def test_make_optimizer_names_and_errors():
+    from lrd_exp.module import make_optimizer
+
+    p = [nn.Parameter(torch.zeros(2))]
+    sgd = make_optimizer(p, {"name": "sgd", "lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4})
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
+    assert sgd.defaults["weight_decay"] == 1e-4
+    assert isinstance(make_optimizer(p, {"name": "adamw", "lr": 1e-3}), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="trainer.*_optim.name='lion'"):
+        make_optimizer(p, {"name": "lion"})

@@ -98,6 +98,7 @@ def test_cfg_factory_points_outputs_at_tmp(cfg_factory, tmp_path):
     ("rank.policy=bogus", "rank.policy", ["none", "ratio", "energy", "quantized", "optimized", "fixed"]),
     ("freeze.schedule=bogus", "freeze.schedule", ["none", "sequential", "alternating", "first", "last", "largest"]),
     ("device.accelerator=tpu", "device.accelerator", ["auto", "cpu", "cuda", "npu"]),
+    ("device.malloc=jemalloc", "device.malloc", ["tuned", "system"]),
     ("freeze.unit=hour", "freeze.unit", ["epoch", "step"]),
     ("freeze.importance=random", "freeze.importance",
      ["weight_change", "grad_norm", "depth", "reverse_depth", "size"]),
