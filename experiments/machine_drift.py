@@ -16,6 +16,7 @@ import time
 import timm
 import torch
 
+from lrd_exp.allocator import MALLOC_MODES, tune_malloc
 from lrd_exp.bench import make_train_step
 
 
@@ -26,7 +27,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--block", type=int, default=10)
+    ap.add_argument("--malloc", default="tuned", choices=MALLOC_MODES, help="as device.malloc")
     args = ap.parse_args()
+    malloc = tune_malloc(args.malloc)
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=10, in_chans=1)
     x, y = torch.randn(args.batch, 1, args.size, args.size), torch.randint(0, 10, (args.batch,))
@@ -42,7 +45,7 @@ def main() -> None:
     blocks = [statistics.median(times[i:i + args.block]) for i in range(0, len(times) - args.block + 1, args.block)]
     mid = statistics.median(blocks)
     print(f"Fixed workload: {args.model} training step, batch {args.batch}, {args.size} px, "
-          f"{torch.get_num_threads()} threads, {len(times)} steps in {args.seconds:.0f} s.\n")
+          f"{torch.get_num_threads()} threads, malloc {malloc}, {len(times)} steps in {args.seconds:.0f} s.\n")
     print("| block | median step (ms) | images/s |\n|---:|---:|---:|")
     for i, b in enumerate(blocks):
         print(f"| {i} | {1000 * b:.1f} | {args.batch / b:.0f} |")
