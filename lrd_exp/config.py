@@ -198,7 +198,7 @@ class BenchConfig:
     enabled: bool = True  # measure throughput inside a training job
     batch_size: int | None = None  # None: trainer.batch_size
     warmup: int = 3
-    steps: int = 24  # timed steps per model / freeze state, split over `rounds`
+    steps: int = 48  # timed steps per model / freeze state, split over `rounds`
     rounds: int = 12  # interleaved original/decomposed rounds (drift on a shared machine hits both)
     switch_warmup: int = 1  # untimed steps after switching to another model / state (rounds after the first)
     min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
