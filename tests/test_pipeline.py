@@ -173,6 +173,9 @@ def test_pipeline_run_in_process(cfg_factory, tmp_path):
     assert row["output_dir"] == str(out)
     assert row["baseline_cache_hit"] is False
     assert row["channels_last"] is False
+    from lrd_exp.allocator import _glibc_mallopt
+
+    assert row["malloc"] == ("tuned" if _glibc_mallopt() else "unsupported")  # device.malloc default
     assert value == pytest.approx(row["train_ips_decomposed"]) and value > 0  # the sweep objective
     assert (out / "decomposition.csv").is_file()
     assert list((tmp_path / "cache" / "baselines").glob("*.pt"))
