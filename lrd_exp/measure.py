@@ -6,6 +6,7 @@ a noisy machine. A freeze schedule is measured state by state and averaged by th
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from lrd_exp.bench import (
 )
 from lrd_exp.devices import DeviceInfo, synchronize
 from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
+from lrd_exp.results import UNSTABLE_ROUND_SPREAD
+
+log = logging.getLogger("lrd_exp")
 
 
 @dataclass
@@ -42,6 +46,16 @@ class Measured:
     infer: Timing | None
     train_flops: int
     stages: list[dict[str, Any]] = field(default_factory=list)
+    round_spread: float | None = None  # (max - min) / median of the per-round median training step times
+
+
+def round_spread(rounds: list[Timing]) -> float | None:
+    """How much one fixed training step's median moved between interleaved rounds: the machine's drift, seen
+    from inside the benchmark (None with fewer than two rounds)."""
+    medians = [statistics.median(t.times_s) for t in rounds if t.times_s]
+    if len(medians) < 2:
+        return None
+    return (max(medians) - min(medians)) / statistics.median(medians)
 
 
 def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
@@ -141,8 +155,13 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     stages = [{"label": s.label, "weight": s.weight, "n_frozen": len(s.frozen),
                "train_ips": m.ips, "train_ips_min": m.ips_min, "train_ips_max": m.ips_max, "train_flops": f}
               for s, m, f in zip(states, merged, stage_flops)]
+    spread = round_spread(orig_train)
+    if spread is not None and spread > UNSTABLE_ROUND_SPREAD:
+        log.warning("timings unstable: the original's training step moved %.0f %% between the %d interleaved "
+                    "rounds (the machine changed speed: another load or host drift); the speedups are less "
+                    "certain. Re-run on an idle machine or raise bench.steps / bench.rounds.", 100 * spread, rounds)
     orig = Measured(_merge(orig_train), _merge(orig_infer) if inference else None,
-                    count_flops(original, x, y=y, train=True))
+                    count_flops(original, x, y=y, train=True), round_spread=spread)
     dec = Measured(_weighted(merged, weights), _merge(dec_infer) if inference else None,
                    round(sum(w * f for w, f in zip(weights, stage_flops))), stages)
     return orig, dec
@@ -157,7 +176,7 @@ def comparison_fields(original: nn.Module, decomposed: nn.Module, orig: Measured
         "flops_original": count_flops(original, one, train=False),
         "flops_decomposed": count_flops(decomposed, one, train=False),
         "train_flops_original": orig.train_flops, "train_flops_decomposed": dec.train_flops,
-        "freeze_stages": dec.stages,
+        "freeze_stages": dec.stages, "bench_round_spread": orig.round_spread,
     }
     for kind, a, b in (("train", orig.train, dec.train), ("infer", orig.infer, dec.infer)):
         if a is None or b is None:

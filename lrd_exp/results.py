@@ -81,6 +81,7 @@ SPEED_COLUMNS: list[str] = [
     "infer_ips_decomposed_max",
     "train_ips_logged",  # what the Lightning fine-tuning loop achieved (training jobs)
     "train_ips_fidelity",  # logged / benchmark (train_ips_decomposed): 1.0 = no hidden framework bottleneck
+    "bench_round_spread",  # (max-min)/median of the original's per-round training step medians: machine drift
 ]
 QUALITY_COLUMNS: list[str] = [
     "top1_original",
@@ -91,6 +92,10 @@ QUALITY_COLUMNS: list[str] = [
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
 #: The row contract, in order. Extra keys are allowed and kept after these.
+# Per-round medians of one fixed step that differ by more than this mean the machine changed speed under the
+# benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.
+UNSTABLE_ROUND_SPREAD = 0.25
+
 RESULT_COLUMNS: list[str] = IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + QUALITY_COLUMNS + STATUS_COLUMNS
 
 STATUS_OK = "ok"
@@ -398,6 +403,7 @@ MARKDOWN_COLUMNS: list[tuple[str, str, str]] = [
     ("flops_speedup_train", "FLOP-pred train", "x"),
     ("flops_speedup_infer", "FLOP-pred infer", "x"),
     ("train_ips_fidelity", "loop / bench", "x"),
+    ("bench_round_spread", "drift", "share"),
     ("top1_original", "top-1 orig", "pct"),
     ("top1_decomposed", "top-1 dec", "pct"),
     ("top1_drop", "top-1 drop", "drop"),
@@ -408,6 +414,8 @@ MARKDOWN_LEGEND = (
     "_Legend: ips = images/s (median of timed steps); speedup = decomposed / original images/s (>1 = faster); "
     "FLOP-pred = FLOP-predicted speedup (original / decomposed FLOPs); params ratio = original / decomposed; "
     "loop / bench = images/s of the real fine-tuning loop / benchmark images/s (1.00 = no hidden bottleneck); "
+    "drift = how much the original's training step moved between the benchmark's interleaved rounds (the "
+    f"machine's own drift; above {UNSTABLE_ROUND_SPREAD:.0%} the speedups are less certain); "
     "top-1 in %, drop = original - fine-tuned decomposed (points); '-' = not measured._"
 )
 
@@ -436,6 +444,8 @@ def _fmt(value: Any, kind: str, row: Mapping[str, Any] | None = None) -> str:
         return f"{num:,.0f}" if abs(num) >= 100 else f"{num:.1f}"
     if kind == "pct":
         return f"{num:.2f}"
+    if kind == "share":
+        return f"{num:.0%}"
     if kind == "drop":
         return f"{num:+.2f}"
     return f"{num:.4g}"
@@ -566,11 +576,15 @@ def format_summary(row: Mapping[str, Any]) -> str:
     status = r.get("status") or "-"
     if r.get("error"):
         status += f": {r['error']}"
+    spread = finite_number(r.get("bench_round_spread"))
+    unstable = spread is not None and spread > UNSTABLE_ROUND_SPREAD
     lines = [
         head,
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",
                  disable_numparse=True, colalign=("left", "right", "right", "left")),
         "ratio: size rows original/decomposed (FLOP-predicted speedup); speed rows decomposed/original.",
+        *([f"timings unstable: the original's step moved {spread:.0%} between interleaved rounds (the machine "
+           "changed speed); re-run on an idle machine for firmer speedups."] if unstable else []),
         f"status: {status}" + (f" ({finite_number(r['duration_s']):.0f} s)" if finite_number(r["duration_s"]) is not None else ""),
     ]
     if r.get("output_dir"):

@@ -325,3 +325,41 @@ def test_make_optimizer_names_and_errors():
     assert isinstance(make_optimizer(p, {"name": "adamw", "lr": 1e-3}), torch.optim.AdamW)
     with pytest.raises(ValueError, match="trainer.*_optim.name='lion'"):
         make_optimizer(p, {"name": "lion"})
+
+
+def test_round_spread_is_the_drift_of_per_round_medians():
+    from lrd_exp.measure import round_spread
+
+    rounds = [Timing(0.1, 0.1, 0.1, [0.1, 0.1, 0.5]), Timing(0.2, 0.2, 0.2, [0.2, 0.2, 0.2]),
+              Timing(0.12, 0.12, 0.12, [0.12, 0.12, 0.01])]
+    assert round_spread(rounds) == pytest.approx((0.2 - 0.1) / 0.12)  # medians 0.1, 0.2, 0.12
+    assert round_spread(rounds[:1]) is None
+
+
+def test_compare_warns_when_the_machine_changes_speed_between_rounds(monkeypatch, caplog):
+    from lrd_exp import bench as B
+    from lrd_exp import decompose_model
+    from lrd_exp.measure import FreezeState, compare, comparison_fields
+
+    original, decomposed = mlp(), mlp()
+    decompose_model(decomposed, policy="ratio", ratio=2.0, skip_head=False, skip_stem=False, input_size=(IN,))
+    seen: dict[int, int] = {}
+
+    def fake_time(self, *, warmup, steps, min_time_s=0.0):  # every item: 10 ms, then 30 ms in round 2 (a burst)
+        n = seen[id(self)] = seen.get(id(self), 0) + 1
+        dt = 0.03 if n == 2 else 0.01
+        return Timing(dt, dt, dt, [dt] * steps, batch_size=self.batch_size)
+
+    monkeypatch.setattr(B.PreparedStep, "time", fake_time)
+    x, y = torch.randn(4, IN), torch.randint(0, OUT, (4,))
+    with caplog.at_level("WARNING", logger="lrd_exp"):
+        orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
+    assert orig.round_spread == pytest.approx(2.0)  # medians 10, 30, 10 ms
+    assert "timings unstable" in caplog.text and "200 %" in caplog.text
+    assert comparison_fields(original, decomposed, orig, dec, x)["bench_round_spread"] == pytest.approx(2.0)
+    caplog.clear()
+    monkeypatch.setattr(B.PreparedStep, "time", lambda self, *, warmup, steps, min_time_s=0.0:
+                        Timing(0.01, 0.01, 0.01, [0.01] * steps, batch_size=self.batch_size))
+    with caplog.at_level("WARNING", logger="lrd_exp"):
+        orig, _ = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
+    assert orig.round_spread == 0.0 and "unstable" not in caplog.text

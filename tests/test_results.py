@@ -315,3 +315,15 @@ def test_callback_zero_rows_does_not_raise(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no result.json" in out and "does not exist" in out
     assert not (sweep / "results.csv").exists()
+
+
+def test_summary_and_table_flag_an_unstable_machine():
+    calm = R.format_summary(_row(2, bench_round_spread=0.08))
+    assert "unstable" not in calm
+    rough = R.format_summary(_row(2, bench_round_spread=0.6))
+    assert "timings unstable" in rough and "60%" in rough
+    md = R.markdown_table(pd.DataFrame([_row(1, bench_round_spread=0.3)]))
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    cells = [c.strip() for c in header.split("|")]
+    row = next(line for line in md.splitlines() if line.startswith("| resnet18"))
+    assert [c.strip() for c in row.split("|")][cells.index("drift")] == "30%"
