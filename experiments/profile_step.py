@@ -27,7 +27,8 @@ from lrd_exp.devices import cpu_name
 
 FORWARD = {"aten::mkldnn_convolution", "aten::convolution_overrideable", "aten::_convolution", "aten::mm",
            "aten::addmm", "aten::bmm", "aten::linear", "aten::_slow_conv2d_forward"}
-BACKWARD = {"aten::convolution_backward", "aten::mkldnn_convolution_backward"}
+BACKWARD = {"aten::convolution_backward", "aten::mkldnn_convolution_backward", "aten::_slow_conv2d_backward",
+            "aten::cudnn_convolution_backward"}
 
 
 def split(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, float]:
@@ -78,7 +79,8 @@ def main() -> None:
           f"{args.steps} profiled steps after 3 warm-up steps, so it carries the machine's drift\n")
     print("| part | original (ms) | decomposed (ms) | speedup |\n|---|---:|---:|---:|")
     for key in o:
-        print(f"| {key} | {1000 * o[key]:.0f} | {1000 * d[key]:.0f} | {o[key] / d[key]:.2f}x |")
+        ratio = f"{o[key] / d[key]:.2f}x" if d[key] > 0 else "-"
+        print(f"| {key} | {1000 * o[key]:.0f} | {1000 * d[key]:.0f} | {ratio} |")
     to, td = sum(o.values()), sum(d.values())
     print(f"| **step** | {1000 * to:.0f} | {1000 * td:.0f} | {to / td:.2f}x |")
     rest = o["everything else"]
@@ -89,7 +91,8 @@ def main() -> None:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    out = [f"--model {args.model}", f"--size {args.size}", f"--batch {args.batch}", f"--ratio {args.ratio:g}",
+    out = [f"--model {args.model}", f"--size {args.size}", f"--batch {args.batch}", f"--classes {args.classes}",
+           f"--ratio {args.ratio:g}",
            f"--policy {args.policy}", f"--steps {args.steps}"]
     return out + (["--channels-last"] if args.channels_last else [])
 

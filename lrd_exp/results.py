@@ -91,11 +91,11 @@ QUALITY_COLUMNS: list[str] = [
 ]
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
-#: The row contract, in order. Extra keys are allowed and kept after these.
 # Per-round medians of one fixed step that differ by more than this mean the machine changed speed under the
 # benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.
 UNSTABLE_ROUND_SPREAD = 0.25
 
+#: The row contract, in order. Extra keys are allowed and kept after these.
 RESULT_COLUMNS: list[str] = IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + QUALITY_COLUMNS + STATUS_COLUMNS
 
 STATUS_OK = "ok"
