@@ -119,6 +119,10 @@ def print_benchmark(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
     print(f"\nBenchmark ({rows[0].get('model')}, batch {rows[0].get('batch_size')}, {rows[0].get('precision')}, "
           f"{device}); speedups are LRD / original, measured side by side:")
     print(df.to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+    for row in rows:
+        note = results.unstable_note(row)
+        if note:
+            print(f"{row.get('variant')}: {note}")
     if stage_rows:
         st = pd.DataFrame(stage_rows)[["variant", "label", "weight", "n_frozen", "train_ips", "train_flops"]]
         st["train_flops"] = st["train_flops"] / 1e9

@@ -6,7 +6,6 @@ a noisy machine. A freeze schedule is measured state by state and averaged by th
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,9 +25,6 @@ from lrd_exp.bench import (
 )
 from lrd_exp.devices import DeviceInfo, synchronize
 from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
-from lrd_exp.results import UNSTABLE_ROUND_SPREAD
-
-log = logging.getLogger("lrd_exp")
 
 
 @dataclass
@@ -155,11 +151,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     stages = [{"label": s.label, "weight": s.weight, "n_frozen": len(s.frozen),
                "train_ips": m.ips, "train_ips_min": m.ips_min, "train_ips_max": m.ips_max, "train_flops": f}
               for s, m, f in zip(states, merged, stage_flops)]
-    spread = round_spread(orig_train)
-    if spread is not None and spread > UNSTABLE_ROUND_SPREAD:
-        log.warning("timings unstable: the original's training step moved %.0f %% between the %d interleaved "
-                    "rounds (the machine changed speed: another load or host drift); the speedups are less "
-                    "certain. Re-run on an idle machine or raise bench.steps / bench.rounds.", 100 * spread, rounds)
+    spread = round_spread(orig_train)  # judged where the run reports (results.unstable_note)
     orig = Measured(_merge(orig_train), _merge(orig_infer) if inference else None,
                     count_flops(original, x, y=y, train=True), round_spread=spread)
     dec = Measured(_weighted(merged, weights), _merge(dec_infer) if inference else None,

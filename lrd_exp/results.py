@@ -96,6 +96,15 @@ STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 UNSTABLE_ROUND_SPREAD = 0.25
 
 #: The row contract, in order. Extra keys are allowed and kept after these.
+def unstable_note(row: Mapping[str, Any]) -> str | None:
+    """One line for a run's report when the machine changed speed under its benchmark, else None."""
+    spread = finite_number(row.get("bench_round_spread"))
+    if spread is None or spread <= UNSTABLE_ROUND_SPREAD:
+        return None
+    return (f"timings unstable: the original's step moved {spread:.0%} between interleaved rounds (the machine "
+            "changed speed); re-run on an idle machine or raise bench.steps for firmer speedups.")
+
+
 RESULT_COLUMNS: list[str] = IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + QUALITY_COLUMNS + STATUS_COLUMNS
 
 STATUS_OK = "ok"
@@ -576,15 +585,13 @@ def format_summary(row: Mapping[str, Any]) -> str:
     status = r.get("status") or "-"
     if r.get("error"):
         status += f": {r['error']}"
-    spread = finite_number(r.get("bench_round_spread"))
-    unstable = spread is not None and spread > UNSTABLE_ROUND_SPREAD
+    note = unstable_note(r)
     lines = [
         head,
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",
                  disable_numparse=True, colalign=("left", "right", "right", "left")),
         "ratio: size rows original/decomposed (FLOP-predicted speedup); speed rows decomposed/original.",
-        *([f"timings unstable: the original's step moved {spread:.0%} between interleaved rounds (the machine "
-           "changed speed); re-run on an idle machine for firmer speedups."] if unstable else []),
+        *([note] if note else []),
         f"status: {status}" + (f" ({finite_number(r['duration_s']):.0f} s)" if finite_number(r["duration_s"]) is not None else ""),
     ]
     if r.get("output_dir"):

@@ -336,10 +336,12 @@ def test_round_spread_is_the_drift_of_per_round_medians():
     assert round_spread(rounds[:1]) is None
 
 
-def test_compare_warns_when_the_machine_changes_speed_between_rounds(monkeypatch, caplog):
+def test_compare_reports_when_the_machine_changes_speed_between_rounds(monkeypatch, capsys):
     from lrd_exp import bench as B
     from lrd_exp import decompose_model
+    from lrd_exp.benchmark import print_benchmark
     from lrd_exp.measure import FreezeState, compare, comparison_fields
+    from lrd_exp.results import unstable_note
 
     original, decomposed = mlp(), mlp()
     decompose_model(decomposed, policy="ratio", ratio=2.0, skip_head=False, skip_stem=False, input_size=(IN,))
@@ -352,14 +354,15 @@ def test_compare_warns_when_the_machine_changes_speed_between_rounds(monkeypatch
 
     monkeypatch.setattr(B.PreparedStep, "time", fake_time)
     x, y = torch.randn(4, IN), torch.randint(0, OUT, (4,))
-    with caplog.at_level("WARNING", logger="lrd_exp"):
-        orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
+    orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
     assert orig.round_spread == pytest.approx(2.0)  # medians 10, 30, 10 ms
-    assert "timings unstable" in caplog.text and "200 %" in caplog.text
-    assert comparison_fields(original, decomposed, orig, dec, x)["bench_round_spread"] == pytest.approx(2.0)
-    caplog.clear()
+    fields = comparison_fields(original, decomposed, orig, dec, x)
+    assert fields["bench_round_spread"] == pytest.approx(2.0)
+    print_benchmark([{"variant": "burst", "status": "ok", **fields}], [])  # the benchmark task's report
+    assert "burst: timings unstable" in capsys.readouterr().out and "200%" in unstable_note(fields)
     monkeypatch.setattr(B.PreparedStep, "time", lambda self, *, warmup, steps, min_time_s=0.0:
                         Timing(0.01, 0.01, 0.01, [0.01] * steps, batch_size=self.batch_size))
-    with caplog.at_level("WARNING", logger="lrd_exp"):
-        orig, _ = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
-    assert orig.round_spread == 0.0 and "unstable" not in caplog.text
+    orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
+    assert orig.round_spread == 0.0
+    print_benchmark([{"variant": "calm", "status": "ok", **comparison_fields(original, decomposed, orig, dec, x)}], [])
+    assert "unstable" not in capsys.readouterr().out
