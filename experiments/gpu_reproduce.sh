@@ -20,7 +20,7 @@ if [ "${TINY:-0}" = 1 ]; then  # plumbing check on the CPU: small models, 2 time
   SAW=(rank.include=[blocks.0.mlp.fc1] rank.window=0.2 rank.step=4)
   COMPILE=false
 else
-  DEV=(device=cuda trainer.precision=bf16-mixed trainer.channels_last=true bench.warmup=5 bench.steps=12 bench.rounds=3)
+  DEV=(device=cuda trainer.precision=bf16-mixed trainer.channels_last=true bench.warmup=5 bench.steps=12)
   R50=(model=resnet50 dataset.image_size=224 bench.batch_size=256)
   VIT=(model=vit_base_patch16_224 dataset.image_size=224 bench.batch_size=128)
   SAW=(rank.include=[blocks.0.mlp.fc1] rank.window=0.2 rank.step=2)

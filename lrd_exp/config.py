@@ -199,8 +199,8 @@ class BenchConfig:
     batch_size: int | None = None  # None: trainer.batch_size
     warmup: int = 3
     steps: int = 48  # timed steps per model / freeze state, split over `rounds`
-    rounds: int = 12  # interleaved original/decomposed rounds (drift on a shared machine hits both)
-    switch_warmup: int = 1  # untimed steps after switching to another model / state (rounds after the first)
+    rounds: int | None = None  # interleaved rounds; None: one per timed step (the finest interleaving)
+    switch_warmup: int = 0  # untimed steps after switching to another model / state (rounds after the first)
     min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
     channels_last: bool | None = None  # None: trainer.channels_last (the layout the training loop uses)
     compile: bool = False

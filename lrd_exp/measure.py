@@ -42,15 +42,22 @@ class Measured:
     infer: Timing | None
     train_flops: int
     stages: list[dict[str, Any]] = field(default_factory=list)
-    round_spread: float | None = None  # (max - min) / median of the per-round median training step times
+    round_spread: float | None = None  # the original's drift during the benchmark (see round_spread)
 
 
-def round_spread(rounds: list[Timing]) -> float | None:
-    """How much one fixed training step's median moved between interleaved rounds: the machine's drift, seen
-    from inside the benchmark (None with fewer than two rounds)."""
-    medians = [statistics.median(t.times_s) for t in rounds if t.times_s]
-    if len(medians) < 2:
+def round_spread(rounds: list[Timing], block: int = 4, max_blocks: int = 12) -> float | None:
+    """How much one fixed training step moved during the benchmark: the machine's drift, seen from inside it.
+
+    The original's timed steps, in time order, are cut into consecutive blocks of at least ``block`` steps (at
+    most ``max_blocks``); the result is (max - min) / median of the block medians, so it does not depend on how
+    finely the rounds interleave. None with fewer than two blocks.
+    """
+    times = [t for r in rounds for t in r.times_s]
+    n = min(max_blocks, len(times) // max(block, 1))
+    if n < 2:
         return None
+    edges = [round(i * len(times) / n) for i in range(n + 1)]
+    medians = [statistics.median(times[a:b]) for a, b in zip(edges, edges[1:])]
     return (max(medians) - min(medians)) / statistics.median(medians)
 
 
@@ -98,9 +105,9 @@ def _weighted(timings: list[Timing], weights: list[float]) -> Timing:
 
 
 def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState], x: torch.Tensor,
-            y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int = 2, precision: str = "32-true",
-            channels_last: bool = False, compile: bool = False, device: DeviceInfo | None = None,
-            inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 1,
+            y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int | None = None,
+            precision: str = "32-true", channels_last: bool = False, compile: bool = False,
+            device: DeviceInfo | None = None, inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 0,
             optimizer_factory: OptimizerFactory | None = None) -> tuple[Measured, Measured]:
     """Measure both models' training step (every freeze state of the decomposed one) and inference.
 
@@ -108,13 +115,16 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     untimed steps in the first round, ``switch_warmup`` in later ones, after the switch from another model),
     so drift of a shared machine hits all of them alike. ``optimizer_factory`` builds the training step's optimizer
     (default: SGD with momentum); pass the training loop's so the benchmark times the same update.
-    ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds.
+    ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds; ``rounds=None`` gives
+    every timed step its own round. That finest interleaving is the default because a shared machine's speed moves
+    within seconds (on a 2-core CPU, three default benchmarks read 1.19-1.39x in 12 rounds of 4 steps and
+    1.29-1.33x in 48 rounds of 1; results/benchmark_cpu/repeatability.md).
     """
     factors: list[Factor] = collect_factors(decomposed)
     by_key = {f.key: f for f in factors}
     kw = dict(precision=precision, channels_last=channels_last, compile=compile, device=device)
     train_kw = dict(kw, optimizer_factory=optimizer_factory)
-    rounds = max(1, min(rounds, steps))  # at least one timed step per round: `steps` stays the total
+    rounds = max(1, min(rounds or steps, steps))  # at least one timed step per round: `steps` stays the total
     per_round = dict(steps=max(1, steps // rounds), min_time_s=min_time_s / rounds)
     saved = {id(p): p.requires_grad for p in decomposed.parameters()}
     try:

@@ -81,7 +81,7 @@ SPEED_COLUMNS: list[str] = [
     "infer_ips_decomposed_max",
     "train_ips_logged",  # what the Lightning fine-tuning loop achieved (training jobs)
     "train_ips_fidelity",  # logged / benchmark (train_ips_decomposed): 1.0 = no hidden framework bottleneck
-    "bench_round_spread",  # (max-min)/median of the original's per-round training step medians: machine drift
+    "bench_round_spread",  # (max-min)/median of block medians of the original's training steps: machine drift
 ]
 QUALITY_COLUMNS: list[str] = [
     "top1_original",
@@ -91,7 +91,7 @@ QUALITY_COLUMNS: list[str] = [
 ]
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
-# Per-round medians of one fixed step that differ by more than this mean the machine changed speed under the
+# Block medians of one fixed step that differ by more than this mean the machine changed speed under the
 # benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.
 UNSTABLE_ROUND_SPREAD = 0.25
 
@@ -101,7 +101,7 @@ def unstable_note(row: Mapping[str, Any]) -> str | None:
     spread = finite_number(row.get("bench_round_spread"))
     if spread is None or spread <= UNSTABLE_ROUND_SPREAD:
         return None
-    return (f"timings unstable: the original's step moved {spread:.0%} between interleaved rounds (the machine "
+    return (f"timings unstable: the original's step moved {spread:.0%} during the benchmark (the machine "
             "changed speed); re-run on an idle machine or raise bench.steps for firmer speedups.")
 
 
@@ -423,8 +423,8 @@ MARKDOWN_LEGEND = (
     "_Legend: ips = images/s (median of timed steps); speedup = decomposed / original images/s (>1 = faster); "
     "FLOP-pred = FLOP-predicted speedup (original / decomposed FLOPs); params ratio = original / decomposed; "
     "loop / bench = images/s of the real fine-tuning loop / benchmark images/s (1.00 = no hidden bottleneck); "
-    "drift = how much the original's training step moved between the benchmark's interleaved rounds (the "
-    f"machine's own drift; above {UNSTABLE_ROUND_SPREAD:.0%} the speedups are less certain); "
+    "drift = how much the original's training step moved during the benchmark (max-min of the medians of "
+    f"consecutive blocks of steps / their median: the machine's own drift; above {UNSTABLE_ROUND_SPREAD:.0%} the speedups are less certain); "
     "top-1 in %, drop = original - fine-tuned decomposed (points); '-' = not measured._"
 )
 

@@ -65,8 +65,8 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not allowed: it must be an integer >= 1")
     if cfg.bench.batch_size is not None and cfg.bench.batch_size <= 0:
         raise ConfigError(f"bench.batch_size={cfg.bench.batch_size} is not allowed: null or an integer >= 1")
-    if cfg.bench.rounds < 1:
-        raise ConfigError(f"bench.rounds={cfg.bench.rounds} is not allowed: an integer >= 1")
+    if cfg.bench.rounds is not None and cfg.bench.rounds < 1:
+        raise ConfigError(f"bench.rounds={cfg.bench.rounds} is not allowed: null (one per step) or an integer >= 1")
     if cfg.bench.switch_warmup < 0:
         raise ConfigError(f"bench.switch_warmup={cfg.bench.switch_warmup} is not allowed: an integer >= 0")
     if cfg.bench.min_time_s < 0:

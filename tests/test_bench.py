@@ -327,13 +327,42 @@ def test_make_optimizer_names_and_errors():
         make_optimizer(p, {"name": "lion"})
 
 
-def test_round_spread_is_the_drift_of_per_round_medians():
+def test_round_spread_is_the_drift_of_block_medians_whatever_the_interleaving():
     from lrd_exp.measure import round_spread
 
-    rounds = [Timing(0.1, 0.1, 0.1, [0.1, 0.1, 0.5]), Timing(0.2, 0.2, 0.2, [0.2, 0.2, 0.2]),
-              Timing(0.12, 0.12, 0.12, [0.12, 0.12, 0.01])]
-    assert round_spread(rounds) == pytest.approx((0.2 - 0.1) / 0.12)  # medians 0.1, 0.2, 0.12
-    assert round_spread(rounds[:1]) is None
+    times = [0.1, 0.1, 0.5, 0.1] + [0.2, 0.2, 0.2, 0.01] + [0.12, 0.12, 0.12, 0.12]  # one outlier per block
+    one_step_rounds = [Timing(t, t, t, [t]) for t in times]
+    four_step_rounds = [Timing(0.0, 0.0, 0.0, times[i:i + 4]) for i in range(0, 12, 4)]
+    expected = (0.2 - 0.1) / 0.12  # block medians 0.1, 0.2, 0.12
+    assert round_spread(one_step_rounds) == pytest.approx(expected)
+    assert round_spread(four_step_rounds) == pytest.approx(expected)
+    assert round_spread(one_step_rounds[:7]) is None  # fewer than two blocks of 4 steps
+    steady = [Timing(0.1, 0.1, 0.1, [0.1 if i % 9 else 0.4]) for i in range(48)]  # isolated slow steps
+    assert round_spread(steady) == 0.0
+
+
+def test_compare_interleaves_one_step_per_round_by_default(monkeypatch):
+    from lrd_exp import bench as B
+    from lrd_exp import decompose_model
+    from lrd_exp.measure import FreezeState, compare
+
+    original, decomposed = mlp(), mlp()
+    decompose_model(decomposed, policy="ratio", ratio=2.0, skip_head=False, skip_stem=False, input_size=(IN,))
+    calls: list[tuple[int, int, int]] = []
+    real_time = B.PreparedStep.time
+
+    def spy(self, *, warmup, steps, min_time_s=0.0):
+        calls.append((id(self), warmup, steps))
+        return real_time(self, warmup=warmup, steps=steps, min_time_s=min_time_s)
+
+    monkeypatch.setattr(B.PreparedStep, "time", spy)
+    x, y = torch.randn(4, IN), torch.randint(0, OUT, (4,))
+    orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=2, steps=5)
+    items = [c[0] for c in calls[:4]]  # original, the state, two inference copies
+    assert len(set(items)) == 4 and [c[0] for c in calls] == items * 5  # in turn, five rounds
+    assert {c[2] for c in calls} == {1}  # one timed step per round
+    assert [c[1] for c in calls] == [2] * 4 + [0] * 16  # warm-up once, no untimed step after a switch
+    assert len(orig.train.times_s) == 5 and len(orig.infer.times_s) == 5
 
 
 def test_compare_reports_when_the_machine_changes_speed_between_rounds(monkeypatch, capsys):
@@ -354,15 +383,15 @@ def test_compare_reports_when_the_machine_changes_speed_between_rounds(monkeypat
 
     monkeypatch.setattr(B.PreparedStep, "time", fake_time)
     x, y = torch.randn(4, IN), torch.randint(0, OUT, (4,))
-    orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
-    assert orig.round_spread == pytest.approx(2.0)  # medians 10, 30, 10 ms
+    orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=12, rounds=3)
+    assert orig.round_spread == pytest.approx(2.0)  # block medians 10, 30, 10 ms
     fields = comparison_fields(original, decomposed, orig, dec, x)
     assert fields["bench_round_spread"] == pytest.approx(2.0)
     print_benchmark([{"variant": "burst", "status": "ok", **fields}], [])  # the benchmark task's report
     assert "burst: timings unstable" in capsys.readouterr().out and "200%" in unstable_note(fields)
     monkeypatch.setattr(B.PreparedStep, "time", lambda self, *, warmup, steps, min_time_s=0.0:
                         Timing(0.01, 0.01, 0.01, [0.01] * steps, batch_size=self.batch_size))
-    orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=6, rounds=3)
+    orig, dec = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=12, rounds=3)
     assert orig.round_spread == 0.0
     print_benchmark([{"variant": "calm", "status": "ok", **comparison_fields(original, decomposed, orig, dec, x)}], [])
     assert "unstable" not in capsys.readouterr().out

@@ -213,6 +213,8 @@ def test_decompose_model_accepts_composed_rank_node(cfg_factory, overrides, chec
     (["dataset=cifar10"], ["dataset.root", "download"]),
     (["dataset.val_fraction=1.0"], ["dataset.val_fraction"]),
     (["bench.steps=0"], ["bench.steps"]),
+    (["bench.rounds=0"], ["bench.rounds", "null", ">= 1"]),
+    (["bench.switch_warmup=-1"], ["bench.switch_warmup", ">= 0"]),
     (["model.checkpoint=/nonexistent/ckpt.pt"], ["model.checkpoint"]),
 ])
 def test_validate_rejects_bad_values(cfg_factory, overrides, needles):
@@ -223,6 +225,13 @@ def test_validate_rejects_bad_values(cfg_factory, overrides, needles):
     assert "\n" not in message.strip(), "a user error is one line"
     for needle in needles:
         assert needle in message, f"{needle!r} not in {message!r}"
+
+
+def test_bench_rounds_default_to_one_per_step_and_accept_an_integer(cfg_factory):
+    cfg = cfg_factory([])
+    assert cfg.bench.rounds is None and cfg.bench.switch_warmup == 0
+    validate(cfg)
+    validate(cfg_factory(["bench.rounds=12", "bench.switch_warmup=1"]))
 
 
 def test_validate_accepts_existing_imagenet_root(cfg_factory, tmp_path):
