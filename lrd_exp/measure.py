@@ -117,8 +117,8 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     (default: SGD with momentum); pass the training loop's so the benchmark times the same update.
     ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds; ``rounds=None`` gives
     every timed step its own round. That finest interleaving is the default because a shared machine's speed moves
-    within seconds (on a 2-core CPU, three default benchmarks read 1.19-1.39x in 12 rounds of 4 steps and
-    1.29-1.33x in 48 rounds of 1; results/benchmark_cpu/repeatability.md).
+    within seconds (on a 2-core CPU, six default benchmarks each read 1.15-1.39x in 12 rounds of 4 steps and
+    1.21-1.39x in 48 rounds of 1, a fifth faster; results/benchmark_cpu/repeatability_study.md).
     """
     factors: list[Factor] = collect_factors(decomposed)
     by_key = {f.key: f for f in factors}
