@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrd_exp.allocator import malloc_mode
 from lrd_exp.bench import _autocast, normalize_precision, time_fn
 from lrd_exp.decompose import ranks as R
 from lrd_exp.devices import DeviceInfo, resolve_device
@@ -126,7 +127,11 @@ def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, dev
 
 
 class TimingCache:
-    """One JSON file per (device, precision, geometry, batch, objective) key: rank -> median seconds."""
+    """One JSON file per (device, precision, geometry, batch, objective) key: rank -> median seconds.
+
+    The key also holds what else moves a timing: layout, torch version and the host allocator mode
+    (`device.malloc`: glibc's defaults re-fault large CPU buffers every step), so a changed setting re-measures.
+    """
 
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
@@ -142,7 +147,8 @@ class TimingCache:
         if isinstance(m, nn.Conv2d):
             geometry.update(k=m.kernel_size, s=m.stride, p=m.padding, d=m.dilation)
         spec = {"device": device_name, "precision": precision, "batch": batch_size, "objective": objective,
-                "channels_last": channels_last, "geometry": geometry, "torch": torch.__version__}
+                "channels_last": channels_last, "geometry": geometry, "torch": torch.__version__,
+                "malloc": malloc_mode()}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _path(self, key: str) -> str | None:

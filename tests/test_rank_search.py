@@ -229,3 +229,15 @@ def test_benchmark_task_writes_valid_rows(tmp_path):
     variant = json.loads((out / "variants" / "plain" / "result.json").read_text())
     assert variant["rank_policy"] == "ratio" and variant["freeze"] == "none" and variant["status"] == "ok"
     assert "Benchmark (resnet18" in proc.stdout and "FLOP-pred." in proc.stdout
+
+
+def test_timing_cache_key_changes_with_the_allocator_mode(monkeypatch):
+    import lrd_exp.rank_search as RS
+
+    plan = _plans(mlp(), (64,))[0]
+    kw = dict(device_name="cpu", precision="32-true", batch_size=4, objective="train", channels_last=False)
+    monkeypatch.setattr(RS, "malloc_mode", lambda: "tuned")
+    tuned = RS.TimingCache.key(plan, **kw)
+    assert RS.TimingCache.key(plan, **kw) == tuned  # stable
+    monkeypatch.setattr(RS, "malloc_mode", lambda: "system")
+    assert RS.TimingCache.key(plan, **kw) != tuned
