@@ -26,6 +26,7 @@ provenance() {  # provenance DIR COMMAND...
 sweep() {  # sweep NAME RESULT_DIR overrides...
   local name=$1 dest=$2; shift 2
   local cmd=("$PY" run.py "experiment=$name" "hydra.sweep.dir=$RUNS/$name" "$@")
+  rm -rf "${RUNS:?}/$name"  # a complete job's result.json would be kept (resume), not re-measured
   "${cmd[@]}"
   provenance "$dest" "${cmd[*]}"
   cp "$RUNS/$name/results.csv" "$RUNS/$name/results.md" "$dest/"
@@ -43,6 +44,7 @@ for step in "${steps[@]}"; do
       dest=results/benchmark_cpu; mkdir -p "$dest"
       for i in 1 2 3; do
         cmd=("$PY" run.py task=benchmark logger=csv "hydra.run.dir=$RUNS/bench_default_$i")
+        rm -rf "${RUNS:?}/bench_default_$i"
         "${cmd[@]}"
         cp "$RUNS/bench_default_$i/result.json" "$dest/default_run$i.json"
       done
@@ -55,6 +57,7 @@ for step in "${steps[@]}"; do
            dataset.num_classes=1000 bench.batch_size=16 trainer.channels_last=true rank.policy=quantized freeze=sequential
            "bench.variants=[{label: quantized+sequential-size-all, freeze: {importance: size, final_fraction: 1.0}}, {label: optimized+sequential, rank: {policy: optimized}}, {label: quantized, freeze: {schedule: none}}, {label: optimized, rank: {policy: optimized}, freeze: {schedule: none}}, {label: ratio-unquantized, rank: {policy: ratio}, freeze: {schedule: none}}]"
            "hydra.run.dir=$RUNS/bench_resnet50")
+      rm -rf "${RUNS:?}/bench_resnet50"  # no stale rank_timings.csv
       "${cmd[@]}" | tee "$RUNS/bench_resnet50.log"
       mkdir -p "$dest/resnet50"
       provenance "$dest/resnet50" "${cmd[*]}"
