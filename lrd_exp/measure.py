@@ -196,6 +196,11 @@ class StepThroughput(pl.Callback):
     epoch (warm-up, loader start). The summary uses the benchmark's statistic (median step time per epoch,
     i.e. per freeze state, averaged by the steps each epoch lasted), so ``train_ips_fidelity`` compares like with
     like and shows whether the framework itself (data loader, logging, callbacks) hides a bottleneck.
+
+    That ratio compares two moments of a drifting machine, so the callback also splits every counted step at
+    ``on_train_batch_start``: the part before it (fetching and moving the batch, the previous step's hooks,
+    logging, progress bar) over the whole step is ``overhead_share``, measured on the same steps and immune to
+    drift. Near 0 the loop runs at the model's speed; a slow data loader shows as a large share.
     """
 
     def __init__(self, device: DeviceInfo | None = None, skip: int = 2) -> None:
@@ -205,11 +210,17 @@ class StepThroughput(pl.Callback):
         self.step_times: list[float] = []
         self.batch_sizes: list[int] = []
         self.epochs: list[int] = []
+        self.wait_times: list[float] = []  # per counted step: previous batch end -> this batch's start
         self._last: float | None = None
+        self._start: float | None = None
         self._seen = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last, self._seen = None, 0
+        self._last, self._start, self._seen = None, None, 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._start = time.perf_counter()  # the previous end was synchronised: nothing of it is still queued
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -220,10 +231,18 @@ class StepThroughput(pl.Callback):
             self.step_times.append(now - self._last)
             self.batch_sizes.append(int(batch[0].shape[0]))
             self.epochs.append(int(trainer.current_epoch))
+            start = self._start if self._start is not None and self._last <= self._start <= now else self._last
+            self.wait_times.append(start - self._last)
             pl_module.log("train/images_per_s", self.batch_sizes[-1] / self.step_times[-1], on_step=True,
                           on_epoch=False, batch_size=self.batch_sizes[-1])
         self._last = now
         self._seen += 1
+
+    @property
+    def overhead_share(self) -> float | None:
+        """Share of the loop's wall time outside the training step itself (loading, hooks, logging)."""
+        total = sum(self.step_times)
+        return sum(self.wait_times) / total if self.step_times and total > 0 else None
 
     @property
     def images_per_s(self) -> float | None:

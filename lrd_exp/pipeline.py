@@ -339,6 +339,7 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     row["train_ips_logged"] = speed.images_per_s
     if speed.images_per_s and row.get("train_ips_decomposed"):
         row["train_ips_fidelity"] = speed.images_per_s / row["train_ips_decomposed"]
+    row["train_loop_overhead"] = speed.overhead_share  # same steps as train_ips_logged: drift cannot move it
     return row
 
 

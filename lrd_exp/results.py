@@ -81,6 +81,7 @@ SPEED_COLUMNS: list[str] = [
     "infer_ips_decomposed_max",
     "train_ips_logged",  # what the Lightning fine-tuning loop achieved (training jobs)
     "train_ips_fidelity",  # logged / benchmark (train_ips_decomposed): 1.0 = no hidden framework bottleneck
+    "train_loop_overhead",  # share of the loop's step wall time before the step starts (loading, hooks, logging)
     "bench_round_spread",  # (max-min)/median of block medians of the original's training steps: machine drift
 ]
 QUALITY_COLUMNS: list[str] = [
@@ -586,6 +587,11 @@ def format_summary(row: Mapping[str, Any]) -> str:
     if r.get("error"):
         status += f": {r['error']}"
     note = unstable_note(r)
+    overhead = finite_number(r.get("train_loop_overhead"))
+    if overhead is not None:
+        note = "\n".join(filter(None, [
+            f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
+            "logging)", note]))
     lines = [
         head,
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -78,6 +79,56 @@ def test_step_throughput_uses_per_epoch_medians():
     for i in range(4):
         live.on_train_batch_end(trainer, module, None, (torch.zeros(5, 1), None), i)
     assert len(live.step_times) == 3 and live.epochs == [3, 3, 3] and live.batch_sizes == [5, 5, 5]
+
+
+def test_step_throughput_overhead_share_is_the_wait_before_each_step(monkeypatch):
+    from types import SimpleNamespace
+
+    import lrd_exp.measure as M
+
+    clock = iter([0.0, 0.03, 0.10, 0.13, 0.20, 0.23, 0.30])  # end, then (start, end) pairs: 30 ms wait, 70 ms step
+    monkeypatch.setattr(M.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(current_epoch=0, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module = SimpleNamespace(log=lambda *a, **k: None)
+    live = M.StepThroughput(skip=0)
+    live.on_train_epoch_start(trainer, module)
+    batch = (torch.zeros(5, 1), None)
+    live.on_train_batch_end(trainer, module, None, batch, 0)
+    for i in range(1, 4):
+        live.on_train_batch_start(trainer, module, batch, i)
+        live.on_train_batch_end(trainer, module, None, batch, i)
+    assert live.step_times == pytest.approx([0.1, 0.1, 0.1])
+    assert live.overhead_share == pytest.approx(0.3)
+    assert M.StepThroughput().overhead_share is None
+
+
+class _SlowDigits(torch.utils.data.Dataset):
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.x, self.y = torch.randn(24, 3, 8, 8), torch.randint(0, 3, (24,))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+def test_step_throughput_shows_a_slow_data_loader_in_a_real_loop():
+    from lrd_exp.measure import StepThroughput
+
+    shares = {}
+    for delay in (0.0, 0.01):  # 10 ms per sample = 80 ms per batch of 8, against a step of a few ms
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        module = Classifier(model, num_classes=3, optim={"name": "sgd", "lr": 0.1, "scheduler": "none"})
+        speed = StepThroughput(skip=0)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[speed],
+                             limit_val_batches=0)
+        trainer.fit(module, DataLoader(_SlowDigits(delay), batch_size=8))
+        shares[delay] = speed.overhead_share
+    assert shares[0.01] > 0.5 and shares[0.01] > shares[0.0]
 
 
 class _Layouts(pl.Callback):

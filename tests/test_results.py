@@ -63,7 +63,7 @@ def test_columns_contract():
     assert cols[-3:] == ["status", "error", "duration_s"]
     for c in ("rank_params", "freeze_params", "overrides", "baseline_cache_hit", "flops_speedup_infer",
               "train_ips_decomposed_max", "top1_drop", "train_flops_decomposed", "variant", "channels_last",
-              "train_ips_logged", "train_ips_fidelity"):
+              "train_ips_logged", "train_ips_fidelity", "train_loop_overhead"):
         assert c in cols
 
 
@@ -253,6 +253,9 @@ def test_format_summary():
     assert "fine-tuning loop" not in text  # a benchmark row has no loop throughput
     looped = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.9))
     assert "fine-tuning loop images/s" in looped and "110.0" in looped and "0.90x of the benchmark" in looped
+    assert "between steps" not in looped
+    overhead = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.9, train_loop_overhead=0.04))
+    assert "fine-tuning loop: 4% of its wall time was spent between steps" in overhead
     assert "-" in R.format_summary({"status": "failed", "error": "boom"})
 
 
