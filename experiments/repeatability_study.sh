@@ -2,7 +2,8 @@
 # Which timing settings make repeated default benchmarks agree? Three invocations of each setting, interleaved
 # in time (A B C A B C ...). Prints one line per invocation:
 #   name  train_speedup  infer_speedup  train_ips_original  train_ips_decomposed  duration_s
-#   bash experiments/repeatability_study.sh [NAME=override,override ...]   (default: the settings below)
+#   bash experiments/repeatability_study.sh [NAME=override,override ...]   (default: the settings below;
+#   overrides are split at commas, so list values such as rank.include=[a,b] cannot be given here)
 # R = 12 rounds of 4 steps, one untimed step after each switch (the default before 2026-11-28, session 4);
 # S = one step per round, no untimed step after a switch (the default since: bench.rounds=null).
 set -euo pipefail

@@ -117,15 +117,19 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     (default: SGD with momentum); pass the training loop's so the benchmark times the same update.
     ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds; ``rounds=None`` gives
     every timed step its own round. That finest interleaving is the default because a shared machine's speed moves
-    within seconds (on a 2-core CPU, six default benchmarks each read 1.15-1.39x in 12 rounds of 4 steps and
-    1.21-1.39x in 48 rounds of 1, a fifth faster; results/benchmark_cpu/repeatability_study.md).
+    within seconds (on a 2-core CPU, six default benchmarks together spanned 1.15-1.39x in 12 rounds of 4 steps
+    and 1.21-1.39x in 48 rounds of 1, which also take a fifth less time; results/benchmark_cpu/repeatability_study.md).
     """
+    if rounds is not None and rounds < 1:
+        raise ValueError(f"rounds must be None (one per step) or >= 1, got {rounds}")
     factors: list[Factor] = collect_factors(decomposed)
     by_key = {f.key: f for f in factors}
     kw = dict(precision=precision, channels_last=channels_last, compile=compile, device=device)
     train_kw = dict(kw, optimizer_factory=optimizer_factory)
-    rounds = max(1, min(rounds or steps, steps))  # at least one timed step per round: `steps` stays the total
-    per_round = dict(steps=max(1, steps // rounds), min_time_s=min_time_s / rounds)
+    rounds = min(rounds or steps, max(steps, 1))  # at least one timed step per round
+    # `steps` stays the total: the remainder goes to the first rounds (48 over 10 rounds: 5 x 8 rounds, 4 x 2)
+    round_steps = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    min_round_s = min_time_s / rounds
     saved = {id(p): p.requires_grad for p in decomposed.parameters()}
     try:
         orig_step = prepare_train_step(original, x, y, **train_kw)
@@ -142,6 +146,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
         dec_infer: list[Timing] = []
         for r in range(rounds):
             w = warmup if r == 0 else switch_warmup
+            per_round = dict(steps=max(1, round_steps[r]), min_time_s=min_round_s)
             orig_train.append(orig_step.time(warmup=w, **per_round))
             for i, step in enumerate(dec_steps):
                 dec_train[i].append(step.time(warmup=w, **per_round))
@@ -200,7 +205,9 @@ class StepThroughput(pl.Callback):
     That ratio compares two moments of a drifting machine, so the callback also splits every counted step at
     ``on_train_batch_start``: the part before it (fetching and moving the batch, the previous step's hooks,
     logging, progress bar) over the whole step is ``overhead_share``, measured on the same steps and immune to
-    drift. Near 0 the loop runs at the model's speed; a slow data loader shows as a large share.
+    drift. Near 0 the loop runs at the model's speed; a slow data loader shows as a large share. Callbacks that
+    run before this one at batch start (the freezing callback's snapshot) count as between steps; under DDP this
+    is the reporting rank's share (another rank's stall shows inside its step, in the gradient all-reduce).
     """
 
     def __init__(self, device: DeviceInfo | None = None, skip: int = 2) -> None:

@@ -50,13 +50,18 @@ def output_dir(cfg: DictConfig) -> str:
     return out
 
 
-def git_commit() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE_PATHS = ("lrd_exp", "conf", "run.py", "pyproject.toml")
+
+
+def git_commit(root: str | None = None) -> str | None:
+    """HEAD's short hash, '-dirty' when the code that runs (CODE_PATHS) has uncommitted changes."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        # only the code that runs: results/ and docs written between jobs must not mark later rows dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except Exception:
         return None

@@ -363,6 +363,13 @@ def test_compare_interleaves_one_step_per_round_by_default(monkeypatch):
     assert {c[2] for c in calls} == {1}  # one timed step per round
     assert [c[1] for c in calls] == [2] * 4 + [0] * 16  # warm-up once, no untimed step after a switch
     assert len(orig.train.times_s) == 5 and len(orig.infer.times_s) == 5
+    calls.clear()
+    orig, _ = compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, warmup=0, steps=11, rounds=3,
+                      inference=False)
+    assert [c[2] for c in calls] == [4, 4, 4, 4, 3, 3]  # the remainder goes to the first rounds
+    assert len(orig.train.times_s) == 11  # `steps` stays the total
+    with pytest.raises(ValueError, match="rounds"):
+        compare(original, decomposed, [FreezeState(1.0, [], "all")], x, y, steps=4, rounds=0)
 
 
 def test_compare_reports_when_the_machine_changes_speed_between_rounds(monkeypatch, capsys):
