@@ -92,11 +92,14 @@ QUALITY_COLUMNS: list[str] = [
 ]
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
+#: The row contract, in order. Extra keys are allowed and kept after these.
+RESULT_COLUMNS: list[str] = IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + QUALITY_COLUMNS + STATUS_COLUMNS
+
 # Block medians of one fixed step that differ by more than this mean the machine changed speed under the
 # benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.
 UNSTABLE_ROUND_SPREAD = 0.25
 
-#: The row contract, in order. Extra keys are allowed and kept after these.
+
 def unstable_note(row: Mapping[str, Any]) -> str | None:
     """One line for a run's report when the machine changed speed under its benchmark, else None."""
     spread = finite_number(row.get("bench_round_spread"))
@@ -105,8 +108,6 @@ def unstable_note(row: Mapping[str, Any]) -> str | None:
     return (f"timings unstable: the original's step moved {spread:.0%} during the benchmark (the machine "
             "changed speed); re-run on an idle machine or raise bench.steps for firmer speedups.")
 
-
-RESULT_COLUMNS: list[str] = IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + QUALITY_COLUMNS + STATUS_COLUMNS
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -586,18 +587,15 @@ def format_summary(row: Mapping[str, Any]) -> str:
     status = r.get("status") or "-"
     if r.get("error"):
         status += f": {r['error']}"
-    note = unstable_note(r)
     overhead = finite_number(r.get("train_loop_overhead"))
-    if overhead is not None:
-        note = "\n".join(filter(None, [
-            f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
-            "logging)", note]))
+    notes = [f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
+             "logging)" if overhead is not None else None, unstable_note(r)]
     lines = [
         head,
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",
                  disable_numparse=True, colalign=("left", "right", "right", "left")),
         "ratio: size rows original/decomposed (FLOP-predicted speedup); speed rows decomposed/original.",
-        *([note] if note else []),
+        *(n for n in notes if n),
         f"status: {status}" + (f" ({finite_number(r['duration_s']):.0f} s)" if finite_number(r["duration_s"]) is not None else ""),
     ]
     if r.get("output_dir"):
