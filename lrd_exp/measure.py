@@ -24,6 +24,7 @@ from lrd_exp.bench import (
     prepare_train_step,
 )
 from lrd_exp.devices import DeviceInfo, synchronize
+from lrd_exp.fidelity import epoch_medians
 from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
 
 
@@ -256,9 +257,6 @@ class StepThroughput(pl.Callback):
         """Median-based throughput: each epoch's median step time, averaged by the epochs' step counts."""
         if not self.step_times:
             return None
-        per_epoch: dict[int, list[float]] = {}
-        for epoch, dt in zip(self.epochs, self.step_times):
-            per_epoch.setdefault(epoch, []).append(dt)
-        n = len(self.step_times)
-        mean_step = sum(len(ts) * statistics.median(ts) for ts in per_epoch.values()) / n
+        per_epoch = epoch_medians(self.step_times, self.epochs)
+        mean_step = sum(n * median for n, median in per_epoch.values()) / len(self.step_times)
         return statistics.median(self.batch_sizes) / mean_step if mean_step > 0 else None

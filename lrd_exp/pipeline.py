@@ -31,6 +31,7 @@ from lrd_exp.data import build_datamodule
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo, resolve_device, trainer_device_kwargs
 from lrd_exp.distributed import ddp_strategy, warn_parallel_throughput
+from lrd_exp.fidelity import BenchProbe, loop_fidelity
 from lrd_exp.freezing import FreezingCallback
 from lrd_exp.measure import StepThroughput, compare, comparison_fields, schedule_states
 from lrd_exp.module import Classifier, make_optimizer
@@ -320,12 +321,13 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     # 3. fine-tune with the freeze schedule
     freezer = FreezingCallback(cfg.freeze)
     speed = StepThroughput(device)
+    probe = make_probe(cfg, device, dm, speed)
     loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
     history: list[dict[str, Any]] = []
     if t.finetune_epochs > 0:
         module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=t.finetune_optim,
-                     out_dir=out_dir, stage="finetune", callbacks=[freezer, speed], loggers=loggers,
-                     resume=cfg.resume)
+                     out_dir=out_dir, stage="finetune", callbacks=[freezer, speed] + ([probe] if probe else []),
+                     loggers=loggers, resume=cfg.resume)
         curves += [dict(c, stage="finetune") for c in module.curve]
         history = freezer.history
         for p in decomposed.parameters():  # measurement applies each state itself
@@ -345,7 +347,20 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     if speed.images_per_s and row.get("train_ips_decomposed"):
         row["train_ips_fidelity"] = speed.images_per_s / row["train_ips_decomposed"]
     row["train_loop_overhead"] = speed.overhead_share  # same steps as train_ips_logged: drift cannot move it
+    row.update(loop_fidelity(speed, probe))  # the same comparison, paired epoch by epoch: drift cancels
     return row
+
+
+def make_probe(cfg: DictConfig, device: DeviceInfo, dm: Any, loop: StepThroughput | None = None) -> BenchProbe | None:
+    """The benchmark step timed after every fine-tuning epoch, exactly as the loop runs it (batch, precision,
+    layout, optimizer), so ``train_ips_fidelity_paired`` compares the loop with the benchmark seconds apart."""
+    b, t = cfg.bench, cfg.trainer
+    if not b.enabled or b.probe_steps < 1 or t.finetune_epochs < 1:
+        return None
+    x, y = dm.example_batch(t.batch_size)
+    return BenchProbe(x.to(device.torch_device), y.to(device.torch_device), steps=b.probe_steps, warmup=b.warmup,
+                      precision=str(t.precision), channels_last=bool(t.channels_last), device=device,
+                      optimizer_factory=bench_optimizer(cfg), loop=loop)
 
 
 def rank_search_context(cfg: DictConfig, device: DeviceInfo, dm: Any) -> dict[str, Any]:

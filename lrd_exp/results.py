@@ -81,6 +81,8 @@ SPEED_COLUMNS: list[str] = [
     "infer_ips_decomposed_max",
     "train_ips_logged",  # what the Lightning fine-tuning loop achieved (training jobs)
     "train_ips_fidelity",  # logged / benchmark (train_ips_decomposed): 1.0 = no hidden framework bottleneck
+    "train_ips_probe",  # benchmark images/s of the fine-tuned model, timed right after each of the loop's epochs
+    "train_ips_fidelity_paired",  # logged / probe, epoch by epoch: the fidelity with the machine's drift paired out
     "train_loop_overhead",  # share of the loop's step wall time before the step starts (loading, hooks, logging)
     "bench_round_spread",  # (max-min)/median of block medians of the original's training steps: machine drift
 ]
@@ -414,6 +416,7 @@ MARKDOWN_COLUMNS: list[tuple[str, str, str]] = [
     ("flops_speedup_train", "FLOP-pred train", "x"),
     ("flops_speedup_infer", "FLOP-pred infer", "x"),
     ("train_ips_fidelity", "loop / bench", "x"),
+    ("train_ips_fidelity_paired", "loop / probe", "x"),
     ("bench_round_spread", "drift", "share"),
     ("top1_original", "top-1 orig", "pct"),
     ("top1_decomposed", "top-1 dec", "pct"),
@@ -425,6 +428,8 @@ MARKDOWN_LEGEND = (
     "_Legend: ips = images/s (median of timed steps); speedup = decomposed / original images/s (>1 = faster); "
     "FLOP-pred = FLOP-predicted speedup (original / decomposed FLOPs); params ratio = original / decomposed; "
     "loop / bench = images/s of the real fine-tuning loop / benchmark images/s (1.00 = no hidden bottleneck); "
+    "loop / probe = the same, against the benchmark step timed right after each of the loop's epochs (paired in "
+    "time, so the machine's drift cancels); "
     "drift = how much the original's training step moved during the benchmark (max-min of the medians of "
     f"consecutive blocks of steps / their median: the machine's own drift; above {UNSTABLE_ROUND_SPREAD:.0%} the speedups are less certain); "
     "top-1 in %, drop = original - fine-tuned decomposed (points); '-' = not measured._"
@@ -578,6 +583,9 @@ def format_summary(row: Mapping[str, Any]) -> str:
         table.append(["fine-tuning loop images/s", "-", f"{finite_number(r['train_ips_logged']):,.1f}",
                       x(r.get("train_ips_fidelity")) + " of the benchmark"
                       if finite_number(r.get("train_ips_fidelity")) is not None else "-"])
+    if finite_number(r.get("train_ips_probe")) is not None:
+        table.append(["benchmark between epochs", "-", f"{finite_number(r['train_ips_probe']):,.1f}",
+                      x(r.get("train_ips_fidelity_paired")) + " loop / benchmark, paired"])
     ident = ", ".join(
         f"{k}={r[k]}"
         for k in ("model", "dataset", "rank_policy", "rank_ratio", "rank_multiple", "freeze", "device_name")

@@ -69,6 +69,8 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"bench.rounds={cfg.bench.rounds} is not allowed: null (one per step) or an integer >= 1")
     if cfg.bench.switch_warmup < 0:
         raise ConfigError(f"bench.switch_warmup={cfg.bench.switch_warmup} is not allowed: an integer >= 0")
+    if cfg.bench.probe_steps < 0:
+        raise ConfigError(f"bench.probe_steps={cfg.bench.probe_steps} is not allowed: 0 (off) or an integer >= 1")
     if cfg.bench.min_time_s < 0:
         raise ConfigError(f"bench.min_time_s={cfg.bench.min_time_s} is not allowed: seconds >= 0")
     if cfg.bench.steps < 1 or cfg.bench.warmup < 0:

@@ -215,6 +215,7 @@ def test_decompose_model_accepts_composed_rank_node(cfg_factory, overrides, chec
     (["bench.steps=0"], ["bench.steps"]),
     (["bench.rounds=0"], ["bench.rounds", "null", ">= 1"]),
     (["bench.switch_warmup=-1"], ["bench.switch_warmup", ">= 0"]),
+    (["bench.probe_steps=-2"], ["bench.probe_steps", "-2", "0 (off)"]),
     (["model.checkpoint=/nonexistent/ckpt.pt"], ["model.checkpoint"]),
 ])
 def test_validate_rejects_bad_values(cfg_factory, overrides, needles):

@@ -282,3 +282,24 @@ def test_git_commit_is_dirty_only_for_code_changes(tmp_path):
     assert git_commit(str(tmp_path)) == clean  # results do not change what runs
     (tmp_path / "lrd_exp" / "m.py").write_text("x = 2\n")
     assert git_commit(str(tmp_path)) == clean + "-dirty"
+
+
+def test_pipeline_pairs_the_loop_with_the_probe(cfg_factory, tmp_path):
+    """A fine-tuning epoch long enough to measure: the row carries the probe and the paired fidelity."""
+    from lrd_exp import pipeline
+
+    cfg = cfg_factory(SMOKE + FAST_BENCH + ["trainer.baseline_epochs=0", "trainer.finetune_epochs=1",
+                                            "trainer.max_steps=-1", "bench.probe_steps=3", "freeze=none"])
+    pipeline.run(cfg)
+    row = _read(tmp_path / "out" / "result.json")
+    assert row["status"] == "ok", row.get("error")
+    assert row["train_ips_logged"] > 0 and row["train_ips_probe"] > 0
+    assert row["train_ips_fidelity_paired"] == pytest.approx(row["train_ips_logged"] / row["train_ips_probe"],
+                                                             rel=0.05)
+    assert 0.2 < row["train_ips_fidelity_paired"] < 5
+    off = cfg_factory(SMOKE + FAST_BENCH + ["trainer.baseline_epochs=0", "trainer.finetune_epochs=1",
+                                            "trainer.max_steps=-1", "bench.probe_steps=0", "freeze=none",
+                                            f"paths.output_dir={tmp_path / 'off'}"])
+    pipeline.run(off)
+    row = _read(tmp_path / "off" / "result.json")
+    assert row["train_ips_logged"] > 0 and row["train_ips_probe"] is None and row["train_ips_fidelity_paired"] is None

@@ -63,7 +63,8 @@ def test_columns_contract():
     assert cols[-3:] == ["status", "error", "duration_s"]
     for c in ("rank_params", "freeze_params", "overrides", "baseline_cache_hit", "flops_speedup_infer",
               "train_ips_decomposed_max", "top1_drop", "train_flops_decomposed", "variant", "channels_last",
-              "train_ips_logged", "train_ips_fidelity", "train_loop_overhead"):
+              "train_ips_logged", "train_ips_fidelity", "train_loop_overhead", "train_ips_probe",
+              "train_ips_fidelity_paired"):
         assert c in cols
 
 
@@ -253,7 +254,10 @@ def test_format_summary():
     assert "fine-tuning loop" not in text  # a benchmark row has no loop throughput
     looped = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.9))
     assert "fine-tuning loop images/s" in looped and "110.0" in looped and "0.90x of the benchmark" in looped
-    assert "between steps" not in looped
+    assert "between steps" not in looped and "paired" not in looped
+    paired = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.8, train_ips_probe=115.0,
+                                   train_ips_fidelity_paired=110.0 / 115.0))
+    assert "benchmark between epochs" in paired and "115.0" in paired and "0.96x loop / benchmark, paired" in paired
     overhead = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.9, train_loop_overhead=0.04))
     assert "fine-tuning loop: 4% of its wall time was spent between steps" in overhead
     assert "-" in R.format_summary({"status": "failed", "error": "boom"})

@@ -1,0 +1,101 @@
+"""Fidelity of the fine-tuning loop's throughput, paired with the benchmark in time.
+
+``train_ips_fidelity`` divides the loop's images/s by a benchmark run after training, seconds to minutes later;
+on a shared machine whose speed drifts, that ratio carries the drift (0.73-1.32 on the 2-core CPU). The probe
+times the benchmark's own training step right after every fine-tuning epoch, on a copy of the model in that
+epoch's freeze state, at the loop's batch, precision and layout, so each epoch of the loop has a benchmark
+measured within seconds of it and the ratio keeps only what the framework adds (loading, hooks, logging).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lrd_exp.bench import OptimizerFactory, prepare_train_step
+from lrd_exp.devices import DeviceInfo
+
+log = logging.getLogger(__name__)
+
+
+class BenchProbe(pl.Callback):
+    """Times ``steps`` benchmark training steps of the model after every training epoch (one Timing per epoch).
+
+    The copy gets its own optimizer, so the run's weights, optimizer state and BatchNorm statistics are untouched,
+    and the random state is forked, so a run trains identically with or without the probe. Skipped under DDP
+    (each rank would time alone, and a SyncBatchNorm copy would wait for the others). With ``loop`` (the run's
+    :class:`~lrd_exp.measure.StepThroughput`) only the epochs it measured are probed.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, steps: int = 8, warmup: int = 3,
+                 precision: str = "32-true", channels_last: bool = False, device: DeviceInfo | None = None,
+                 optimizer_factory: OptimizerFactory | None = None, loop: Any = None) -> None:
+        super().__init__()
+        if steps < 1 or warmup < 0:
+            raise ValueError(f"probe steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+        self.x, self.y = x, y
+        self.steps, self.warmup = steps, warmup
+        self.precision, self.channels_last = precision, channels_last
+        self.device, self.optimizer_factory = device, optimizer_factory
+        self.epoch_step_s: dict[int, float] = {}  # epoch -> median benchmark step time right after it
+        self.batch_size = int(x.shape[0])
+        self.loop = loop  # a StepThroughput: only the epochs it measured are probed (a smoke run's are too short)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = int(trainer.current_epoch)
+        if trainer.world_size > 1 or trainer.sanity_checking:
+            return
+        if self.loop is not None and epoch not in self.loop.epochs:
+            return
+        model = getattr(pl_module, "model", pl_module)
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            step = prepare_train_step(model, self.x, self.y, optimizer_factory=self.optimizer_factory,
+                                      precision=self.precision, channels_last=self.channels_last,
+                                      device=self.device)
+            timing = step.time(warmup=self.warmup, steps=self.steps)
+            del step
+        self.epoch_step_s[epoch] = timing.median_s
+
+
+def epoch_medians(step_times: list[float], epochs: list[int]) -> dict[int, tuple[int, float]]:
+    """Per epoch of a loop: (number of steps, median step time)."""
+    per_epoch: dict[int, list[float]] = {}
+    for epoch, dt in zip(epochs, step_times):
+        per_epoch.setdefault(epoch, []).append(dt)
+    return {e: (len(ts), statistics.median(ts)) for e, ts in per_epoch.items()}
+
+
+def paired_fidelity(loop: dict[int, tuple[int, float]], loop_batch: float, probe: dict[int, float],
+                    probe_batch: int) -> tuple[float | None, float | None]:
+    """(benchmark images/s, loop / benchmark) over the epochs both measured, weighted like the loop's images/s.
+
+    Each epoch's median step counts as many times as the loop ran steps in it, for both sides, so a schedule's
+    slow early stages weigh the same in the loop and in its probe.
+    """
+    common = [e for e in loop if e in probe]
+    if not common or loop_batch <= 0:
+        return None, None
+    n = sum(loop[e][0] for e in common)
+    loop_step = sum(loop[e][0] * loop[e][1] for e in common) / n
+    probe_step = sum(loop[e][0] * probe[e] for e in common) / n
+    if loop_step <= 0 or probe_step <= 0:
+        return None, None
+    probe_ips = probe_batch / probe_step
+    return probe_ips, (loop_batch / loop_step) / probe_ips
+
+
+def loop_fidelity(speed: Any, probe: BenchProbe | None) -> dict[str, Any]:
+    """Result-row fields of the paired measurement (empty when the probe did not run)."""
+    if probe is None or not probe.epoch_step_s or not speed.step_times:
+        return {}
+    loop = epoch_medians(speed.step_times, speed.epochs)
+    probe_ips, ratio = paired_fidelity(loop, statistics.median(speed.batch_sizes), probe.epoch_step_s,
+                                       probe.batch_size)
+    if ratio is None:
+        return {}
+    return {"train_ips_probe": probe_ips, "train_ips_fidelity_paired": ratio}

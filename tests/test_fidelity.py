@@ -1,0 +1,128 @@
+"""The benchmark probe between epochs: a paired, drift-free loop / benchmark ratio that leaves training alone."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lrd_exp.fidelity import BenchProbe, epoch_medians, loop_fidelity, paired_fidelity
+from lrd_exp.measure import StepThroughput
+from lrd_exp.module import Classifier
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_paired_fidelity_weights_each_epoch_like_the_loop():
+    loop = {0: (10, 0.10), 1: (30, 0.05)}  # 10 steps of 100 ms, then 30 of 50 ms
+    probe = {0: 0.09, 1: 0.04, 7: 0.001}  # epoch 7 has no loop steps: ignored
+    probe_ips, ratio = paired_fidelity(loop, 64, probe, 64)
+    loop_step = (10 * 0.10 + 30 * 0.05) / 40
+    probe_step = (10 * 0.09 + 30 * 0.04) / 40
+    assert probe_ips == pytest.approx(64 / probe_step)
+    assert ratio == pytest.approx(probe_step / loop_step)
+    assert paired_fidelity(loop, 64, {5: 0.1}, 64) == (None, None)
+    assert paired_fidelity({}, 64, probe, 64) == (None, None)
+
+
+def test_epoch_medians_and_empty_probe():
+    assert epoch_medians([0.1, 5.0, 0.1, 0.2, 0.2], [0, 0, 0, 1, 1]) == {0: (3, 0.1), 1: (2, 0.2)}
+    speed = StepThroughput()
+    assert loop_fidelity(speed, None) == {}
+    with pytest.raises(ValueError, match="steps"):
+        BenchProbe(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), steps=0)
+
+
+class _Data(Dataset):
+    def __init__(self, delay: float = 0.0) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(48, 3, 8, 8, generator=g), torch.randint(0, 3, (48,), generator=g)
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if self.delay:
+            time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+def _net() -> nn.Module:
+    # dropout and a shuffled loader: any random number the probe drew would change the training
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def _fit(probe_steps: int, *, delay: float = 0.0, frozen: bool = False):
+    pl.seed_everything(0, verbose=False)
+    model = _net()
+    if frozen:
+        model[0].weight.requires_grad_(False)
+    module = Classifier(model, num_classes=3, optim={"name": "sgd", "lr": 0.1, "scheduler": "none"})
+    speed = StepThroughput(skip=1)
+    callbacks: list[pl.Callback] = [speed]
+    probe = None
+    if probe_steps:
+        x, y = _Data().x[:8], _Data().y[:8]
+        probe = BenchProbe(x, y, steps=probe_steps, warmup=1, loop=speed)
+        callbacks.append(probe)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         limit_val_batches=0)
+    trainer.fit(module, DataLoader(_Data(delay), batch_size=8, shuffle=True))
+    return model, speed, probe
+
+
+def test_probe_times_every_epoch_and_leaves_training_bit_identical(monkeypatch):
+    import lrd_exp.fidelity as F
+
+    seen = []
+    real = F.prepare_train_step
+
+    def spy(model, *a, **k):
+        seen.append(model[0].weight.requires_grad)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(F, "prepare_train_step", spy)
+    plain, _, _ = _fit(0)
+    probed, speed, probe = _fit(3, frozen=False)
+    assert sorted(probe.epoch_step_s) == [0, 1] and all(t > 0 for t in probe.epoch_step_s.values())
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} changed when the probe ran"
+    fields = loop_fidelity(speed, probe)
+    assert fields["train_ips_probe"] > 0 and 0 < fields["train_ips_fidelity_paired"] < 10
+    # the probe times the model as it is: a frozen parameter is timed frozen
+    assert seen == [True, True]
+    _fit(3, frozen=True)
+    assert seen[2:] == [False, False]
+
+
+def test_probe_skips_epochs_the_loop_did_not_measure():
+    speed = StepThroughput()
+    probe = BenchProbe(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), steps=1, warmup=0, loop=speed)
+
+    class _T:
+        current_epoch, world_size, sanity_checking = 0, 1, False
+
+    probe.on_train_epoch_end(_T(), Classifier(_net(), num_classes=3))
+    assert probe.epoch_step_s == {}
+    speed.epochs = [0]
+    probe.on_train_epoch_end(_T(), Classifier(_net(), num_classes=3))
+    assert list(probe.epoch_step_s) == [0]
+    _T.world_size = 2  # DDP: each rank would time alone
+    _T.current_epoch = 1
+    speed.epochs = [0, 1]
+    probe.on_train_epoch_end(_T(), Classifier(_net(), num_classes=3))
+    assert list(probe.epoch_step_s) == [0]
+
+
+def test_paired_fidelity_exposes_a_slow_data_loader():
+    """A loader that sleeps 10 ms per sample (80 ms per batch) against a step of a few ms: far below 1."""
+    _, speed, probe = _fit(4, delay=0.01)
+    ratio = loop_fidelity(speed, probe)["train_ips_fidelity_paired"]
+    assert ratio < 0.5
