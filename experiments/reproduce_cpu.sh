@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Regenerates everything under results/ that this CPU can produce (about 30 min on 2 cores).
+# Regenerates everything under results/ that this CPU can produce (about 40 min on 2 cores).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
-#   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence bench resnet50 figures
+#   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence bench resnet50 fidelity figures
 # (bench: three default benchmark invocations + 60 s of machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence bench resnet50 figures)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence bench resnet50 fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 
 provenance() {  # provenance DIR COMMAND...
@@ -64,6 +64,9 @@ for step in "${steps[@]}"; do
       $PY -c "import sys; from lrd_exp.results import collect_rows, write_tables; write_tables(collect_rows(sys.argv[1]), sys.argv[2])" "$RUNS/bench_resnet50" "$dest/resnet50"
       cp "$RUNS/bench_resnet50/freeze_stages.csv" "$dest/resnet50/"
       find "$RUNS/bench_resnet50" -name rank_timings.csv -exec cp {} "$dest/resnet50/rank_timings.csv" \; ;;
+    fidelity)  # the default training job 4 x, with and without the progress bar: loop vs benchmark, paired
+      $PY experiments/fidelity_study.py --runs 4 --out results/fidelity_cpu/fidelity.md --setting default= \
+        --setting no-progress-bar=trainer.enable_progress_bar=false ;;
     figures)
       cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/benchmark_cpu/resnet50/results.csv
            "$RUNS/digits_convergence" results/benchmark_cpu/resnet50/rank_timings.csv)

@@ -2,9 +2,9 @@
 
 ``train_ips_fidelity`` divides the loop's images/s by a benchmark run after training, seconds to minutes later;
 on a shared machine whose speed drifts, that ratio carries the drift (0.73-1.32 on the 2-core CPU). The probe
-times the benchmark's own training step right after every fine-tuning epoch, on a copy of the model in that
+times the benchmark's own training step at both ends of every fine-tuning epoch, on a copy of the model in that
 epoch's freeze state, at the loop's batch, precision and layout, so each epoch of the loop has a benchmark
-measured within seconds of it and the ratio keeps only what the framework adds (loading, hooks, logging).
+measured around it and the ratio keeps only what the framework adds (loading, hooks, logging).
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class BenchProbe(pl.Callback):
-    """Times ``steps`` benchmark training steps of the model after every training epoch (one Timing per epoch).
+    """Times the benchmark's training step on a copy of the model around every training epoch.
 
-    The copy gets its own optimizer, so the run's weights, optimizer state and BatchNorm statistics are untouched,
-    and the random state is forked, so a run trains identically with or without the probe. Skipped under DDP
-    (each rank would time alone, and a SyncBatchNorm copy would wait for the others). With ``loop`` (the run's
-    :class:`~lrd_exp.measure.StepThroughput`) only the epochs it measured are probed.
+    With ``loop`` (the run's :class:`~lrd_exp.measure.StepThroughput`) that skips at least two steps per epoch,
+    half of ``steps`` run right after the epoch's first step (inside the loop's untimed warm-up, in the epoch's
+    freeze state) and half at its end; their mean brackets the epoch, so a drift that is linear over it cancels.
+    Otherwise all of them run at the end. Only the epochs the loop measured are probed (a smoke run's are too
+    short). The copy gets its own optimizer, so the run's weights, optimizer state and BatchNorm statistics are
+    untouched, and the random state is forked, so a run trains identically with or without the probe. Skipped
+    under DDP (each rank would time alone, and a SyncBatchNorm copy would wait for the others).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, steps: int = 8, warmup: int = 3,
@@ -41,25 +44,42 @@ class BenchProbe(pl.Callback):
         self.steps, self.warmup = steps, warmup
         self.precision, self.channels_last = precision, channels_last
         self.device, self.optimizer_factory = device, optimizer_factory
-        self.epoch_step_s: dict[int, float] = {}  # epoch -> median benchmark step time right after it
         self.batch_size = int(x.shape[0])
-        self.loop = loop  # a StepThroughput: only the epochs it measured are probed (a smoke run's are too short)
+        self.loop = loop
+        self.bracket = loop is not None and getattr(loop, "skip", 0) >= 2 and steps >= 2
+        self.epoch_step_s: dict[int, float] = {}  # epoch -> the probe's step time for it (mean of both ends)
+        self.start_step_s: dict[int, float] = {}  # epoch -> median right after its first step (bracket only)
+        self.end_step_s: dict[int, float] = {}  # epoch -> median at its end
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = int(trainer.current_epoch)
-        if trainer.world_size > 1 or trainer.sanity_checking:
-            return
-        if self.loop is not None and epoch not in self.loop.epochs:
-            return
+    def _time(self, pl_module: pl.LightningModule, steps: int) -> float:
         model = getattr(pl_module, "model", pl_module)
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
             step = prepare_train_step(model, self.x, self.y, optimizer_factory=self.optimizer_factory,
                                       precision=self.precision, channels_last=self.channels_last,
                                       device=self.device)
-            timing = step.time(warmup=self.warmup, steps=self.steps)
-            del step
-        self.epoch_step_s[epoch] = timing.median_s
+            return step.time(warmup=self.warmup, steps=steps).median_s
+
+    def _off(self, trainer: pl.Trainer) -> bool:
+        return trainer.world_size > 1 or trainer.sanity_checking
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.bracket or batch_idx != 0 or self._off(trainer):
+            return
+        n = trainer.num_training_batches
+        if isinstance(n, (int, float)) and n <= self.loop.skip + 1:  # the loop will not measure this epoch
+            return
+        self.start_step_s[int(trainer.current_epoch)] = self._time(pl_module, self.steps // 2)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = int(trainer.current_epoch)
+        if self._off(trainer) or (self.loop is not None and epoch not in self.loop.epochs):
+            return
+        start = self.start_step_s.get(epoch)
+        end = self._time(pl_module, self.steps - self.steps // 2 if start is not None else self.steps)
+        self.end_step_s[epoch] = end
+        self.epoch_step_s[epoch] = end if start is None else (start + end) / 2
 
 
 def epoch_medians(step_times: list[float], epochs: list[int]) -> dict[int, tuple[int, float]]:
@@ -87,6 +107,17 @@ def paired_fidelity(loop: dict[int, tuple[int, float]], loop_batch: float, probe
         return None, None
     probe_ips = probe_batch / probe_step
     return probe_ips, (loop_batch / loop_step) / probe_ips
+
+
+def fidelity_epochs(speed: Any, probe: BenchProbe | None) -> list[dict[str, Any]]:
+    """Per epoch: the loop's steps and median step time beside the probe's (``fidelity.csv`` of a run)."""
+    if probe is None or not speed.step_times:
+        return []
+    loop = epoch_medians(speed.step_times, speed.epochs)
+    return [{"epoch": e, "loop_steps": n, "loop_step_s": med, "probe_start_step_s": probe.start_step_s.get(e),
+             "probe_end_step_s": probe.end_step_s.get(e), "probe_step_s": probe.epoch_step_s.get(e),
+             "loop_over_probe": probe.epoch_step_s[e] / med if e in probe.epoch_step_s and med > 0 else None}
+            for e, (n, med) in sorted(loop.items())]
 
 
 def loop_fidelity(speed: Any, probe: BenchProbe | None) -> dict[str, Any]:

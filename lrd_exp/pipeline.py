@@ -31,7 +31,7 @@ from lrd_exp.data import build_datamodule
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo, resolve_device, trainer_device_kwargs
 from lrd_exp.distributed import ddp_strategy, warn_parallel_throughput
-from lrd_exp.fidelity import BenchProbe, loop_fidelity
+from lrd_exp.fidelity import BenchProbe, fidelity_epochs, loop_fidelity
 from lrd_exp.freezing import FreezingCallback
 from lrd_exp.measure import StepThroughput, compare, comparison_fields, schedule_states
 from lrd_exp.module import Classifier, make_optimizer
@@ -348,6 +348,11 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
         row["train_ips_fidelity"] = speed.images_per_s / row["train_ips_decomposed"]
     row["train_loop_overhead"] = speed.overhead_share  # same steps as train_ips_logged: drift cannot move it
     row.update(loop_fidelity(speed, probe))  # the same comparison, paired epoch by epoch: drift cancels
+    per_epoch = fidelity_epochs(speed, probe)
+    if per_epoch:
+        import pandas as pd
+
+        results.write_text_atomic(os.path.join(out_dir, "fidelity.csv"), pd.DataFrame(per_epoch).to_csv(index=False))
     return row
 
 

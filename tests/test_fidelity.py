@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lrd_exp.fidelity import BenchProbe, epoch_medians, loop_fidelity, paired_fidelity
+from lrd_exp.fidelity import BenchProbe, epoch_medians, fidelity_epochs, loop_fidelity, paired_fidelity
 from lrd_exp.measure import StepThroughput
 from lrd_exp.module import Classifier
 
@@ -58,13 +58,13 @@ def _net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
-def _fit(probe_steps: int, *, delay: float = 0.0, frozen: bool = False):
+def _fit(probe_steps: int, *, delay: float = 0.0, frozen: bool = False, skip: int = 2):
     pl.seed_everything(0, verbose=False)
     model = _net()
     if frozen:
         model[0].weight.requires_grad_(False)
     module = Classifier(model, num_classes=3, optim={"name": "sgd", "lr": 0.1, "scheduler": "none"})
-    speed = StepThroughput(skip=1)
+    speed = StepThroughput(skip=skip)
     callbacks: list[pl.Callback] = [speed]
     probe = None
     if probe_steps:
@@ -90,16 +90,32 @@ def test_probe_times_every_epoch_and_leaves_training_bit_identical(monkeypatch):
 
     monkeypatch.setattr(F, "prepare_train_step", spy)
     plain, _, _ = _fit(0)
-    probed, speed, probe = _fit(3, frozen=False)
-    assert sorted(probe.epoch_step_s) == [0, 1] and all(t > 0 for t in probe.epoch_step_s.values())
+    probed, speed, probe = _fit(4, frozen=False)
+    # bracketed: after each epoch's first step and at its end, their mean for the epoch
+    assert probe.bracket and sorted(probe.start_step_s) == sorted(probe.end_step_s) == [0, 1]
+    for e in (0, 1):
+        assert probe.epoch_step_s[e] == pytest.approx((probe.start_step_s[e] + probe.end_step_s[e]) / 2)
     for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
         assert torch.equal(a, b), f"{name} changed when the probe ran"
     fields = loop_fidelity(speed, probe)
     assert fields["train_ips_probe"] > 0 and 0 < fields["train_ips_fidelity_paired"] < 10
+    table = fidelity_epochs(speed, probe)
+    assert [r["epoch"] for r in table] == [0, 1] and all(r["loop_over_probe"] > 0 for r in table)
     # the probe times the model as it is: a frozen parameter is timed frozen
-    assert seen == [True, True]
-    _fit(3, frozen=True)
-    assert seen[2:] == [False, False]
+    assert seen == [True] * 4
+    _fit(4, frozen=True)
+    assert seen[4:] == [False] * 4
+    # a loop that times its second step cannot host the first half: everything at the epoch's end
+    _, _, late = _fit(4, skip=1)
+    assert not late.bracket and late.start_step_s == {} and sorted(late.end_step_s) == [0, 1]
+
+
+def test_the_bracket_stays_out_of_the_loops_timed_steps(monkeypatch):
+    """A probe that takes 0.3 s must not show in any step the loop times (all of them take milliseconds)."""
+    monkeypatch.setattr(BenchProbe, "_time", lambda self, module, steps: time.sleep(0.3) or 0.01)
+    _, speed, probe = _fit(4)
+    assert sorted(probe.start_step_s) == [0, 1] and speed.step_times
+    assert max(speed.step_times) < 0.3
 
 
 def test_probe_skips_epochs_the_loop_did_not_measure():

@@ -297,6 +297,8 @@ def test_pipeline_pairs_the_loop_with_the_probe(cfg_factory, tmp_path):
     assert row["train_ips_fidelity_paired"] == pytest.approx(row["train_ips_logged"] / row["train_ips_probe"],
                                                              rel=0.05)
     assert 0.2 < row["train_ips_fidelity_paired"] < 5
+    per_epoch = pd.read_csv(tmp_path / "out" / "fidelity.csv")
+    assert list(per_epoch.epoch) == [0] and per_epoch.probe_start_step_s.notna().all()
     off = cfg_factory(SMOKE + FAST_BENCH + ["trainer.baseline_epochs=0", "trainer.finetune_epochs=1",
                                             "trainer.max_steps=-1", "bench.probe_steps=0", "freeze=none",
                                             f"paths.output_dir={tmp_path / 'off'}"])
