@@ -2,8 +2,8 @@
 
 Each run is ``python run.py`` (the default training job; the baseline comes from the cache after the first run)
 with a setting's overrides. Per run it reports the loop's images/s, the after-training benchmark and the
-loop / bench ratio (``train_ips_fidelity``: two moments of a drifting machine), the benchmark step timed right
-after each epoch and the paired ratio (``train_ips_fidelity_paired``), and the share of the loop's wall time
+loop / bench ratio (``train_ips_fidelity``: two moments of a drifting machine), the benchmark step timed around
+each epoch and the paired ratio (``train_ips_fidelity_paired``), and the share of the loop's wall time
 between steps. Writes a Markdown table with provenance.
 
     python experiments/fidelity_study.py --runs 3 --out results/fidelity_cpu/fidelity.md \\
@@ -80,7 +80,7 @@ def main() -> None:
         "- settings: " + "; ".join(f"{n}: `{' '.join(o) or '(defaults)'}`" for n, o in settings),
         "",
         "loop = the Lightning fine-tuning loop's images/s (per-epoch median steps); bench = the side-by-side "
-        "benchmark after training; probe = the benchmark step timed right after each epoch (paired with it); "
+        "benchmark after training; probe = the benchmark step timed around each epoch (paired with it); "
         "between steps = share of the loop's wall time outside the step; drift = the original's drift during the "
         "benchmark.",
         "",

@@ -205,7 +205,7 @@ class BenchConfig:
     channels_last: bool | None = None  # None: trainer.channels_last (the layout the training loop uses)
     compile: bool = False
     precision: str | None = None  # None: trainer.precision
-    probe_steps: int = 8  # timed benchmark steps after every fine-tuning epoch (paired fidelity); 0: off
+    probe_steps: int = 8  # benchmark steps timed around every fine-tuning epoch (paired fidelity); 0: off
     variants: list[dict[str, Any]] = field(default_factory=list)  # benchmark task: extra rank/freeze overrides
 
 

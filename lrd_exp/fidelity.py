@@ -9,7 +9,6 @@ measured around it and the ratio keeps only what the framework adds (loading, ho
 
 from __future__ import annotations
 
-import logging
 import statistics
 from typing import Any
 
@@ -18,8 +17,6 @@ import torch
 
 from lrd_exp.bench import OptimizerFactory, prepare_train_step
 from lrd_exp.devices import DeviceInfo
-
-log = logging.getLogger(__name__)
 
 
 class BenchProbe(pl.Callback):

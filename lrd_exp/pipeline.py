@@ -357,7 +357,7 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
 
 
 def make_probe(cfg: DictConfig, device: DeviceInfo, dm: Any, loop: StepThroughput | None = None) -> BenchProbe | None:
-    """The benchmark step timed after every fine-tuning epoch, exactly as the loop runs it (batch, precision,
+    """The benchmark step timed around every fine-tuning epoch, exactly as the loop runs it (batch, precision,
     layout, optimizer), so ``train_ips_fidelity_paired`` compares the loop with the benchmark seconds apart."""
     b, t = cfg.bench, cfg.trainer
     if not b.enabled or b.probe_steps < 1 or t.finetune_epochs < 1:

@@ -81,7 +81,7 @@ SPEED_COLUMNS: list[str] = [
     "infer_ips_decomposed_max",
     "train_ips_logged",  # what the Lightning fine-tuning loop achieved (training jobs)
     "train_ips_fidelity",  # logged / benchmark (train_ips_decomposed): 1.0 = no hidden framework bottleneck
-    "train_ips_probe",  # benchmark images/s of the fine-tuned model, timed right after each of the loop's epochs
+    "train_ips_probe",  # benchmark images/s at the loop's batch, timed around each of its epochs (bench.probe_steps)
     "train_ips_fidelity_paired",  # logged / probe, epoch by epoch: the fidelity with the machine's drift paired out
     "train_loop_overhead",  # share of the loop's step wall time before the step starts (loading, hooks, logging)
     "bench_round_spread",  # (max-min)/median of block medians of the original's training steps: machine drift
@@ -428,7 +428,7 @@ MARKDOWN_LEGEND = (
     "_Legend: ips = images/s (median of timed steps); speedup = decomposed / original images/s (>1 = faster); "
     "FLOP-pred = FLOP-predicted speedup (original / decomposed FLOPs); params ratio = original / decomposed; "
     "loop / bench = images/s of the real fine-tuning loop / benchmark images/s (1.00 = no hidden bottleneck); "
-    "loop / probe = the same, against the benchmark step timed right after each of the loop's epochs (paired in "
+    "loop / probe = the same, against the benchmark step timed around each of the loop's epochs (paired in "
     "time, so the machine's drift cancels); "
     "drift = how much the original's training step moved during the benchmark (max-min of the medians of "
     f"consecutive blocks of steps / their median: the machine's own drift; above {UNSTABLE_ROUND_SPREAD:.0%} the speedups are less certain); "
