@@ -9,6 +9,7 @@ measured around it and the ratio keeps only what the framework adds (loading, ho
 
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 from lrd_exp.bench import OptimizerFactory, prepare_train_step
 from lrd_exp.devices import DeviceInfo
 
+log = logging.getLogger("lrd_exp")
+
 
 class BenchProbe(pl.Callback):
     """Times the benchmark's training step on a copy of the model around every training epoch.
@@ -25,7 +28,8 @@ class BenchProbe(pl.Callback):
     With ``loop`` (the run's :class:`~lrd_exp.measure.StepThroughput`) that skips at least two steps per epoch,
     half of ``steps`` run right after the epoch's first step (inside the loop's untimed warm-up, in the epoch's
     freeze state) and half at its end; their mean brackets the epoch, so a drift that is linear over it cancels.
-    Otherwise all of them run at the end. Only the epochs the loop measured are probed (a smoke run's are too
+    Otherwise all of them run at the end. (With ``freeze.unit=step`` the state can change inside an epoch; the
+    probe times the states at its two ends.) Only the epochs the loop measured are probed (a smoke run's are too
     short). The copy gets its own optimizer, so the run's weights, optimizer state and BatchNorm statistics are
     untouched, and the random state is forked, so a run trains identically with or without the probe. Skipped
     under DDP (each rank would time alone, and a SyncBatchNorm copy would wait for the others).
@@ -47,27 +51,46 @@ class BenchProbe(pl.Callback):
         self.epoch_step_s: dict[int, float] = {}  # epoch -> the probe's step time for it (mean of both ends)
         self.start_step_s: dict[int, float] = {}  # epoch -> median right after its first step (bracket only)
         self.end_step_s: dict[int, float] = {}  # epoch -> median at its end
+        self.failed = False
 
-    def _time(self, pl_module: pl.LightningModule, steps: int) -> float:
+    def _rng_devices(self, pl_module: pl.LightningModule) -> tuple[list[int], str | None]:
+        """The accelerator whose random state the copy's dropout would draw from (forked with the CPU's)."""
+        dev = self.device.torch_device if self.device is not None else pl_module.device
+        if dev.type in ("cuda", "npu"):
+            return [dev.index if dev.index is not None else 0], dev.type
+        return [], None
+
+    def _time(self, pl_module: pl.LightningModule, steps: int) -> float | None:
+        """Median step time of a fresh copy; None (and no more probing) when it fails, e.g. out of memory: a
+        diagnostic must not end a long run."""
         model = getattr(pl_module, "model", pl_module)
-        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda):
-            step = prepare_train_step(model, self.x, self.y, optimizer_factory=self.optimizer_factory,
-                                      precision=self.precision, channels_last=self.channels_last,
-                                      device=self.device)
-            return step.time(warmup=self.warmup, steps=steps).median_s
+        devices, device_type = self._rng_devices(pl_module)
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=device_type or "cuda"):
+                step = prepare_train_step(model, self.x, self.y, optimizer_factory=self.optimizer_factory,
+                                          precision=self.precision, channels_last=self.channels_last,
+                                          device=self.device)
+                return step.time(warmup=self.warmup, steps=steps).median_s
+        except Exception as exc:  # reported, then the run goes on without the probe
+            log.warning("fidelity probe disabled: timing a copy of the model failed (%s: %s); "
+                        "train_ips_fidelity_paired stays empty (bench.probe_steps=0 turns it off)",
+                        type(exc).__name__, exc)
+            self.failed = True
+            return None
 
     def _off(self, trainer: pl.Trainer) -> bool:
-        return trainer.world_size > 1 or trainer.sanity_checking
+        return self.failed or trainer.world_size > 1 or trainer.sanity_checking
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self.bracket or batch_idx != 0 or self._off(trainer):
             return
         n = trainer.num_training_batches
-        if isinstance(n, (int, float)) and n <= self.loop.skip + 1:  # the loop will not measure this epoch
+        if isinstance(n, (int, float)) and n <= self.loop.skip:  # the loop will not time a step of this epoch
             return
-        self.start_step_s[int(trainer.current_epoch)] = self._time(pl_module, self.steps // 2)
+        start = self._time(pl_module, self.steps // 2)
+        if start is not None:
+            self.start_step_s[int(trainer.current_epoch)] = start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = int(trainer.current_epoch)
@@ -75,6 +98,8 @@ class BenchProbe(pl.Callback):
             return
         start = self.start_step_s.get(epoch)
         end = self._time(pl_module, self.steps - self.steps // 2 if start is not None else self.steps)
+        if end is None:
+            return
         self.end_step_s[epoch] = end
         self.epoch_step_s[epoch] = end if start is None else (start + end) / 2
 

@@ -30,7 +30,7 @@ from lrd_exp.config import enum_value as _v
 from lrd_exp.data import build_datamodule
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo, resolve_device, trainer_device_kwargs
-from lrd_exp.distributed import ddp_strategy, warn_parallel_throughput
+from lrd_exp.distributed import count_devices, ddp_strategy, warn_parallel_throughput
 from lrd_exp.fidelity import BenchProbe, fidelity_epochs, loop_fidelity
 from lrd_exp.freezing import FreezingCallback
 from lrd_exp.measure import StepThroughput, compare, comparison_fields, schedule_states
@@ -362,8 +362,10 @@ def make_probe(cfg: DictConfig, device: DeviceInfo, dm: Any, loop: StepThroughpu
     b, t = cfg.bench, cfg.trainer
     if not b.enabled or b.probe_steps < 1 or t.finetune_epochs < 1:
         return None
-    x, y = dm.example_batch(t.batch_size)
-    return BenchProbe(x.to(device.torch_device), y.to(device.torch_device), steps=b.probe_steps, warmup=b.warmup,
+    if count_devices(device.accelerator, cfg.device.devices) * max(int(cfg.device.num_nodes), 1) > 1:
+        return None  # DDP: each rank would time alone (the callback would skip it anyway; nothing to pickle)
+    x, y = dm.example_batch(t.batch_size)  # kept on the CPU: each probe moves its own copy to the device
+    return BenchProbe(x, y, steps=b.probe_steps, warmup=b.warmup,
                       precision=str(t.precision), channels_last=bool(t.channels_last), device=device,
                       optimizer_factory=bench_optimizer(cfg), loop=loop)
 

@@ -142,3 +142,20 @@ def test_paired_fidelity_exposes_a_slow_data_loader():
     _, speed, probe = _fit(4, delay=0.01)
     ratio = loop_fidelity(speed, probe)["train_ips_fidelity_paired"]
     assert ratio < 0.5
+
+
+def test_a_failing_probe_is_reported_and_the_run_goes_on(monkeypatch, caplog):
+    """Out of memory while timing the copy: one warning, no paired fields, the training itself completes."""
+    import lrd_exp.fidelity as F
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(F, "prepare_train_step", boom)
+    plain, _, _ = _fit(0)
+    with caplog.at_level("WARNING", logger="lrd_exp"):
+        model, speed, probe = _fit(4)
+    assert probe.failed and probe.epoch_step_s == {} and loop_fidelity(speed, probe) == {}
+    assert sum("fidelity probe disabled" in r.getMessage() for r in caplog.records) == 1
+    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
