@@ -58,9 +58,13 @@ def _net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
-def _fit(probe_steps: int, *, delay: float = 0.0, frozen: bool = False, skip: int = 2):
+def _mlp() -> nn.Module:  # no pooling: its CUDA backward is not deterministic
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+
+
+def _fit(probe_steps: int, *, delay: float = 0.0, frozen: bool = False, skip: int = 2, device=None, net=_net):
     pl.seed_everything(0, verbose=False)
-    model = _net()
+    model = net()
     if frozen:
         model[0].weight.requires_grad_(False)
     module = Classifier(model, num_classes=3, optim={"name": "sgd", "lr": 0.1, "scheduler": "none"})
@@ -69,9 +73,11 @@ def _fit(probe_steps: int, *, delay: float = 0.0, frozen: bool = False, skip: in
     probe = None
     if probe_steps:
         x, y = _Data().x[:8], _Data().y[:8]
-        probe = BenchProbe(x, y, steps=probe_steps, warmup=1, loop=speed)
+        probe = BenchProbe(x, y, steps=probe_steps, warmup=1, loop=speed, device=device)
         callbacks.append(probe)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=2, accelerator=device.accelerator if device else "cpu", devices=1,
+                         deterministic="warn" if device is not None else None, logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          limit_val_batches=0)
     trainer.fit(module, DataLoader(_Data(delay), batch_size=8, shuffle=True))
@@ -159,3 +165,18 @@ def test_a_failing_probe_is_reported_and_the_run_goes_on(monkeypatch, caplog):
     assert sum("fidelity probe disabled" in r.getMessage() for r in caplog.records) == 1
     for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_probe_on_cuda_forks_the_gpu_random_state():
+    """On a GPU, dropout draws from the CUDA generator: the probe must not consume it."""
+    from lrd_exp.devices import resolve_device
+
+    cuda = resolve_device("cuda")
+    plain, _, _ = _fit(0, device=cuda, net=_mlp)
+    probed, speed, probe = _fit(4, device=cuda, net=_mlp)
+    assert sorted(probe.epoch_step_s) == [0, 1] and not probe.failed
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu()), f"{name} changed when the probe ran"
+    assert loop_fidelity(speed, probe)["train_ips_fidelity_paired"] > 0
