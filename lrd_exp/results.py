@@ -111,6 +111,16 @@ def unstable_note(row: Mapping[str, Any]) -> str | None:
             "changed speed); re-run on an idle machine or raise bench.steps for firmer speedups.")
 
 
+def drift_fidelity_note(row: Mapping[str, Any]) -> str | None:
+    """One line when the loop / benchmark ratio and its time-paired version disagree by more than 10 %: the gap
+    is the machine changing speed between fine-tuning and the benchmark, not the framework."""
+    apart, paired = finite_number(row.get("train_ips_fidelity")), finite_number(row.get("train_ips_fidelity_paired"))
+    if apart is None or paired is None or paired <= 0 or abs(apart / paired - 1) <= 0.10:
+        return None
+    return (f"loop vs benchmark: {apart:.2f}x against the benchmark after training but {paired:.2f}x paired epoch by "
+            "epoch; the difference is the machine's speed changing in between, not the framework.")
+
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_RUNNING = "running"
@@ -597,7 +607,7 @@ def format_summary(row: Mapping[str, Any]) -> str:
         status += f": {r['error']}"
     overhead = finite_number(r.get("train_loop_overhead"))
     notes = [f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
-             "logging)" if overhead is not None else None, unstable_note(r)]
+             "logging)" if overhead is not None else None, drift_fidelity_note(r), unstable_note(r)]
     lines = [
         head,
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",

@@ -258,6 +258,10 @@ def test_format_summary():
     paired = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.8, train_ips_probe=115.0,
                                    train_ips_fidelity_paired=110.0 / 115.0))
     assert "benchmark between epochs" in paired and "115.0" in paired and "0.96x loop / benchmark, paired" in paired
+    assert "0.80x against the benchmark after training but 0.96x paired" in paired  # the drift is named
+    agree = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.92, train_ips_probe=115.0,
+                                  train_ips_fidelity_paired=0.96))
+    assert "after training but" not in agree
     overhead = R.format_summary(_row(2, train_ips_logged=110.0, train_ips_fidelity=0.9, train_loop_overhead=0.04))
     assert "fine-tuning loop: 4% of its wall time was spent between steps" in overhead
     assert "-" in R.format_summary({"status": "failed", "error": "boom"})
