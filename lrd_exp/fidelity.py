@@ -48,10 +48,15 @@ class BenchProbe(pl.Callback):
         self.batch_size = int(x.shape[0])
         self.loop = loop
         self.bracket = loop is not None and getattr(loop, "skip", 0) >= 2 and steps >= 2
-        self.epoch_step_s: dict[int, float] = {}  # epoch -> the probe's step time for it (mean of both ends)
         self.start_step_s: dict[int, float] = {}  # epoch -> median right after its first step (bracket only)
         self.end_step_s: dict[int, float] = {}  # epoch -> median at its end
         self.failed = False
+
+    @property
+    def epoch_step_s(self) -> dict[int, float]:
+        """Epoch -> the probe's step time for it: the mean of both ends when bracketed, else the end."""
+        return {e: (self.start_step_s[e] + end) / 2 if e in self.start_step_s else end
+                for e, end in self.end_step_s.items()}
 
     def _rng_devices(self, pl_module: pl.LightningModule) -> tuple[list[int], str | None]:
         """The accelerator whose random state the copy's dropout would draw from (forked with the CPU's)."""
@@ -101,7 +106,6 @@ class BenchProbe(pl.Callback):
         if end is None:
             return
         self.end_step_s[epoch] = end
-        self.epoch_step_s[epoch] = end if start is None else (start + end) / 2
 
 
 def epoch_medians(step_times: list[float], epochs: list[int]) -> dict[int, tuple[int, float]]:
