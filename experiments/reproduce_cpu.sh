@@ -55,7 +55,7 @@ for step in "${steps[@]}"; do
       dest=results/benchmark_cpu
       cmd=("$PY" run.py task=benchmark logger=csv model=resnet50 dataset=synthetic dataset.image_size=128
            dataset.num_classes=1000 bench.batch_size=16 trainer.channels_last=true rank.policy=quantized freeze=sequential
-           "bench.variants=[{label: quantized+sequential-size-all, freeze: {importance: size, final_fraction: 1.0}}, {label: quantized-m16+sequential, rank: {multiple: 16}}, {label: optimized+sequential, rank: {policy: optimized}}, {label: quantized, freeze: {schedule: none}}, {label: optimized, rank: {policy: optimized}, freeze: {schedule: none}}, {label: ratio-unquantized, rank: {policy: ratio}, freeze: {schedule: none}}]"
+           "bench.variants=[{label: quantized+sequential-cost, freeze: {importance: cost}}, {label: quantized+sequential-size-all, freeze: {importance: size, final_fraction: 1.0}}, {label: quantized-m16+sequential, rank: {multiple: 16}}, {label: optimized+sequential, rank: {policy: optimized}}, {label: optimized+sequential-cost, rank: {policy: optimized}, freeze: {importance: cost}}, {label: quantized, freeze: {schedule: none}}, {label: optimized, rank: {policy: optimized}, freeze: {schedule: none}}, {label: ratio-unquantized, rank: {policy: ratio}, freeze: {schedule: none}}]"
            "hydra.run.dir=$RUNS/bench_resnet50")
       rm -rf "${RUNS:?}/bench_resnet50"  # no stale rank_timings.csv
       "${cmd[@]}" | tee "$RUNS/bench_resnet50.log"

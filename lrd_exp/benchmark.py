@@ -82,7 +82,7 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
                                      rank_search=rank_search_context(vcfg, device, None) | {"output_dir": vdir})
             os.makedirs(vdir, exist_ok=True)
             results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
-            states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg))
+            states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg), example_input=x[:1])
             log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
             orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                                 precision=precision, channels_last=bench_channels_last(cfg), compile=b.compile,

@@ -69,6 +69,7 @@ class Importance(str, Enum):
     depth = "depth"
     reverse_depth = "reverse_depth"
     size = "size"
+    cost = "cost"
 
 
 class Task(str, Enum):

@@ -22,7 +22,7 @@ from lrd_exp.config import enum_value
 from lrd_exp.decompose.layers import POSITIONS, FactorizedLayer
 
 SCHEDULES = ("none", "sequential", "alternating", "first", "last", "largest")
-IMPORTANCES = ("weight_change", "grad_norm", "depth", "reverse_depth", "size")
+IMPORTANCES = ("weight_change", "grad_norm", "depth", "reverse_depth", "size", "cost")
 MEASURED = ("weight_change", "grad_norm")
 log = logging.getLogger("lrd_exp")
 
@@ -61,6 +61,37 @@ def collect_factors(model: nn.Module) -> list[Factor]:
     return factors
 
 
+def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Weight-gradient FLOPs per sample of every factor: what freezing it saves in each training step.
+
+    A factor's weight gradient is one GEMM as large as its forward: 2 x weight elements x output positions
+    (pixels of a conv, tokens of a linear), so a small factor at high resolution can cost more than a large one
+    at low resolution. The positions come from one eval-mode, no-grad forward of ``example_input``: BatchNorm
+    statistics, gradients and the random state are left as they were.
+    """
+    factors = collect_factors(model)
+    batch = max(int(example_input.shape[0]), 1)
+    positions: dict[str, int] = {}
+
+    def recorder(key: str, out_features: int) -> Any:
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+            positions[key] = max(out.numel() // (batch * out_features), 1)
+        return hook
+
+    handles = [f.module.register_forward_hook(recorder(f.key, f.module.weight.shape[0])) for f in factors]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return {f.key: 2 * f.numel * positions.get(f.key, 1) for f in factors}
+
+
 def _get(cfg: Any, key: str, default: Any) -> Any:
     return enum_value(cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default))
 
@@ -68,7 +99,7 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 class FreezeSchedule:
     """Which factors are frozen at a point in training (``t`` in the schedule's unit: epochs or steps)."""
 
-    def __init__(self, cfg: Any, factors: Sequence[Factor]) -> None:
+    def __init__(self, cfg: Any, factors: Sequence[Factor], costs: dict[str, int] | None = None) -> None:
         self.name = _get(cfg, "schedule", "none")
         if self.name not in SCHEDULES:
             raise ValueError(f"freeze.schedule={self.name!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
@@ -84,6 +115,7 @@ class FreezeSchedule:
         validate_freeze(self)
         self.factors = list(factors)
         self.candidates = [f for f in self.factors if f.position in self.positions]
+        self.costs = costs  # importance=cost: factor_costs(); without them, 2 x weight elements (one position)
 
     # ------------------------------------------------------------------ sequential
     @property
@@ -112,7 +144,11 @@ class FreezeSchedule:
         return math.ceil(self.final_count / self.per_stage_count) + 1
 
     def static_order(self) -> list[Factor]:
-        """Freeze order without measurements (depth / reverse_depth / size; measured signals fall back to depth)."""
+        """Freeze order without measurements (depth / reverse_depth / size / cost; measured signals fall back to
+        depth)."""
+        if self.importance == "cost":  # the most weight-gradient FLOPs first: the most time saved per stage
+            costs = self.costs or {}
+            return sorted(self.candidates, key=lambda f: (-costs.get(f.key, 2 * f.numel), f.depth))
         if self.importance == "reverse_depth":
             return sorted(self.candidates, key=lambda f: -f.depth)
         if self.importance == "size":
@@ -286,6 +322,10 @@ class FreezingCallback(pl.Callback):
         key = s.state_key(t)
         if key == self._key:
             return
+        if s.name == "sequential" and s.importance == "cost" and s.costs is None:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if torch.is_tensor(x):
+                s.costs = factor_costs(self._model(pl_module), x[:1])
         order = self._importance_order() if s.name == "sequential" else None
         self.frozen = self._agree(trainer, s.frozen_at(t, order=order,
                                                       already=self.frozen if s.name == "sequential" else ()))

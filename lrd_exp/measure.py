@@ -25,7 +25,7 @@ from lrd_exp.bench import (
 )
 from lrd_exp.devices import DeviceInfo, synchronize
 from lrd_exp.fidelity import epoch_medians
-from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, set_frozen
+from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, factor_costs, set_frozen
 
 
 @dataclass
@@ -63,10 +63,16 @@ def round_spread(rounds: list[Timing], block: int = 4, max_blocks: int = 12) -> 
 
 
 def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
-                    history: list[dict[str, Any]] | None = None) -> list[FreezeState]:
-    """The states a schedule goes through over ``total_units``, from a run's history when there is one."""
+                    history: list[dict[str, Any]] | None = None,
+                    example_input: torch.Tensor | None = None) -> list[FreezeState]:
+    """The states a schedule goes through over ``total_units``, from a run's history when there is one.
+
+    ``example_input`` (one sample) gives ``importance=cost`` the factors' real weight-gradient FLOPs.
+    """
     factors = collect_factors(model)
     schedule = FreezeSchedule(freeze_cfg, factors)
+    if schedule.importance == "cost" and example_input is not None and not history:
+        schedule.costs = factor_costs(model, example_input)
     total_units = max(int(total_units), 1)
     if history:
         starts = [h["t"] for h in history] + [total_units]

@@ -411,7 +411,8 @@ def measure_pair(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decom
     if _v(cfg.freeze.unit) == "step" and not cfg.trainer.max_steps > 0:
         dm.setup("fit")
         steps_per_epoch = len(dm.train_dataloader())
-    states = schedule_states(decomposed, cfg.freeze, freeze_total_units(cfg, steps_per_epoch), history)
+    states = schedule_states(decomposed, cfg.freeze, freeze_total_units(cfg, steps_per_epoch), history,
+                            example_input=x[:1])
     log.info("measuring throughput: batch %d, %d freeze state(s), %d warm-up + %d timed steps", batch,
              len(states), b.warmup, b.steps)
     orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,

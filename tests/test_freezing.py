@@ -475,3 +475,80 @@ def test_callback_counts_training_flops_with_batchnorm_on_pooled_features():
     x, y = next(iter(loader((16,))))
     model.train()
     assert flops[-1] == count_flops(model, x, y=y, train=True)
+
+
+# ------------------------------------------------------------------ importance=cost: weight-gradient FLOPs
+# output positions per sample at 8 x 8 input: layer 0 at 8 x 8; layer 3's first factor at 8 x 8, its strided core
+# and last factor at 4 x 4; the 1 x 1 conv 5 at 4 x 4; the linears 9 and 11 after pooling at one position
+POSITIONS_8PX = {"0": (64, 64, 64), "3": (64, 16, 16), "5": (16, 16), "9": (1, 1), "11": (1, 1)}
+
+
+def test_factor_costs_are_the_weight_gradient_flops(model, factors):
+    from lrd_exp.bench import count_flops
+    from lrd_exp.freezing import factor_costs
+
+    x, y = batch(n=4)
+    costs = factor_costs(model, x[:1])
+    by_layer: dict[str, list] = {}
+    for f in factors:
+        by_layer.setdefault(f.layer, []).append(f)
+    for layer, fs in by_layer.items():
+        for f, pos in zip(fs, POSITIONS_8PX[layer]):
+            assert costs[f.key] == 2 * f.module.weight.numel() * pos, f.key
+    # freezing one factor removes exactly its weight-gradient GEMM from a training step (4 samples); the network's
+    # very first factor also takes the next factor's input gradient with it (nothing before needs it)
+    model.train()
+    full = count_flops(model, x, y=y, train=True)
+    for f in factors:
+        set_frozen(factors, [f])
+        saved = costs[f.key] + (costs["0.core"] if f.key == "0.first" else 0)
+        assert full - count_flops(model, x, y=y, train=True) == 4 * saved, f.key
+    set_frozen(factors, [])
+
+
+def test_factor_costs_leave_the_model_as_it_was(model):
+    from lrd_exp.freezing import factor_costs
+
+    model.train()
+    model[1].eval()  # a module the user put in eval mode stays there
+    bn = model[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    rng = torch.get_rng_state()
+    factor_costs(model, batch(n=2)[0])
+    assert model.training and not model[1].training and all(m.training for i, m in enumerate(model) if i != 1)
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2]) and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(f.module._forward_hooks for f in collect_factors(model))
+
+
+def test_cost_order_freezes_the_most_expensive_weight_gradients_first(model, factors):
+    from lrd_exp.freezing import factor_costs
+
+    costs = factor_costs(model, batch(n=1)[0])
+    s = seq(factors, importance="cost", per_stage=4)
+    s.costs = costs
+    chosen = [f.key for f in s.frozen_at(0)]
+    assert chosen == sorted(costs, key=lambda k: (-costs[k], KEYS.index(k)))[:4]
+    # not the size order: the small factors of layer 0 run at 64 positions, the linears at one
+    by_size = [f.key for f in seq(factors, importance="size", per_stage=4).frozen_at(0)]
+    assert set(chosen) != set(by_size) and "9.last" in by_size and "9.last" not in chosen
+    # without measured positions every factor counts one position: the size order
+    assert [f.key for f in seq(factors, importance="cost", per_stage=4).frozen_at(0)] == by_size
+
+
+def test_callback_and_benchmark_states_use_the_cost_order():
+    from lrd_exp.freezing import factor_costs
+    from lrd_exp.measure import schedule_states
+
+    cfg = {"schedule": "sequential", "unit": "step", "warmup": 1, "period": 2, "per_stage": 3,
+           "final_fraction": 0.5, "importance": "cost"}
+    expected_model = make_model()
+    costs = factor_costs(expected_model, batch(n=1)[0])
+    top = sorted(costs, key=lambda k: (-costs[k], KEYS.index(k)))
+    states = schedule_states(expected_model, cfg, total_units=5, example_input=batch(n=1)[0])
+    assert [s.frozen for s in states] == [[], top[:3], top[:6]]
+    freezer, rec = fit(make_model(), cfg, (3, 8, 8), max_steps=5)
+    assert [h["frozen"] for h in freezer.history] == [[], top[:3], top[:6]]
+    assert not any(rec.requires_grad[4][k] for k in top[:6])
+    assert all(rec.requires_grad[4][k] for k in top[6:])
