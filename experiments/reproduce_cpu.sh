@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates everything under results/ that this CPU can produce (about 40 min on 2 cores).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
-#   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence bench resnet50 fidelity figures
+#   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence freeze_order bench resnet50 fidelity figures
 # (bench: three default benchmark invocations + 60 s of machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence bench resnet50 fidelity figures)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order bench resnet50 fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 
 provenance() {  # provenance DIR COMMAND...
@@ -40,6 +40,7 @@ for step in "${steps[@]}"; do
       sweep digits_convergence results/digits_convergence
       find "$RUNS/digits_convergence" -name curves.csv | while read -r f; do
         v=$(basename "$(dirname "$f")"); cp "$f" "results/digits_convergence/curves_${v//[^A-Za-z0-9_=.-]/_}.csv"; done ;;
+    freeze_order) sweep digits_freeze_order results/digits_freeze_order ;;
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
       dest=results/benchmark_cpu; mkdir -p "$dest"
       for i in 1 2 3; do
