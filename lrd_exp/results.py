@@ -442,7 +442,8 @@ MARKDOWN_LEGEND = (
     "time, so the machine's drift cancels); "
     "drift = how much the original's training step moved during the benchmark (max-min of the medians of "
     f"consecutive blocks of steps / their median: the machine's own drift; above {UNSTABLE_ROUND_SPREAD:.0%} the speedups are less certain); "
-    "top-1 in %, drop = original - fine-tuned decomposed (points); '-' = not measured._"
+    "top-1 in %, drop = original - fine-tuned decomposed (points); overrides (when shown) = the job's own "
+    "command-line overrides, those not every row shares; '-' = not measured._"
 )
 
 
@@ -502,9 +503,28 @@ def provenance_line(df: pd.DataFrame) -> str:
     )
 
 
+def own_overrides(df: pd.DataFrame) -> list[str] | None:
+    """Each row's overrides that not every row shares (``variant=`` aside: it has its own column).
+
+    A sweep over a key without a column of its own (``freeze.importance``, ``trainer.batch_size``, ...) would
+    otherwise give rows that look alike. None when no row has one.
+    """
+    if "overrides" not in df.columns or len(df) < 2:
+        return None
+    tokens = [o.split() if isinstance(o, str) else [] for o in df["overrides"]]
+    common = set.intersection(*(set(t) for t in tokens))
+    own = [" ".join(t for t in ts if t not in common and not t.startswith("variant=")) for ts in tokens]
+    return own if any(own) else None
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     """The readable subset of a sweep table as GitHub Markdown (numbers rounded, missing shown as '-')."""
     cols = [(c, h, k) for c, h, k in MARKDOWN_COLUMNS if c in df.columns]
+    own = own_overrides(df)
+    if own is not None:
+        df = df.assign(_own_overrides=[o or None for o in own])
+        at = next((i + 1 for i, (c, _, _) in enumerate(cols) if c == "variant"), 0)
+        cols.insert(at, ("_own_overrides", "overrides", "text"))
     records = df.to_dict("records")
     body = pd.DataFrame(
         [[_fmt(r.get(c), k, r) for c, _, k in cols] for r in records],

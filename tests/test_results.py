@@ -338,3 +338,20 @@ def test_summary_and_table_flag_an_unstable_machine():
     cells = [c.strip() for c in header.split("|")]
     row = next(line for line in md.splitlines() if line.startswith("| resnet18"))
     assert [c.strip() for c in row.split("|")][cells.index("drift")] == "30%"
+
+
+def test_markdown_shows_each_jobs_own_overrides_when_a_sweep_has_no_column_for_them():
+    common = "experiment=digits_freeze_order"
+    rows = [R.make_row(**_row(2, overrides=f"freeze.importance={imp} {common}", variant=None))
+            for imp in ("weight_change", "cost")]
+    md = R.markdown_table(R.rows_to_frame(rows))
+    header, _, *body = md.splitlines()
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[:3] == ["model", "variant", "overrides"]
+    own = sorted(line.strip("|").split("|")[2].strip() for line in body)
+    assert own == ["freeze.importance=cost", "freeze.importance=weight_change"]
+    assert common not in md  # shared by every row: nothing to tell them apart
+    # the variant column already names variant=...; rows that differ only there get no overrides column
+    rows = [R.make_row(**_row(2, overrides=f"variant={v} {common}", variant=v)) for v in ("lrd", "lrd_both")]
+    assert "overrides" not in R.markdown_table(R.rows_to_frame(rows)).splitlines()[0]
+    assert R.own_overrides(R.rows_to_frame(rows[:1])) is None
