@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates everything under results/ that this CPU can produce (about 40 min on 2 cores).
+# Regenerates everything under results/ that this CPU can produce (about 55 min on 2 cores).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
 #   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence freeze_order bench resnet50 fidelity figures
 # (bench: three default benchmark invocations + 60 s of machine_drift.py)
