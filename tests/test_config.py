@@ -248,3 +248,25 @@ def test_validate_accepts_existing_imagenet_root(cfg_factory, tmp_path):
 def test_validate_accepts_benchmark_task_without_imagenet(cfg_factory):
     # throughput only: no dataset needed on disk
     validate(cfg_factory(["dataset=imagenet", "task=benchmark"]))
+
+
+def test_a_bare_hydra_compose_of_conf_works_without_run_py(tmp_path):
+    """The lightning-hydra-template way: compose conf/ in a fresh interpreter that never imported lrd_exp."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        f"with initialize_config_dir(config_dir={str(CONF_DIR)!r}, version_base='1.3'):\n"
+        "    cfg = compose(config_name='config', overrides=['rank.policy=optimized', 'freeze=alternating'])\n"
+        "print(cfg.rank.policy.value, cfg.freeze.schedule.value, cfg.rank.ratio)\n"
+        "try:\n"
+        "    with initialize_config_dir(config_dir=" + repr(str(CONF_DIR)) + ", version_base='1.3'):\n"
+        "        compose(config_name='config', overrides=['rank.policy=bogus'])\n"
+        "except Exception as exc:\n"
+        "    print('refused', 'quantized' in str(exc.__cause__))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["optimized", "alternating", "2.0", "refused", "True"]
