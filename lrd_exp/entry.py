@@ -18,11 +18,19 @@ def job_dir_name(override_dirname: str) -> str:
     return name[:200]
 
 
-def prepare() -> None:
-    """Register schemas and resolvers once, before Hydra composes anything."""
+def register() -> None:
+    """The schemas (``lrd_schema`` and the groups' ``schema``) and the ``lrd_job_dir`` resolver config.yaml uses.
+
+    Also run on ``import lrd_exp`` and by the ``hydra_plugins.lrd_exp_plugin`` module Hydra imports itself.
+    """
     register_configs()
     if not OmegaConf.has_resolver("lrd_job_dir"):
         OmegaConf.register_new_resolver("lrd_job_dir", job_dir_name)
+
+
+def prepare() -> None:
+    """Register schemas and resolvers once, before Hydra composes anything; quiet known warnings."""
+    register()
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -42,4 +50,17 @@ def run_job(cfg: DictConfig) -> float | None:
         return run(cfg)
     except (ConfigError, DeviceUnavailableError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not in_multirun():
+            sys.exit(2)
+        # in a sweep one bad job must not abort the others: it leaves a failed row and the sweep goes on
+        from lrd_exp.pipeline import write_failed_row
+
+        write_failed_row(cfg, f"{type(exc).__name__}: {exc}")
+        return None
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

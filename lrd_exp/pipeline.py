@@ -260,6 +260,23 @@ def run(cfg: DictConfig) -> float | None:
     return objective_value(cfg, final)
 
 
+def write_failed_row(cfg: DictConfig, error: str) -> str | None:
+    """A sweep job stopped by a user error before it began: a failed row, unless a finished one is there."""
+    try:
+        out_dir = output_dir(cfg)
+        path = os.path.join(out_dir, "result.json")
+        existing = results.read_result(path)
+        if existing and results.is_complete(existing):
+            return None  # never replace a finished row
+        row = identity_row(cfg, out_dir)
+        row.update(status="failed", error=error, device=_v(cfg.device.accelerator))
+        results.write_result(out_dir, results.make_row(**row))
+        return path
+    except Exception:  # the row is a courtesy: the one-line error is already printed
+        log.debug("could not write a failed row", exc_info=True)
+        return None
+
+
 def objective_value(cfg: DictConfig, row: dict[str, Any]) -> float | None:
     """The sweep objective: ``objective.metric`` of an ok row, or -drop when top-1 fell too far."""
     if row.get("status") != "ok":

@@ -95,6 +95,36 @@ def test_bad_input_through_run_py_has_no_traceback(tmp_path):
     assert not (tmp_path / "o" / "result.json").exists()
 
 
+def test_a_bad_job_in_a_sweep_leaves_a_failed_row_and_the_sweep_goes_on(tmp_path):
+    sweep_dir = tmp_path / "multirun"
+    proc = run_cli(["-m", *SMOKE, "task=benchmark", "rank.ratio=0.5,2", f"paths.cache_dir={tmp_path / 'c'}",
+                    f"hydra.sweep.dir={sweep_dir}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank.ratio=0.5" in errors[0]
+    df = pd.read_csv(sweep_dir / "results.csv")
+    assert sorted(zip(df.rank_ratio, df.status)) == [(0.5, "failed"), (2.0, "ok")]
+    assert "rank.ratio=0.5" in df.loc[df.status == "failed", "error"].iloc[0]
+
+
+def test_a_failed_row_never_replaces_a_finished_one(cfg_factory, tmp_path):
+    from lrd_exp import results
+    from lrd_exp.pipeline import write_failed_row
+
+    cfg = cfg_factory([])
+    out = tmp_path / "out"
+    finished = results.make_row(model="resnet18", status="ok", train_speedup=1.3)
+    results.write_result(str(out), finished)
+    before = (out / "result.json").read_bytes()
+    assert write_failed_row(cfg, "DeviceUnavailableError: no cuda") is None
+    assert (out / "result.json").read_bytes() == before
+    (out / "result.json").unlink()
+    assert write_failed_row(cfg, "DeviceUnavailableError: no cuda") == str(out / "result.json")
+    row = results.read_result(str(out / "result.json"))
+    assert row["status"] == "failed" and row["error"] == "DeviceUnavailableError: no cuda"
+
+
 # ------------------------------------------------------------------ 4. numerical faults
 def test_nan_loss_fails_the_row_with_reason(cfg_factory, tmp_path, monkeypatch):
     from lrd_exp import pipeline
