@@ -74,8 +74,8 @@ def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
     positions: dict[str, int] = {}
 
     def recorder(key: str, out_features: int) -> Any:
-        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-            positions[key] = max(out.numel() // (batch * out_features), 1)
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:  # a factor called twice costs twice
+            positions[key] = positions.get(key, 0) + max(out.numel() // (batch * out_features), 1)
         return hook
 
     handles = [f.module.register_forward_hook(recorder(f.key, f.module.weight.shape[0])) for f in factors]
@@ -87,8 +87,9 @@ def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+        for m, mode in modes.items():  # parents first, so each module ends in its own mode
+            m.train(mode)
+    # a factor the eval forward never reached (a training-only branch) counts one position
     return {f.key: 2 * f.numel * positions.get(f.key, 1) for f in factors}
 
 
@@ -323,9 +324,7 @@ class FreezingCallback(pl.Callback):
         if key == self._key:
             return
         if s.name == "sequential" and s.importance == "cost" and s.costs is None:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if torch.is_tensor(x):
-                s.costs = factor_costs(self._model(pl_module), x[:1])
+            s.costs = self._measure_costs(pl_module, batch)
         order = self._importance_order() if s.name == "sequential" else None
         self.frozen = self._agree(trainer, s.frozen_at(t, order=order,
                                                       already=self.frozen if s.name == "sequential" else ()))
@@ -333,6 +332,18 @@ class FreezingCallback(pl.Callback):
         self._key = key
         self._take_snapshot()
         self._log_stage(trainer, pl_module, t, batch)
+
+    def _measure_costs(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, int]:
+        """importance=cost on this run's input; without a tensor input, or if the forward fails, size order."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        try:
+            if not torch.is_tensor(x):
+                raise TypeError(f"the batch is a {type(batch).__name__}, not a tensor or (input, target)")
+            return factor_costs(self._model(pl_module), x[:1])
+        except Exception as exc:
+            log.warning("freeze.importance=cost could not measure the factors' output positions (%s): "
+                        "freezing the largest factors first instead", exc)
+            return {}
 
     def _agree(self, trainer: pl.Trainer, frozen: list[Factor]) -> list[Factor]:
         """Rank 0's frozen set on every rank (DDP): all replicas freeze, and re-wrap, identically."""

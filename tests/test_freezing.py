@@ -552,3 +552,25 @@ def test_callback_and_benchmark_states_use_the_cost_order():
     assert [h["frozen"] for h in freezer.history] == [[], top[:3], top[:6]]
     assert not any(rec.requires_grad[4][k] for k in top[:6])
     assert all(rec.requires_grad[4][k] for k in top[6:])
+
+
+def test_cost_of_a_factor_called_twice_counts_both_calls_and_a_bad_batch_falls_back_to_size(caplog):
+    from types import SimpleNamespace
+
+    from lrd_exp.freezing import factor_costs
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = SVDLinear(16, 16, 4)
+
+        def forward(self, x):
+            return self.shared(self.shared(x))
+
+    model = Twice()
+    costs = factor_costs(model, torch.randn(3, 5, 16))  # 5 tokens per sample, two calls
+    assert costs == {"shared.first": 2 * 64 * 10, "shared.last": 2 * 64 * 10}
+    freezer = FreezingCallback({"schedule": "sequential", "importance": "cost"})
+    with caplog.at_level("WARNING", logger="lrd_exp"):
+        assert freezer._measure_costs(SimpleNamespace(model=model), {"image": torch.randn(2, 16)}) == {}
+    assert "largest factors first" in caplog.text
