@@ -503,17 +503,51 @@ def provenance_line(df: pd.DataFrame) -> str:
     )
 
 
-def own_overrides(df: pd.DataFrame) -> list[str] | None:
-    """Each row's overrides that not every row shares (``variant=`` aside: it has its own column).
+# override keys the Markdown table already shows in a column of their own
+COLUMN_OVERRIDES = {"variant", "model", "rank.policy", "rank.ratio", "rank.multiple", "freeze", "freeze.schedule",
+                    "device", "device.accelerator"}
 
-    A sweep over a key without a column of its own (``freeze.importance``, ``trainer.batch_size``, ...) would
-    otherwise give rows that look alike. None when no row has one.
+
+def split_overrides(text: str) -> list[str]:
+    """A row's space-joined ``overrides`` back into overrides: spaces inside brackets or quotes do not split."""
+    out: list[str] = []
+    cur: list[str] = []
+    depth, quote = 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(depth - 1, 0)
+        elif ch.isspace() and depth == 0:
+            if cur:
+                out.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def own_overrides(df: pd.DataFrame) -> list[str] | None:
+    """Each row's overrides that not every row shares, less those with a column of their own (variant, rank
+    policy, ...): a sweep over ``freeze.importance`` or ``trainer.batch_size`` would otherwise give rows that
+    look alike. None when no row has one.
     """
     if "overrides" not in df.columns or len(df) < 2:
         return None
-    tokens = [o.split() if isinstance(o, str) else [] for o in df["overrides"]]
-    common = set.intersection(*(set(t) for t in tokens))
-    own = [" ".join(t for t in ts if t not in common and not t.startswith("variant=")) for ts in tokens]
+    tokens = [split_overrides(o) if isinstance(o, str) else [] for o in df["overrides"]]
+    given = [set(t) for t in tokens if t]
+    common = set.intersection(*given) if given else set()
+
+    def shown(token: str) -> bool:
+        return token not in common and token.split("=", 1)[0].lstrip("+~") not in COLUMN_OVERRIDES
+
+    own = [" ".join(t for t in ts if shown(t)) for ts in tokens]
     return own if any(own) else None
 
 

@@ -355,3 +355,18 @@ def test_markdown_shows_each_jobs_own_overrides_when_a_sweep_has_no_column_for_t
     rows = [R.make_row(**_row(2, overrides=f"variant={v} {common}", variant=v)) for v in ("lrd", "lrd_both")]
     assert "overrides" not in R.markdown_table(R.rows_to_frame(rows)).splitlines()[0]
     assert R.own_overrides(R.rows_to_frame(rows[:1])) is None
+
+
+def test_own_overrides_keep_bracketed_values_whole_and_skip_keys_with_a_column():
+    assert R.split_overrides("a=1 bench.variants=[{label: x, rank: {multiple: 16}}] c='p q' d=2") == [
+        "a=1", "bench.variants=[{label: x, rank: {multiple: 16}}]", "c='p q'", "d=2"]
+    rows = [R.make_row(**_row(2, overrides=o)) for o in (
+        "rank.policy=none freeze=none rank.include=[layer1.*, layer2.*]",
+        "rank.policy=quantized freeze=sequential rank.include=[layer3.*]")]
+    assert R.own_overrides(R.rows_to_frame(rows)) is not None
+    own = sorted(R.own_overrides(R.rows_to_frame(rows)))
+    assert own == ["rank.include=[layer1.*, layer2.*]", "rank.include=[layer3.*]"]
+    # DESIGN's sweep varies only keys with columns: no overrides column
+    rows = [R.make_row(**_row(2, overrides=f"rank.policy={p} freeze={f}"))
+            for p in ("none", "quantized") for f in ("none", "sequential")]
+    assert R.own_overrides(R.rows_to_frame(rows)) is None
