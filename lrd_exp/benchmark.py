@@ -22,6 +22,7 @@ from lrd_exp import results
 from lrd_exp.config import enum_value
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo
+from lrd_exp.freezing import MEASURED
 from lrd_exp.measure import compare, comparison_fields, schedule_states
 
 log = logging.getLogger("lrd_exp")
@@ -84,6 +85,11 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
             results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
             states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg), example_input=x[:1])
             log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
+            importance = enum_value(vcfg.freeze.get("importance"))
+            if len(states) > 1 and enum_value(vcfg.freeze.schedule) == "sequential" and importance in MEASURED:
+                log.info("benchmark %s: freeze.importance=%s is measured during training, so these states freeze "
+                         "in depth order (a training job's own benchmark follows its real order; "
+                         "freeze.importance=cost is the same here and in training)", label, importance)
             orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                                 precision=precision, channels_last=bench_channels_last(cfg), compile=b.compile,
                                 device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup,

@@ -210,7 +210,8 @@ def test_benchmark_task_writes_valid_rows(tmp_path):
            "bench.batch_size=8", "bench.warmup=1", "bench.steps=2", "bench.rounds=2", "trainer.finetune_epochs=3",
            "trainer.channels_last=true",
            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}",
-           "bench.variants=[{label: plain, rank: {policy: ratio}, freeze: {schedule: none}}]"]
+           "bench.variants=[{label: plain, rank: {policy: ratio}, freeze: {schedule: none}}, "
+           "{label: cost, freeze: {importance: cost}}]"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((out / "result.json").read_text())
@@ -229,6 +230,12 @@ def test_benchmark_task_writes_valid_rows(tmp_path):
     variant = json.loads((out / "variants" / "plain" / "result.json").read_text())
     assert variant["rank_policy"] == "ratio" and variant["freeze"] == "none" and variant["status"] == "ok"
     assert "Benchmark (resnet18" in proc.stdout and "FLOP-pred." in proc.stdout
+    # weight_change is only known while training: the benchmark says it times depth order; cost needs no such note
+    assert (proc.stdout + proc.stderr).count("freeze in depth order") == 1
+    # the cost order's first frozen stage saves at least the weight-gradient FLOPs of the depth order's
+    cost = json.loads((out / "variants" / "cost" / "result.json").read_text())["freeze_stages"]
+    assert [s["n_frozen"] for s in cost] == [s["n_frozen"] for s in stages]
+    assert cost[0]["train_flops"] == stages[0]["train_flops"] and cost[1]["train_flops"] < stages[1]["train_flops"]
 
 
 def test_timing_cache_key_changes_with_the_allocator_mode(monkeypatch):
