@@ -38,6 +38,7 @@ VARIANTS='[{label: quantized-r2-m8, freeze: {schedule: none}},
  {label: quantized-r2-m64+seq, rank: {multiple: 64}},
  {label: quantized-r3-m8, rank: {ratio: 3}, freeze: {schedule: none}},
  {label: quantized-r3-m8+seq, rank: {ratio: 3}},
+ {label: quantized-r3-m8+seq-cost, rank: {ratio: 3}, freeze: {importance: cost}},
  {label: optimized-r2, rank: {policy: optimized}, freeze: {schedule: none}},
  {label: optimized-r2+seq, rank: {policy: optimized}}]'
 VARIANTS=$(echo "$VARIANTS" | tr -d '\n')
