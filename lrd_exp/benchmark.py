@@ -93,7 +93,7 @@ def run_benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | 
             orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
                                 precision=precision, channels_last=bench_channels_last(cfg), compile=b.compile,
                                 device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup,
-                                optimizer_factory=bench_optimizer(vcfg))
+                                optimizer_factory=bench_optimizer(vcfg), desc=f"timing {label}")
             row.update(comparison_fields(original, decomposed, orig, dec, x))
             row["status"] = "ok"
             for st in dec.stages:

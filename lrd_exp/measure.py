@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lrd_exp.bench import (
     OptimizerFactory,
@@ -121,7 +122,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
             y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int | None = None,
             precision: str = "32-true", channels_last: bool = False, compile: bool = False,
             device: DeviceInfo | None = None, inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 0,
-            optimizer_factory: OptimizerFactory | None = None) -> tuple[Measured, Measured]:
+            optimizer_factory: OptimizerFactory | None = None, desc: str = "timing") -> tuple[Measured, Measured]:
     """Measure both models' training step (every freeze state of the decomposed one) and inference.
 
     Each model / freeze state gets its own prepared copy once; the rounds then time them in turn (``warmup``
@@ -157,7 +158,8 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
         dec_train: list[list[Timing]] = [[] for _ in states]
         orig_infer: list[Timing] = []
         dec_infer: list[Timing] = []
-        for r in range(rounds):
+        # a progress bar on a terminal only (stderr, cleared at the end), updated between timed steps
+        for r in tqdm(range(rounds), desc=desc, unit="round", disable=None, leave=False, mininterval=0.5):
             w = warmup if r == 0 else switch_warmup
             per_round = dict(steps=max(1, round_steps[r]), min_time_s=min_round_s)
             orig_train.append(orig_step.time(warmup=w, **per_round))

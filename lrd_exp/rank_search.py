@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lrd_exp.allocator import malloc_mode
 from lrd_exp.bench import _autocast, normalize_precision, time_fn
@@ -296,7 +297,7 @@ def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | No
     rows: list[dict[str, Any]] = []
     all_times: dict[str, dict[tuple[int, ...] | None, float]] = {}
     prec = normalize_precision(precision)
-    for plan in plans:
+    for plan in tqdm(plans, desc="rank search", unit="layer", disable=None, leave=False):  # a terminal only
         est = estimates.get(plan.name)
         if est is None:
             chosen[plan.name], reasons[plan.name] = None, "no estimate"
