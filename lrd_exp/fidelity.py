@@ -140,9 +140,10 @@ def fidelity_epochs(speed: Any, probe: BenchProbe | None) -> list[dict[str, Any]
     if probe is None or not speed.step_times:
         return []
     loop = epoch_medians(speed.step_times, speed.epochs)
+    probe_step_s = probe.epoch_step_s  # a property: derived once here, not per epoch
     return [{"epoch": e, "loop_steps": n, "loop_step_s": med, "probe_start_step_s": probe.start_step_s.get(e),
-             "probe_end_step_s": probe.end_step_s.get(e), "probe_step_s": probe.epoch_step_s.get(e),
-             "loop_over_probe": probe.epoch_step_s[e] / med if e in probe.epoch_step_s and med > 0 else None}
+             "probe_end_step_s": probe.end_step_s.get(e), "probe_step_s": probe_step_s.get(e),
+             "loop_over_probe": probe_step_s[e] / med if e in probe_step_s and med > 0 else None}
             for e, (n, med) in sorted(loop.items())]
 
 

@@ -93,6 +93,19 @@ def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
     return {f.key: 2 * f.numel * positions.get(f.key, 1) for f in factors}
 
 
+def measure_factor_costs(model: nn.Module, example: Any) -> dict[str, int]:
+    """:func:`factor_costs` on one sample of ``example``; {} (the size order) with one warning when ``example`` is
+    not a tensor or the forward fails: ordering a freeze schedule must never end a run."""
+    try:
+        if not torch.is_tensor(example):
+            raise TypeError(f"the input is a {type(example).__name__}, not a tensor")
+        return factor_costs(model, example[:1])
+    except Exception as exc:
+        log.warning("freeze.importance=cost could not measure the factors' output positions (%s): "
+                    "freezing the largest factors first instead", exc)
+        return {}
+
+
 def _get(cfg: Any, key: str, default: Any) -> Any:
     return enum_value(cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default))
 
@@ -100,7 +113,7 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 class FreezeSchedule:
     """Which factors are frozen at a point in training (``t`` in the schedule's unit: epochs or steps)."""
 
-    def __init__(self, cfg: Any, factors: Sequence[Factor], costs: dict[str, int] | None = None) -> None:
+    def __init__(self, cfg: Any, factors: Sequence[Factor]) -> None:
         self.name = _get(cfg, "schedule", "none")
         if self.name not in SCHEDULES:
             raise ValueError(f"freeze.schedule={self.name!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
@@ -116,7 +129,7 @@ class FreezeSchedule:
         validate_freeze(self)
         self.factors = list(factors)
         self.candidates = [f for f in self.factors if f.position in self.positions]
-        self.costs = costs  # importance=cost: factor_costs(); without them, 2 x weight elements (one position)
+        self.costs: dict[str, int] | None = None  # importance=cost: factor_costs(); else 2 x weight elements
 
     # ------------------------------------------------------------------ sequential
     @property
@@ -334,16 +347,8 @@ class FreezingCallback(pl.Callback):
         self._log_stage(trainer, pl_module, t, batch)
 
     def _measure_costs(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, int]:
-        """importance=cost on this run's input; without a tensor input, or if the forward fails, size order."""
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        try:
-            if not torch.is_tensor(x):
-                raise TypeError(f"the batch is a {type(batch).__name__}, not a tensor or (input, target)")
-            return factor_costs(self._model(pl_module), x[:1])
-        except Exception as exc:
-            log.warning("freeze.importance=cost could not measure the factors' output positions (%s): "
-                        "freezing the largest factors first instead", exc)
-            return {}
+        """importance=cost on this run's input (a tensor, or the first item of an (input, target) batch)."""
+        return measure_factor_costs(self._model(pl_module), batch[0] if isinstance(batch, (list, tuple)) else batch)
 
     def _agree(self, trainer: pl.Trainer, frozen: list[Factor]) -> list[Factor]:
         """Rank 0's frozen set on every rank (DDP): all replicas freeze, and re-wrap, identically."""

@@ -6,7 +6,6 @@ a noisy machine. A freeze schedule is measured state by state and averaged by th
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,7 @@ from lrd_exp.bench import (
 )
 from lrd_exp.devices import DeviceInfo, synchronize
 from lrd_exp.fidelity import epoch_medians
-from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, factor_costs, set_frozen
-
-log = logging.getLogger("lrd_exp")
+from lrd_exp.freezing import Factor, FreezeSchedule, collect_factors, measure_factor_costs, set_frozen
 
 
 @dataclass
@@ -76,10 +73,7 @@ def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
     factors = collect_factors(model)
     schedule = FreezeSchedule(freeze_cfg, factors)
     if schedule.importance == "cost" and example_input is not None and not history:
-        try:
-            schedule.costs = factor_costs(model, example_input)
-        except Exception as exc:  # as in training (FreezingCallback): the size order
-            log.warning("freeze.importance=cost: could not measure the factors' output positions (%s)", exc)
+        schedule.costs = measure_factor_costs(model, example_input)
     total_units = max(int(total_units), 1)
     if history:
         starts = [h["t"] for h in history] + [total_units]
