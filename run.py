@@ -1,12 +1,12 @@
 """Entry point: ``python run.py [overrides]`` runs one job; ``python run.py -m ...`` a sweep.
 
-Thin on purpose: the job is :func:`lrd_exp.pipeline.run`; configs live in ``conf/``.
+Thin on purpose: the job is :func:`lrd_exp.tasks.run`; configs live in ``conf/``.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from lrd_exp.entry import prepare, run_job
+from lrd_exp.cli import prepare, run_job
 
 prepare()
 

@@ -22,10 +22,10 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 
 try:
-    from lrd_exp import figures as F  # noqa: E402
+    from lrd_exp.results import figures as F  # noqa: E402
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lrd_exp import figures as F  # noqa: E402
+    from lrd_exp.results import figures as F  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 # Regenerates everything under results/ that this CPU can produce (about 55 min on 2 cores).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
 #   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence freeze_order bench resnet50 fidelity figures
-# (bench: three default benchmark invocations + 60 s of machine_drift.py)
+# (bench: three default benchmark invocations + 60 s of timing_studies/machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -50,8 +50,8 @@ for step in "${steps[@]}"; do
         cp "$RUNS/bench_default_$i/result.json" "$dest/default_run$i.json"
       done
       provenance "$dest" "${cmd[*]} (x3, run i -> default_run\$i.json)"
-      $PY experiments/summarize_repeats.py "$dest"/default_run*.json > "$dest/repeatability.md"
-      $PY experiments/machine_drift.py --seconds 60 > "$dest/machine_drift.md" ;;
+      $PY experiments/timing_studies/summarize_repeats.py "$dest"/default_run*.json > "$dest/repeatability.md"
+      $PY experiments/timing_studies/machine_drift.py --seconds 60 > "$dest/machine_drift.md" ;;
     resnet50)  # resnet50, batch 16, 128 px: original vs quantized/optimized LRD (ratio 2) with sequential freezing
       dest=results/benchmark_cpu
       cmd=("$PY" run.py task=benchmark logger=csv model=resnet50 dataset=synthetic dataset.image_size=128
@@ -66,7 +66,7 @@ for step in "${steps[@]}"; do
       cp "$RUNS/bench_resnet50/freeze_stages.csv" "$dest/resnet50/"
       find "$RUNS/bench_resnet50" -name rank_timings.csv -exec cp {} "$dest/resnet50/rank_timings.csv" \; ;;
     fidelity)  # the default training job 4 x, with and without the progress bar: loop vs benchmark, paired
-      $PY experiments/fidelity_study.py --runs 4 --out results/fidelity_cpu/fidelity.md --setting default= \
+      $PY experiments/timing_studies/fidelity_study.py --runs 4 --out results/fidelity_cpu/fidelity.md --setting default= \
         --setting no-progress-bar=trainer.enable_progress_bar=false ;;
     figures)
       cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/benchmark_cpu/resnet50/results.csv

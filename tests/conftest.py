@@ -31,7 +31,7 @@ def compose_config(overrides: Sequence[str] = (), *, tmp_path: Path | None = Non
     """
     from hydra import compose, initialize_config_dir
 
-    from lrd_exp.entry import prepare
+    from lrd_exp.cli import prepare
 
     prepare()
     overrides = list(overrides)

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lrd_exp import decompose_model
+from lrd_exp.config.validate import ConfigError, validate
 from lrd_exp.decompose import FactorizedLayer
-from lrd_exp.validation import ConfigError, validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "dataset", "freeze", "device", "trainer", "logger", "experiment")

@@ -29,7 +29,7 @@ def test_full_rank_linear_is_exact(dtype, tol, bias, shape):
     n_in, n_out = shape
     lin = nn.Linear(n_in, n_out, bias=bias).to(dtype)
     x = torch.randn(16, n_in, dtype=dtype)
-    new, _ = SVDLinear.from_linear(lin, min(n_in, n_out))
+    new = SVDLinear.from_linear(lin, min(n_in, n_out))
     assert rel_err(new(x), lin(x)) < tol
     assert [p for p in new.factors()] == ["first", "last"]
     assert new.first.bias is None and (new.last.bias is not None) == bias
@@ -41,7 +41,7 @@ def test_full_rank_linear_is_exact(dtype, tol, bias, shape):
 def test_full_rank_conv1x1_is_exact(dtype, tol, stride, padding, bias):
     conv = nn.Conv2d(12, 20, 1, stride=stride, padding=padding, bias=bias).to(dtype)
     x = torch.randn(2, 12, 9, 9, dtype=dtype)
-    new, _ = SVDConv1x1.from_conv(conv, 12)
+    new = SVDConv1x1.from_conv(conv, 12)
     assert new.first.stride == (stride, stride) and new.last.stride == (1, 1)
     assert rel_err(new(x), conv(x)) < tol
 
@@ -64,7 +64,7 @@ def test_truncated_svd_reaches_eckart_young(rank):
     w = torch.randn(48, 30, dtype=torch.float64) @ torch.diag(torch.logspace(0, -3, 30, dtype=torch.float64))
     lin = nn.Linear(30, 48, bias=False).double()
     lin.weight.data.copy_(w)
-    new, _ = SVDLinear.from_linear(lin, rank)
+    new = SVDLinear.from_linear(lin, rank)
     s = torch.linalg.svdvals(w)
     optimal = s[rank:].pow(2).sum().sqrt()
     err = (reconstruct_weight(new) - w).norm()
@@ -203,7 +203,7 @@ def test_include_overrides_skips_and_exclude_removes():
 def test_grouped_conv_skipped_and_works_with_rank_config_node():
     from omegaconf import OmegaConf
 
-    from lrd_exp.config import RankConfig
+    from lrd_exp.config.schema import RankConfig
 
     model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
     cfg = OmegaConf.structured(RankConfig)

@@ -12,7 +12,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy
 
 from lrd_exp import devices as D
-from lrd_exp.config import Accelerator
+from lrd_exp.config.schema import Accelerator
 from lrd_exp.devices import DeviceInfo, DeviceUnavailableError, resolve_device
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this test needs a machine without CUDA")

@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import REPO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import DeviceInfo
-from lrd_exp.distributed import (
-    FreezeAwareDDPStrategy,
-    ReplicaStateDump,
-    StepTimer,
-    compare_replicas,
-    ddp_strategy,
-    trainable_signature,
-)
+from lrd_exp.distributed.ddp import FreezeAwareDDPStrategy, ddp_strategy, trainable_signature
 from lrd_exp.freezing import FreezingCallback, collect_factors
-from lrd_exp.module import Classifier
-from lrd_exp.validation import ConfigError
+
+sys.path.insert(0, str(REPO / "experiments"))  # the DDP diagnostics live with the experiments
+from ddp_freeze_bench import ReplicaStateDump, StepTimer, compare_replicas  # noqa: E402
+
+from lrd_exp.config.validate import ConfigError
+from lrd_exp.training.classifier import Classifier
 
 CPU = DeviceInfo("cpu", torch.device("cpu"), "test cpu")
 FREEZE = {"schedule": "sequential", "unit": "step", "warmup": 2, "period": 2, "per_stage": 2,

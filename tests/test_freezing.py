@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lrd_exp import decompose_model
 from lrd_exp.decompose import SVDLinear
 from lrd_exp.freezing import FreezeSchedule, FreezingCallback, collect_factors, set_frozen
-from lrd_exp.module import Classifier
+from lrd_exp.training.classifier import Classifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -459,7 +459,7 @@ def test_measured_importance_freezes_what_moved_least(importance):
 
 def test_callback_counts_training_flops_with_batchnorm_on_pooled_features():
     """ResNet at 32 px ends in 1x1 maps: a one-sample count failed in BatchNorm ('more than 1 value per channel')."""
-    from lrd_exp.bench import count_flops
+    from lrd_exp.timing.flops import count_flops
 
     torch.manual_seed(0)
     model = nn.Sequential(SVDLinear(16, 32, 8), nn.BatchNorm1d(32), nn.ReLU(), SVDLinear(32, 10, 4))
@@ -484,8 +484,8 @@ POSITIONS_8PX = {"0": (64, 64, 64), "3": (64, 16, 16), "5": (16, 16), "9": (1, 1
 
 
 def test_factor_costs_are_the_weight_gradient_flops(model, factors):
-    from lrd_exp.bench import count_flops
-    from lrd_exp.freezing import factor_costs
+    from lrd_exp.freezing.factors import factor_costs
+    from lrd_exp.timing.flops import count_flops
 
     x, y = batch(n=4)
     costs = factor_costs(model, x[:1])
@@ -507,7 +507,7 @@ def test_factor_costs_are_the_weight_gradient_flops(model, factors):
 
 
 def test_factor_costs_leave_the_model_as_it_was(model):
-    from lrd_exp.freezing import factor_costs
+    from lrd_exp.freezing.factors import factor_costs
 
     model.train()
     model[1].eval()  # a module the user put in eval mode stays there
@@ -523,7 +523,7 @@ def test_factor_costs_leave_the_model_as_it_was(model):
 
 
 def test_cost_order_freezes_the_most_expensive_weight_gradients_first(model, factors):
-    from lrd_exp.freezing import factor_costs
+    from lrd_exp.freezing.factors import factor_costs
 
     costs = factor_costs(model, batch(n=1)[0])
     s = seq(factors, importance="cost", per_stage=4)
@@ -538,8 +538,8 @@ def test_cost_order_freezes_the_most_expensive_weight_gradients_first(model, fac
 
 
 def test_callback_and_benchmark_states_use_the_cost_order():
-    from lrd_exp.freezing import factor_costs
-    from lrd_exp.measure import schedule_states
+    from lrd_exp.freezing.factors import factor_costs
+    from lrd_exp.freezing.schedule import schedule_states
 
     cfg = {"schedule": "sequential", "unit": "step", "warmup": 1, "period": 2, "per_stage": 3,
            "final_fraction": 0.5, "importance": "cost"}
@@ -557,7 +557,7 @@ def test_callback_and_benchmark_states_use_the_cost_order():
 def test_cost_of_a_factor_called_twice_counts_both_calls_and_a_bad_batch_falls_back_to_size(caplog):
     from types import SimpleNamespace
 
-    from lrd_exp.freezing import factor_costs
+    from lrd_exp.freezing.factors import factor_costs
 
     class Twice(nn.Module):
         def __init__(self):

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lrd_exp import results as R
-from lrd_exp.hydra_callbacks import AggregateResults
+from lrd_exp.sweep.callbacks import AggregateResults
 
 
 @pytest.fixture
@@ -226,8 +226,8 @@ def test_write_tables_roundtrip(tmp_path):
     for col in df.columns:
         a, b = df[col].tolist(), back[col].tolist()
         for x, y in zip(a, b):
-            if R._is_missing(x):
-                assert R._is_missing(y), col
+            if R.is_missing(x):
+                assert R.is_missing(y), col
             elif isinstance(x, (int, float)) and not isinstance(x, bool):
                 assert math.isclose(float(x), float(y), rel_tol=1e-9), col
             else:
@@ -285,7 +285,7 @@ def test_wandb_offline_table(wandb_env):
         got = dict(zip(table["columns"], data))
         assert got["model"] == rec["model"] and got["rank_policy"] == rec["rank_policy"]
         assert got["train_speedup"] == pytest.approx(rec["train_speedup"])
-        assert got["rank_ratio"] == (None if R._is_missing(rec["rank_ratio"]) else rec["rank_ratio"])
+        assert got["rank_ratio"] == (None if R.is_missing(rec["rank_ratio"]) else rec["rank_ratio"])
     assert R.log_wandb_table(df.iloc[:0], project="p", group="g", dir=tmp_path / "wb2") is None
     assert R.log_wandb_table(df, project="p", group="g", mode="disabled", dir=tmp_path / "wb3") is None
 

@@ -5,7 +5,7 @@ them itself as well."""
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from lrd_exp.entry import register
+from lrd_exp.cli import register
 
 register()
 

@@ -1,4 +1,4 @@
-"""Low-rank decomposition: factorized layers, rank policies and model surgery."""
+"""Low-rank decomposition: the linear algebra (functional), factorized layers, rank policies and model surgery."""
 
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.report import DecompositionReport, LayerReport

@@ -10,10 +10,12 @@ import math
 
 import torch
 
-POLICIES = ("none", "ratio", "energy", "quantized", "optimized", "fixed")
-ROUNDINGS = ("nearest", "up", "down")
-BASES = ("ratio", "energy")
-BUDGETS = ("layer", "model")
+from lrd_exp.config.schema import BASES, BUDGETS, POLICIES, ROUNDINGS
+from lrd_exp.config.validate import check_energy, check_multiple, check_rank, check_ratio, check_rounding
+
+__all__ = ["BASES", "BUDGETS", "POLICIES", "ROUNDINGS", "check_energy", "check_multiple", "check_rank", "check_ratio",
+           "check_rounding", "energy_rank", "quantize_rank", "svd_params", "svd_rank_for_ratio", "tucker2_params",
+           "tucker2_rank_for_ratio"]
 
 
 def svd_params(n_in: int, n_out: int, rank: int) -> int:
@@ -22,37 +24,6 @@ def svd_params(n_in: int, n_out: int, rank: int) -> int:
 
 def tucker2_params(n_in: int, n_out: int, k2: int, rank_in: int, rank_out: int) -> int:
     return n_in * rank_in + k2 * rank_in * rank_out + rank_out * n_out
-
-
-def check_ratio(ratio: float) -> float:
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 1:
-        raise ValueError(f"rank.ratio={ratio!r} is not allowed: the compression ratio must be a number > 1")
-    return float(ratio)
-
-
-def check_energy(energy: float) -> float:
-    if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1:
-        raise ValueError(f"rank.energy={energy!r} is not allowed: the kept energy fraction must be in (0, 1]")
-    return float(energy)
-
-
-def check_multiple(multiple: int) -> int:
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"rank.multiple={multiple!r} is not allowed: the quantization step must be an integer >= 1")
-    return multiple
-
-
-def check_rounding(rounding: str) -> str:
-    rounding = getattr(rounding, "value", rounding)
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rank.rounding={rounding!r} is not allowed: choose one of {', '.join(ROUNDINGS)}")
-    return rounding
-
-
-def check_rank(rank: int, key: str = "rank.rank") -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{key}={rank!r} is not allowed: a rank must be an integer >= 1")
-    return rank
 
 
 def svd_rank_for_ratio(n_in: int, n_out: int, ratio: float) -> int:

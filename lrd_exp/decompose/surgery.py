@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrd_exp.config import enum_value
+from lrd_exp.config.schema import enum_value
 from lrd_exp.decompose import ranks as R
-from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv, mode_singular, svd_basis
+from lrd_exp.decompose.functional import mode_singular, svd_basis, svd_error, tucker2_error
+from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
+from lrd_exp.decompose.search import choose_ranks
 
 
 @dataclass
@@ -149,7 +151,7 @@ def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: I
     stems, heads = stem_and_head(model)
     plans, skipped = [], []
     for name, m in model.named_modules():
-        if isinstance(m, FactorizedTypes) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, FactorizedLayer) or not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
         if include and not _matches(name, include):
             continue
@@ -176,8 +178,6 @@ def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: I
             plans.append(LayerPlan(name, m, "svd" if k2 == 1 else "tucker2", m.in_channels, m.out_channels, k2))
     return plans, skipped
 
-
-FactorizedTypes = (SVDLinear, SVDConv1x1, Tucker2Conv)
 
 
 def _fixed_rank(name: str, rank: Any) -> int | None:
@@ -214,22 +214,19 @@ def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float,
     return ranks
 
 
-def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[nn.Module, float]:
+def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[FactorizedLayer, float]:
     """The factorized replacement and its relative weight error."""
     m = plan.module
     if plan.kind == "svd":
-        cls = SVDLinear.from_linear if isinstance(m, nn.Linear) else SVDConv1x1.from_conv
-        new, s = cls(m, ranks[0], plan.svd_basis())
-        sq = s.double() ** 2
-        err = (sq[ranks[0]:].sum() / sq.sum().clamp_min(1e-300)).sqrt().item()
-        return new, err
+        basis = plan.svd_basis()
+        if isinstance(m, nn.Linear):
+            new = SVDLinear.from_linear(m, ranks[0], basis=basis)
+        else:
+            new = SVDConv1x1.from_conv(m, ranks[0], basis=basis)
+        return new, svd_error(basis[2], ranks[0])
     (u_out, _), (u_in, _) = plan.mode_bases()
-    new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], bases=(u_out, u_in))
-    w = m.weight.detach().double()
-    w_norm2 = (w * w).sum()
-    core = new.core.weight.detach().double()
-    err2 = ((w_norm2 - (core * core).sum()) / w_norm2.clamp_min(1e-300)).clamp_min(0)
-    return new, err2.sqrt().item()
+    new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], basis=(u_out, u_in))
+    return new, tucker2_error(m.weight.detach(), new.core.weight.detach())
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -274,7 +271,7 @@ def decompose_model(
     Keywords equal the ``rank`` config keys, so ``decompose_model(model, **cfg.rank)`` works. ``example_input``
     (or ``input_size``, or timm's ``pretrained_cfg['input_size']``) gives the activation shapes for FLOP counts;
     ``rank_search`` holds the measuring context of ``policy="optimized"`` (batch size, device, precision, cache
-    dir; see :func:`lrd_exp.rank_search.choose_ranks`).
+    dir; see :func:`lrd_exp.decompose.search.choose_ranks`).
     """
     policy = _plain(policy)
     if policy not in R.POLICIES:
@@ -320,8 +317,6 @@ def decompose_model(
     chosen: dict[str, tuple[int, ...] | None] = {}
     reasons: dict[str, str] = {}
     if policy == "optimized":
-        from lrd_exp.rank_search import choose_ranks
-
         estimates = {p.name: estimate_ranks(p, "quantized", ratio=ratio, energy=energy, multiple=multiple,
                                             rounding=rounding, base=base, rank=rank) for p in plans}
         chosen, reasons, stats = choose_ranks(plans, estimates, window=window, step=step, objective=objective,

@@ -1,0 +1,288 @@
+"""Typed config schemas: a wrong enum value fails at composition, naming the key and the allowed values.
+
+The YAML files in ``conf/`` fill these structures; OmegaConf checks types and enums when Hydra composes.
+Range checks that types cannot express live in :mod:`lrd_exp.config.validate` and run before any work.
+This module is the one list of allowed values: the library's checks read them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+def enum_value(value: Any) -> Any:
+    """A config enum as its plain value (typed configs hand out Enum members; the library compares strings)."""
+    return getattr(value, "value", value)
+
+
+class RankPolicy(str, Enum):
+    none = "none"
+    ratio = "ratio"
+    energy = "energy"
+    quantized = "quantized"
+    optimized = "optimized"
+    fixed = "fixed"
+
+
+class Rounding(str, Enum):
+    nearest = "nearest"
+    up = "up"
+    down = "down"
+
+
+class RankBase(str, Enum):
+    ratio = "ratio"
+    energy = "energy"
+
+
+class RankBudget(str, Enum):
+    layer = "layer"
+    model = "model"
+
+
+class Objective(str, Enum):
+    train = "train"
+    inference = "inference"
+    both = "both"
+
+
+class FreezeSchedule(str, Enum):
+    none = "none"
+    sequential = "sequential"
+    alternating = "alternating"
+    first = "first"
+    last = "last"
+    largest = "largest"
+
+
+class FreezeUnit(str, Enum):
+    epoch = "epoch"
+    step = "step"
+
+
+class Importance(str, Enum):
+    weight_change = "weight_change"
+    grad_norm = "grad_norm"
+    depth = "depth"
+    reverse_depth = "reverse_depth"
+    size = "size"
+    cost = "cost"
+
+
+class Task(str, Enum):
+    train = "train"
+    benchmark = "benchmark"
+
+
+class Accelerator(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    npu = "npu"
+
+
+class MallocMode(str, Enum):
+    system = "system"
+    tuned = "tuned"  # opt-in: freed host buffers stay in the process (lrd_exp.devices.allocator)
+
+
+def _values(enum: type[Enum]) -> tuple[str, ...]:
+    return tuple(member.value for member in enum)
+
+
+POLICIES = _values(RankPolicy)
+ROUNDINGS = _values(Rounding)
+BASES = _values(RankBase)
+BUDGETS = _values(RankBudget)
+SCHEDULES = _values(FreezeSchedule)
+IMPORTANCES = _values(Importance)
+MEASURED_IMPORTANCES = ("weight_change", "grad_norm")  # only a training run can measure these
+ACCELERATORS = _values(Accelerator)
+MALLOC_MODES = _values(MallocMode)
+FACTOR_POSITIONS = ("first", "core", "last")  # a factorized layer's factors, in order
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")  # lrd_exp.training.data builds each
+
+
+@dataclass
+class RankConfig:
+    """Keys equal ``decompose_model``'s keywords, so ``decompose_model(model, **cfg.rank)`` works."""
+
+    policy: RankPolicy = RankPolicy.quantized
+    ratio: float = 2.0  # parameter compression target c > 1 of each decomposed layer
+    energy: float = 0.95  # fraction of squared singular-value energy kept (policy=energy)
+    multiple: int = 8  # quantization step (policy=quantized)
+    rounding: Rounding = Rounding.nearest
+    base: RankBase = RankBase.ratio  # the estimate quantized/optimized start from
+    rank: Any = None  # policy=fixed: an int, or {name pattern: int}
+    window: float = 0.25  # optimized: search ranks in [est*(1-window), est*(1+window)]
+    step: int = 8  # optimized: spacing of the searched ranks
+    objective: Objective = Objective.train
+    tolerance: float = 0.03  # optimized: candidates this close to the fastest tie; the largest rank wins
+    budget: RankBudget = RankBudget.model  # optimized, base=ratio: the compression holds per layer or model-wide
+    include: list[str] = field(default_factory=list)  # fnmatch patterns; overrides the default skips
+    exclude: list[str] = field(default_factory=list)
+    skip_stem: bool = True
+    skip_head: bool = True
+
+
+@dataclass
+class FreezeConfig:
+    schedule: FreezeSchedule = FreezeSchedule.sequential
+    unit: FreezeUnit = FreezeUnit.epoch
+    warmup: int = 1  # units during which everything trains
+    period: int = 1  # units between freezing stages (sequential) or phase changes (alternating)
+    per_stage: float = 0.25  # factors frozen per stage: a count (>= 1) or a fraction of all factors (< 1)
+    final_fraction: float = 0.75  # fraction of all factors frozen at the end (sequential)
+    importance: Importance = Importance.weight_change
+    positions: list[str] = field(default_factory=lambda: ["first", "core", "last"])
+    # alternating: the factor positions that train in each phase, cycled every period
+    phases: list[list[str]] = field(default_factory=lambda: [["last"], ["first", "core"]])
+    freeze_bias: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    image_size: int | None = None  # None: the dataset's
+    drop_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    image_size: int = 32
+    in_chans: int = 1
+    num_classes: int = 10
+    val_fraction: float = 0.2
+    train_size: int = 512  # synthetic only
+    val_size: int = 128  # synthetic only
+    augment: bool = False
+    num_workers: int = 0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class DeviceConfig:
+    accelerator: Accelerator = Accelerator.auto
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    malloc: MallocMode = MallocMode.system  # tuned: careful timing on a noisy host (docs/measurement.md)
+
+
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "none")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # cosine | none
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up from ~0 (transformers from scratch need it)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    baseline_epochs: int = 10
+    finetune_epochs: int = 5
+    batch_size: int = 64
+    precision: str = "32-true"
+    max_steps: int = -1  # >0 caps every training stage (smoke runs)
+    limit_val_batches: Any = 1.0  # float: fraction of batches; int: count
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    channels_last: bool = False  # NHWC activations and weights in training (and, by default, in the benchmark)
+    baseline_optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01))
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = True  # measure throughput inside a training job
+    batch_size: int | None = None  # None: trainer.batch_size
+    warmup: int = 3
+    steps: int = 48  # timed steps per model / freeze state, split over `rounds`
+    rounds: int | None = None  # interleaved rounds; None: one per timed step (the finest interleaving)
+    switch_warmup: int = 0  # untimed steps after switching to another model / state (rounds after the first)
+    min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
+    channels_last: bool | None = None  # None: trainer.channels_last (the layout the training loop uses)
+    compile: bool = False
+    precision: str | None = None  # None: trainer.precision
+    probe_steps: int = 0  # >0: benchmark steps timed around every fine-tuning epoch (paired fidelity); 0: off
+    variants: list[dict[str, Any]] = field(default_factory=list)  # benchmark task: extra rank/freeze overrides
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "lrd-exp"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = ".lrd_cache"  # baseline checkpoints and rank timings, shared by sweeps
+    data_dir: str = "data"
+    output_dir: str | None = None  # None: the Hydra job dir
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a job returns to a sweeper (Optuna): a row metric, penalised when accuracy drops too far."""
+
+    metric: str = "train_ips_decomposed"
+    max_top1_drop: float | None = None  # points; a larger drop returns -drop instead of the metric
+
+
+@dataclass
+class LrdConfig:
+    task: Task = Task.train
+    seed: int = 0
+    resume: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    name: str = "lrd"  # experiment name, used for W&B grouping
+
+
+def register_configs() -> None:
+    """Register the schemas; config.yaml lists ``lrd_schema`` first so every group merges into it."""
+    cs = ConfigStore.instance()
+    cs.store(name="lrd_schema", node=LrdConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="dataset", name="schema", node=DatasetConfig)
+    cs.store(group="freeze", name="schema", node=FreezeConfig)
+    cs.store(group="device", name="schema", node=DeviceConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)

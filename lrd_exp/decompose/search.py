@@ -1,0 +1,359 @@
+"""``rank.policy=optimized``: pick each layer's rank by timing candidates on the run's own device.
+
+For every decomposable layer, candidate ranks near the estimate and the un-decomposed original are timed at
+the layer's real activation shape, batch, dtype and memory format. A layer stays dense when the original is
+fastest. With ``budget="model"`` (default, ``base=ratio``) the other layers share one parameter budget, the
+total of their ratio estimates, and the ranks with the least total time within it win: layers where a rank
+costs more time per parameter get compressed more, so the model is faster *at the same compression*. With
+``budget="layer"`` each layer takes its fastest candidate that meets the constraint on its own (compression at
+least ``ratio``; for ``base=energy`` kept energy at least ``energy``). Candidates within ``tolerance`` of the
+fastest count as ties and the largest rank among them is taken (same speed, better accuracy). Timings are cached on
+disk, keyed by device, precision, layer geometry and batch, so sweeps and later runs do not re-measure.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrd_exp.decompose import ranks as R
+from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
+from lrd_exp.devices.allocator import malloc_mode
+from lrd_exp.devices.resolve import DeviceInfo, resolve_device
+from lrd_exp.results.io import write_json_atomic, write_text_atomic
+from lrd_exp.timing.steps import autocast, normalize_precision, time_fn
+
+log = logging.getLogger("lrd_exp")
+
+Timer = Callable[[Any, "tuple[int, ...] | None"], float]
+
+
+def candidate_ranks(plan: Any, estimate: tuple[int, ...], *, window: float, step: int, base: str,
+                    ratio: float, energy_ranks: tuple[int, ...] | None = None,
+                    per_layer: bool = True) -> list[tuple[int, ...]]:
+    """Ranks to time for one layer: multiples of ``step`` around the estimate that meet the constraint.
+
+    ``per_layer=False`` (a model-wide budget) drops the per-layer compression bound: larger ranks than the
+    estimate stay candidates, paid for by other layers.
+    """
+    lead = estimate[0]
+    lo = max(1, math.floor(lead * (1 - window)))
+    hi = max(lo, math.ceil(lead * (1 + window)))
+    full = plan.full_ranks
+    leads = {r for r in range((lo + step - 1) // step * step, hi + 1, step) if r >= 1} | {lead}
+    cands = set()
+    for r in sorted(leads):
+        if len(estimate) == 1:
+            ranks: tuple[int, ...] = (min(r, full[0]),)
+        else:  # Tucker-2: scale r2 with r1, quantized to the step
+            r2 = max(step, round(estimate[1] * r / max(lead, 1) / step) * step) if r != lead else estimate[1]
+            ranks = (min(r, full[0]), min(r2, full[1]))
+        cands.add(ranks)
+    dense = plan.params_dense
+    ok = []
+    for ranks in sorted(cands):
+        params = plan.params_for(ranks)
+        if params >= dense:
+            continue
+        if per_layer and base == "ratio" and params * ratio > dense * (1 + 1e-9) and ranks != tuple(estimate):
+            continue
+        if base == "energy" and energy_ranks is not None and any(r < e for r, e in zip(ranks, energy_ranks)):
+            continue
+        ok.append(ranks)
+    return ok or [tuple(estimate)]
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.device, channels_last: bool
+                   ) -> nn.Module:
+    m = copy.deepcopy(plan.module).to(device)
+    if ranks is None:
+        module = m
+    elif isinstance(m, nn.Linear):
+        module = SVDLinear.like(m, ranks[0])
+    elif plan.kind == "svd":
+        module = SVDConv1x1.like(m, ranks[0])
+    else:
+        module = Tucker2Conv.like(m, ranks[0], ranks[1])
+    module = module.to(device).float()
+    if channels_last and not isinstance(m, nn.Linear):
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
+               precision: str, objective: str, channels_last: bool = False, warmup: int = 3,
+               steps: int = 10) -> float:
+    """Median seconds of the layer (dense when ``ranks`` is None) at its real activation shape."""
+    if plan.in_shape is None:
+        raise ValueError(f"layer {plan.name}: no activation shape recorded; pass example_input to decompose_model")
+    dev = device.torch_device
+    module = _layer_modules(plan, ranks, dev, channels_last)
+    x = torch.randn(batch_size, *plan.in_shape, device=dev)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    precision = normalize_precision(precision)
+    total = 0.0
+    if objective in ("train", "both"):
+        x.requires_grad_(True)
+
+        def train() -> None:
+            with autocast(precision, dev.type):
+                out = module(x)
+            out.float().sum().backward()
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+
+        total += time_fn(train, warmup=warmup, steps=steps, sync=device.synchronize).median_s
+    if objective in ("inference", "both"):
+        xi = x.detach()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast(precision, dev.type):
+                module(xi)
+
+        total += time_fn(infer, warmup=warmup, steps=steps, sync=device.synchronize).median_s
+    return total
+
+
+class TimingCache:
+    """One JSON file per (device, precision, geometry, batch, objective) key: rank -> median seconds.
+
+    The key also holds what else moves a timing: layout, torch version and the host allocator mode
+    (`device.malloc`: glibc's defaults re-fault large CPU buffers every step), so a changed setting re-measures.
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(plan: Any, *, device_name: str, precision: str, batch_size: int, objective: str,
+            channels_last: bool) -> str:
+        m = plan.module
+        geometry = {"type": type(m).__name__, "in": plan.n_in, "out": plan.n_out, "in_shape": plan.in_shape,
+                    "bias": m.bias is not None}
+        if isinstance(m, nn.Conv2d):
+            geometry.update(k=m.kernel_size, s=m.stride, p=m.padding, d=m.dilation)
+        spec = {"device": device_name, "precision": precision, "batch": batch_size, "objective": objective,
+                "channels_last": channels_last, "geometry": geometry, "torch": torch.__version__,
+                "malloc": malloc_mode()}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def _path(self, key: str) -> str | None:
+        return os.path.join(self.directory, f"{key}.json") if self.directory else None
+
+    def load(self, key: str) -> dict[str, float]:
+        path = self._path(key)
+        if not path or not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as fh:
+                return {k: float(v) for k, v in json.load(fh).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, key: str, table: dict[str, float]) -> None:
+        path = self._path(key)
+        if not path:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        write_json_atomic(path, table)
+
+
+def _rank_key(ranks: tuple[int, ...] | None) -> str:
+    return "original" if ranks is None else "x".join(map(str, ranks))
+
+
+def pick(times: dict[tuple[int, ...] | None, float], tolerance: float) -> tuple[int, ...] | None:
+    """The fastest entry (None = keep the dense layer); decomposed ties within ``tolerance`` go to the largest rank."""
+    best = min(times.values())
+    if times.get(None, math.inf) <= best * (1 + 1e-12):
+        return None
+    ties = [r for r, t in times.items() if r is not None and t <= best * (1 + tolerance)]
+    return max(ties, key=lambda r: (math.prod(r), r))
+
+
+BUDGET_SLACK = 0.05  # model-wide budget: the chosen ranks keep at least (1 - slack) of the budgeted parameters
+
+
+def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
+                       params: dict[str, dict[tuple[int, ...], int]], estimates: dict[str, tuple[int, ...]],
+                       tolerance: float, slack: float = BUDGET_SLACK) -> dict[str, tuple[int, ...] | None]:
+    """Ranks for all layers at once: the least total time at the estimates' compression.
+
+    A layer whose original is fastest stays dense (and leaves the budget). The others share the budget
+    ``B = sum(params(estimate))`` and must keep between ``(1 - slack) B`` and ``B`` parameters: the same
+    compression as the estimates, not more (extra compression would buy speed with accuracy). Solved by a
+    Lagrangian relaxation (each layer minimises ``time + lam * params``, ``lam`` bisected), so the layers whose
+    parameters cost the most time give them up first. The estimates are one feasible answer; the result is
+    never slower than them by the measured per-layer times. Spare budget then goes to ties within
+    ``tolerance`` (the larger rank, same speed).
+    """
+    chosen: dict[str, tuple[int, ...] | None] = {}
+    active = []
+    for name, table in times.items():
+        if pick(table, tolerance) is None:
+            chosen[name] = None
+        else:
+            active.append(name)
+    if not active:
+        return chosen
+    budget = sum(params[n][tuple(estimates[n])] for n in active)
+    floor = (1.0 - slack) * budget
+    options = {n: {r: t for r, t in times[n].items() if r is not None} for n in active}
+
+    def solve(lam: float) -> dict[str, tuple[int, ...]]:
+        return {n: min(opts, key=lambda r: (opts[r] + lam * params[n][r], -params[n][r]))
+                for n, opts in options.items()}
+
+    def total(sel: dict[str, tuple[int, ...]]) -> int:
+        return sum(params[n][r] for n, r in sel.items())
+
+    def seconds(sel: dict[str, tuple[int, ...]]) -> float:
+        return sum(options[n][r] for n, r in sel.items())
+
+    def boundary(lo: float, hi: float, fits: Callable[[dict[str, tuple[int, ...]]], bool]) -> tuple[float, float]:
+        """lam just below and at the smallest lam in [lo, hi] whose solution fits (monotone, true at ``hi``)."""
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if mid in (lo, hi):
+                break
+            if fits(solve(mid)):
+                hi = mid
+            else:
+                lo = mid
+        return lo, hi
+
+    scale = max(t / max(params[n][r], 1) for n, opts in options.items() for r, t in opts.items()) or 1.0
+    big = scale * 1e6
+    estimate_sel = {n: tuple(estimates[n]) for n in active}
+    sel = solve(0.0)
+    if total(sel) > budget:  # the fastest ranks exceed the budget: pay for it where time per parameter is least
+        sel = solve(boundary(0.0, big, lambda s: total(s) <= budget)[1])
+    elif total(sel) < floor:  # the fastest ranks over-compress: buy parameters back where they cost least time
+        most = solve(boundary(-big, 0.0, lambda s: total(s) <= budget)[1])  # as many as fit
+        if total(most) >= floor:
+            sel = solve(boundary(-big, 0.0, lambda s: total(s) < floor)[0])  # the fewest that reach the floor
+            if not floor <= total(sel) <= budget:
+                sel = most
+        else:
+            sel = most
+        while total(sel) < floor:  # a discrete gap the relaxation cannot see: cheapest upgrades that fit
+            spare = budget - total(sel)
+            moves = [((options[n][r] - options[n][sel[n]]) / (params[n][r] - params[n][sel[n]]), n, r)
+                     for n in active for r in options[n] if 0 < params[n][r] - params[n][sel[n]] <= spare]
+            if not moves:
+                break
+            _, n, r = min(moves)
+            sel[n] = r
+    if total(sel) > budget or seconds(sel) > seconds(estimate_sel):  # duality gap of a discrete choice
+        sel = estimate_sel
+    spare = budget - total(sel)
+    for n in sorted(active, key=lambda n: -params[n][sel[n]]):  # ties: the larger rank if it fits
+        t0, p0 = options[n][sel[n]], params[n][sel[n]]
+        for r in sorted(options[n], key=lambda r: -params[n][r]):
+            extra = params[n][r] - p0
+            if 0 < extra <= spare and options[n][r] <= t0 * (1 + tolerance):
+                sel[n], spare = r, spare - extra
+                break
+    chosen.update(sel)
+    return chosen
+
+
+def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | None], *, window: float = 0.25,
+                 step: int = 8, objective: str = "train", multiple: int = 8, base: str = "ratio",
+                 ratio: float = 2.0, energy: float = 0.95, tolerance: float = 0.03, budget: str = "model",
+                 batch_size: int = 32,
+                 device: DeviceInfo | None = None, precision: str = "32-true", channels_last: bool = False,
+                 cache_dir: str | None = None, warmup: int = 3, steps: int = 10, output_dir: str | None = None,
+                 timer: Timer | None = None
+                 ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], dict[str, int]]:
+    """Per layer: the chosen ranks (None keeps it dense), a reason for the report, and cache statistics.
+
+    ``timer(plan, ranks_or_None) -> seconds`` replaces the device measurement (tests, custom cost models).
+    ``budget="model"`` (with ``base="ratio"``) picks all layers together under the estimates' total parameters
+    (:func:`pick_within_budget`); ``"layer"`` picks each layer alone under its own compression bound.
+    """
+    model_budget = budget == "model" and base == "ratio"
+    device = device or resolve_device("cpu")
+    cache = TimingCache(None if timer is not None else cache_dir)
+    chosen: dict[str, tuple[int, ...] | None] = {}
+    reasons: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    all_times: dict[str, dict[tuple[int, ...] | None, float]] = {}
+    prec = normalize_precision(precision)
+    for plan in tqdm(plans, desc="rank search", unit="layer", disable=None, leave=False):  # a terminal only
+        est = estimates.get(plan.name)
+        if est is None:
+            chosen[plan.name], reasons[plan.name] = None, "no estimate"
+            continue
+        energy_ranks = None
+        if base == "energy":
+            if plan.kind == "svd":
+                energy_ranks = (R.energy_rank(plan.singular_values(), energy),)
+            else:
+                (_, s_out), (_, s_in) = plan.mode_bases()
+                energy_ranks = (R.energy_rank(s_in, energy), R.energy_rank(s_out, energy))
+        cands = candidate_ranks(plan, est, window=window, step=step, base=base, ratio=ratio,
+                                energy_ranks=energy_ranks, per_layer=not model_budget)
+        key = TimingCache.key(plan, device_name=device.name, precision=prec, batch_size=batch_size,
+                              objective=objective, channels_last=channels_last)
+        table = cache.load(key)
+        times: dict[tuple[int, ...] | None, float] = {}
+        for ranks in [None, *cands]:
+            k = _rank_key(ranks)
+            if k in table:
+                cache.hits += 1
+            else:
+                cache.misses += 1
+                table[k] = (timer(plan, ranks) if timer is not None else
+                            time_layer(plan, ranks, batch_size=batch_size, device=device, precision=prec,
+                                       objective=objective, channels_last=channels_last, warmup=warmup,
+                                       steps=steps))
+            times[ranks] = table[k]
+        cache.save(key, table)
+        all_times[plan.name] = times
+    if model_budget:
+        chosen.update(pick_within_budget(
+            all_times, {p.name: {r: p.params_for(r) for r in all_times[p.name] if r is not None}
+                        for p in plans if p.name in all_times},
+            {n: tuple(estimates[n]) for n in all_times}, tolerance))
+    else:
+        chosen.update({n: pick(t, tolerance) for n, t in all_times.items()})
+    how = "optimized (model-wide budget)" if model_budget else "optimized"
+    for plan in plans:
+        if plan.name not in all_times:
+            continue
+        times, est, choice = all_times[plan.name], estimates[plan.name], chosen[plan.name]
+        t_dense = times[None]
+        if choice is None:
+            reasons[plan.name] = (f"kept: the original ({t_dense * 1e3:.3f} ms) was faster than every candidate "
+                                  f"(best {min(v for r, v in times.items() if r is not None) * 1e3:.3f} ms)")
+        else:
+            reasons[plan.name] = (f"{how}: {_rank_key(choice)} {times[choice] * 1e3:.3f} ms vs original "
+                                  f"{t_dense * 1e3:.3f} ms, estimate {_rank_key(est)} "
+                                  f"{times.get(tuple(est), math.nan) * 1e3:.3f} ms")
+        for ranks, t in times.items():
+            rows.append({"layer": plan.name, "rank": -1 if ranks is None else ranks[0],
+                         "rank_out": -1 if ranks is None else ranks[-1], "time_ms": t * 1e3,
+                         "objective": objective, "device_name": device.name, "chosen": ranks == choice,
+                         "estimate": ranks == tuple(est)})
+    log.info("rank search: %d timings measured, %d from cache", cache.misses, cache.hits)
+    if output_dir and rows:
+        import pandas as pd
+
+        write_text_atomic(os.path.join(output_dir, "rank_timings.csv"), pd.DataFrame(rows).to_csv(index=False))
+    return chosen, reasons, {"timings_measured": cache.misses, "timings_cached": cache.hits}

@@ -1,0 +1,253 @@
+"""The row contract: one flat ``result.json`` per job, the columns every row has, and the derived ratios.
+
+Rows are flat dicts so that CSV, Markdown, pandas and W&B all see the same columns; nested config goes in
+JSON-string columns.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pandas as pd
+
+RESULT_FILENAME = "result.json"
+
+IDENTITY_COLUMNS: list[str] = [
+    "model",
+    "dataset",
+    "task",
+    "variant",  # the paper's variant (variant= group) or the benchmark's bench.variants label
+    "rank_policy",
+    "rank_ratio",
+    "rank_energy",
+    "rank_multiple",
+    "rank_params",  # JSON string of the whole rank node
+    "freeze",
+    "freeze_params",  # JSON string of the whole freeze node
+    "device",
+    "device_name",
+    "precision",
+    "batch_size",
+    "channels_last",  # memory layout the speeds were measured in
+    "malloc",  # host allocator the speeds were measured under (device.malloc: tuned | system)
+    "seed",
+    "git_commit",
+    "overrides",  # e.g. "rank.policy=quantized freeze=sequential"
+    "time",  # ISO-8601
+    "output_dir",
+    "baseline_cache_hit",
+]
+SIZE_COLUMNS: list[str] = [
+    "params_original",
+    "params_decomposed",
+    "params_ratio",  # original / decomposed
+    "flops_original",  # forward FLOPs per image
+    "flops_decomposed",
+    "train_flops_original",  # per training step at batch_size
+    "train_flops_decomposed",  # with its freeze schedule, time-weighted
+    "flops_speedup_train",  # FLOP-predicted: original / decomposed
+    "flops_speedup_infer",
+]
+SPEED_COLUMNS: list[str] = [
+    "train_ips_original",
+    "train_ips_decomposed",
+    "train_speedup",  # decomposed / original images/s
+    "infer_ips_original",
+    "infer_ips_decomposed",
+    "infer_speedup",
+    "train_ips_original_min",
+    "train_ips_original_max",
+    "train_ips_decomposed_min",
+    "train_ips_decomposed_max",
+    "infer_ips_original_min",
+    "infer_ips_original_max",
+    "infer_ips_decomposed_min",
+    "infer_ips_decomposed_max",
+    "train_ips_logged",  # what the Lightning fine-tuning loop achieved (training jobs)
+    "train_ips_fidelity",  # logged / benchmark (train_ips_decomposed): 1.0 = no hidden framework bottleneck
+    "train_ips_probe",  # benchmark images/s at the loop's batch, timed around each of its epochs (bench.probe_steps)
+    "train_ips_fidelity_paired",  # logged / probe, epoch by epoch: the fidelity with the machine's drift paired out
+    "train_loop_overhead",  # share of the loop's step wall time before the step starts (loading, hooks, logging)
+    "bench_round_spread",  # (max-min)/median of block medians of the original's training steps: machine drift
+]
+QUALITY_COLUMNS: list[str] = [
+    "top1_original",
+    "top1_decomposed_pre",  # before fine-tuning
+    "top1_decomposed",  # after fine-tuning
+    "top1_drop",  # original - decomposed (after fine-tune), in points
+]
+STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
+
+#: The row contract, in order. Extra keys are allowed and kept after these.
+RESULT_COLUMNS: list[str] = IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + QUALITY_COLUMNS + STATUS_COLUMNS
+
+# Block medians of one fixed step that differ by more than this mean the machine changed speed under the
+# benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.
+UNSTABLE_ROUND_SPREAD = 0.25
+
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+STATUS_RUNNING = "running"
+
+#: Sort order of a sweep table.
+SORT_COLUMNS: list[str] = ["model", "rank_policy", "rank_ratio", "freeze", "overrides"]
+
+# derived column -> (numerator, denominator)
+_DERIVED_RATIOS: dict[str, tuple[str, str]] = {
+    "params_ratio": ("params_original", "params_decomposed"),
+    "flops_speedup_infer": ("flops_original", "flops_decomposed"),
+    "flops_speedup_train": ("train_flops_original", "train_flops_decomposed"),
+    "train_speedup": ("train_ips_decomposed", "train_ips_original"),
+    "infer_speedup": ("infer_ips_decomposed", "infer_ips_original"),
+}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        try:
+            return _jsonable(value.item())
+        except (TypeError, ValueError):
+            pass
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Recursively replace non-finite floats by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return _jsonable(obj.item())
+        except (TypeError, ValueError):
+            return obj
+    return obj
+
+
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None (missing, NaN, bool, non-numeric)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _ratio(num: Any, den: Any) -> float | None:
+    a, b = finite_number(num), finite_number(den)
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists and other array-likes are present
+        return False
+
+
+def _json_string(value: Any) -> Any:
+    """Nested config (dict / list / DictConfig) -> compact JSON string; strings and None pass through."""
+    if value is None or isinstance(value, str):
+        return value
+    try:  # OmegaConf containers without importing omegaconf at module import
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(_jsonable(value), sort_keys=True, default=_json_default)
+    return value
+
+
+def make_row(**values: Any) -> dict[str, Any]:
+    """Build a complete row: every contract column present (missing -> None), derived ratios filled in.
+
+    Derived columns are computed only when not given: ``params_ratio`` and ``flops_speedup_*`` are
+    original/decomposed (>1 = smaller/cheaper), ``train_speedup`` / ``infer_speedup`` are decomposed/original
+    images/s (>1 = faster), ``top1_drop`` = original - fine-tuned decomposed top-1 (same unit as the inputs,
+    percent points by convention). ``rank_params`` / ``freeze_params`` given as dicts become JSON strings and
+    ``overrides`` given as a list becomes one space-separated string. Extra keys are kept after the contract
+    columns.
+    """
+    row: dict[str, Any] = {col: None for col in RESULT_COLUMNS}
+    for key, value in values.items():
+        row[key] = None if (not isinstance(value, (list, tuple, Mapping)) and is_missing(value)) else value
+
+    for key in ("rank_params", "freeze_params"):
+        row[key] = _json_string(row[key])
+    if isinstance(row["overrides"], (list, tuple)):
+        row["overrides"] = " ".join(str(v) for v in row["overrides"])
+    for key in ("time",):
+        if isinstance(row[key], (_dt.datetime, _dt.date)):
+            row[key] = row[key].isoformat()
+    if isinstance(row["output_dir"], os.PathLike):
+        row["output_dir"] = os.fspath(row["output_dir"])
+
+    for out, (num, den) in _DERIVED_RATIOS.items():
+        if row[out] is None:
+            row[out] = _ratio(row[num], row[den])
+    if row["top1_drop"] is None:
+        a, b = finite_number(row["top1_original"]), finite_number(row["top1_decomposed"])
+        row["top1_drop"] = None if a is None or b is None else a - b
+    return row
+
+
+def is_complete(row: Mapping[str, Any] | None) -> bool:
+    """True when the job finished successfully (``status == "ok"``); failed and running rows are not."""
+    return bool(row) and row.get("status") == STATUS_OK
+
+
+def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Contract columns first (in order), extra keys after in first-seen order, sorted like a sweep table."""
+    rows = [make_row(**dict(r)) for r in rows]
+    extra: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in RESULT_COLUMNS and k not in extra:
+                extra.append(k)
+    df = pd.DataFrame.from_records(rows, columns=RESULT_COLUMNS + extra)
+    return sort_rows(df)
+
+
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Sort by (model, rank_policy, rank_ratio, freeze, overrides), missing values last, stable."""
+    keys = [c for c in SORT_COLUMNS if c in df.columns]
+    if not keys or df.empty:
+        return df.reset_index(drop=True)
+    helper = pd.DataFrame(index=df.index)
+    for k in keys:  # sort numbers as numbers and the rest as text, whatever the column's dtype
+        num = pd.to_numeric(df[k], errors="coerce")
+        if num.notna().sum() == df[k].notna().sum():
+            helper[k] = num
+        else:
+            helper[k] = df[k].map(lambda v: None if is_missing(v) else str(v))
+    order = helper.sort_values(keys, na_position="last", kind="stable").index
+    return df.loc[order].reset_index(drop=True)

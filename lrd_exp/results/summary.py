@@ -1,0 +1,114 @@
+"""The end-of-run summary a user reads in the terminal, with the notes on the machine's drift."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lrd_exp.results.row import UNSTABLE_ROUND_SPREAD, finite_number, make_row
+
+
+def unstable_note(row: Mapping[str, Any]) -> str | None:
+    """One line for a run's report when the machine changed speed under its benchmark, else None."""
+    spread = finite_number(row.get("bench_round_spread"))
+    if spread is None or spread <= UNSTABLE_ROUND_SPREAD:
+        return None
+    return (f"timings unstable: the original's step moved {spread:.0%} during the benchmark (the machine "
+            "changed speed); re-run on an idle machine or raise bench.steps for firmer speedups.")
+
+
+def drift_fidelity_note(row: Mapping[str, Any]) -> str | None:
+    """One line when the loop / benchmark ratio and its time-paired version disagree by more than 10 %: the gap
+    is the machine changing speed between fine-tuning and the benchmark, not the framework."""
+    apart, paired = finite_number(row.get("train_ips_fidelity")), finite_number(row.get("train_ips_fidelity_paired"))
+    if apart is None or paired is None or paired <= 0 or abs(apart / paired - 1) <= 0.10:
+        return None
+    return (f"loop vs benchmark: {apart:.2f}x against the benchmark after training but {paired:.2f}x paired epoch by "
+            "epoch; the difference is the machine's speed changing in between, not the framework.")
+
+
+def _human(value: Any, unit: str = "") -> str:
+    num = finite_number(value)
+    if num is None:
+        return "-"
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(num) >= div:
+            return f"{num / div:.2f} {suffix}{unit}".rstrip()
+    return f"{num:.4g} {unit}".rstrip()
+
+
+def _spread(row: Mapping[str, Any], key: str) -> str:
+    med = finite_number(row.get(key))
+    if med is None:
+        return "-"
+    lo, hi = finite_number(row.get(f"{key}_min")), finite_number(row.get(f"{key}_max"))
+    txt = f"{med:,.1f}"
+    if lo is not None and hi is not None:
+        txt += f" [{lo:,.1f}-{hi:,.1f}]"
+    return txt
+
+
+def format_summary(row: Mapping[str, Any]) -> str:
+    """End-of-run table, original vs decomposed, so a user reads the outcome without opening result.json."""
+    from tabulate import tabulate
+
+    r = make_row(**dict(row))
+
+    def x(v: Any, suffix: str = "x") -> str:
+        n = finite_number(v)
+        return "-" if n is None else f"{n:.2f}{suffix}"
+
+    def pct(v: Any) -> str:
+        n = finite_number(v)
+        return "-" if n is None else f"{n:.2f}"
+
+    def drop(a: Any, b: Any) -> str:
+        na, nb = finite_number(a), finite_number(b)
+        return "-" if na is None or nb is None else f"{na - nb:+.2f} pt drop"
+
+    table = [
+        ["params", _human(r["params_original"]), _human(r["params_decomposed"]), x(r["params_ratio"]) + " smaller"
+         if r["params_ratio"] is not None else "-"],
+        ["forward FLOPs / image", _human(r["flops_original"]), _human(r["flops_decomposed"]),
+         x(r["flops_speedup_infer"])],
+        ["train FLOPs / step", _human(r["train_flops_original"]), _human(r["train_flops_decomposed"]),
+         x(r["flops_speedup_train"])],
+        ["top-1 % (before fine-tune)", pct(r["top1_original"]), pct(r["top1_decomposed_pre"]),
+         drop(r["top1_original"], r["top1_decomposed_pre"])],
+        ["top-1 % (after fine-tune)", pct(r["top1_original"]), pct(r["top1_decomposed"]),
+         drop(r["top1_original"], r["top1_decomposed"])],
+        ["train images/s [min-max]", _spread(r, "train_ips_original"), _spread(r, "train_ips_decomposed"),
+         x(r["train_speedup"]) + " speedup" if r["train_speedup"] is not None else "-"],
+        ["infer images/s [min-max]", _spread(r, "infer_ips_original"), _spread(r, "infer_ips_decomposed"),
+         x(r["infer_speedup"]) + " speedup" if r["infer_speedup"] is not None else "-"],
+    ]
+    if finite_number(r.get("train_ips_logged")) is not None:
+        table.append(["fine-tuning loop images/s", "-", f"{finite_number(r['train_ips_logged']):,.1f}",
+                      x(r.get("train_ips_fidelity")) + " of the benchmark"
+                      if finite_number(r.get("train_ips_fidelity")) is not None else "-"])
+    if finite_number(r.get("train_ips_probe")) is not None:
+        table.append(["benchmark between epochs", "-", f"{finite_number(r['train_ips_probe']):,.1f}",
+                      x(r.get("train_ips_fidelity_paired")) + " loop / benchmark, paired"])
+    ident = ", ".join(
+        f"{k}={r[k]}"
+        for k in ("model", "dataset", "rank_policy", "rank_ratio", "rank_multiple", "freeze", "device_name")
+        if r.get(k) is not None
+    )
+    head = f"LRD result ({ident})" if ident else "LRD result"
+    status = r.get("status") or "-"
+    if r.get("error"):
+        status += f": {r['error']}"
+    overhead = finite_number(r.get("train_loop_overhead"))
+    notes = [f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
+             "logging)" if overhead is not None else None, drift_fidelity_note(r), unstable_note(r)]
+    lines = [
+        head,
+        tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",
+                 disable_numparse=True, colalign=("left", "right", "right", "left")),
+        "ratio: size rows original/decomposed (FLOP-predicted speedup); speed rows decomposed/original.",
+        *(n for n in notes if n),
+        f"status: {status}" + (f" ({finite_number(r['duration_s']):.0f} s)" if finite_number(r["duration_s"]) is not None else ""),
+    ]
+    if r.get("output_dir"):
+        lines.append(f"output: {r['output_dir']}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""``task=benchmark``: throughput only, no training, on synthetic data of the model's real input shape.
+
+The original and each decomposed variant (the run's rank policy and freeze schedule, or ``bench.variants``)
+are measured in the same process, interleaved; every state of a freeze schedule is measured and averaged by
+the time it lasts. Rows use the result schema with the accuracy columns empty.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lrd_exp import results
+from lrd_exp.config.schema import MEASURED_IMPORTANCES as MEASURED
+from lrd_exp.config.schema import enum_value
+from lrd_exp.decompose import decompose_model
+from lrd_exp.devices.resolve import DeviceInfo
+from lrd_exp.freezing.schedule import schedule_states
+from lrd_exp.sweep.guard import warn_parallel_throughput
+from lrd_exp.tasks.common import (
+    bench_channels_last,
+    bench_optimizer,
+    build_model,
+    freeze_total_units,
+    identity_row,
+    rank_search_context,
+)
+from lrd_exp.tasks.measure import compare, comparison_fields
+
+log = logging.getLogger("lrd_exp")
+
+
+def variant_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(label, cfg) for the run's own variant, then one per ``bench.variants`` entry (rank / freeze overrides)."""
+    out = [(f"{enum_value(cfg.rank.policy)}+{enum_value(cfg.freeze.schedule)}", cfg)]
+    for i, spec in enumerate(cfg.bench.variants):
+        spec = OmegaConf.to_container(spec, resolve=True)
+        label = str(spec.pop("label", f"variant{i + 1}"))
+        vcfg = copy.deepcopy(cfg)
+        for key in ("rank", "freeze"):
+            if key in spec:
+                vcfg[key] = OmegaConf.merge(vcfg[key], spec.pop(key))
+        if spec:
+            raise ValueError(f"bench.variants[{i}] has unknown keys {sorted(spec)}: allowed are label, rank, freeze")
+        out.append((label, vcfg))
+    return out
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label)[:80]
+
+
+def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
+    """Time the original and every variant; one row per variant, a printed table and ``freeze_stages.csv``."""
+    parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
+    b, d = cfg.bench, cfg.dataset
+    batch = b.batch_size or cfg.trainer.batch_size
+    precision = str(b.precision or cfg.trainer.precision)
+    torch.manual_seed(cfg.seed)
+    original = build_model(cfg, num_classes=d.num_classes, in_chans=d.in_chans, image_size=d.image_size)
+    size = cfg.model.image_size or d.image_size
+    x = torch.randn(batch, d.in_chans, size, size, device=device.torch_device)
+    y = torch.randint(0, d.num_classes, (batch,), device=device.torch_device)
+    original = original.to(device.torch_device)
+    rows, stage_rows = [], []
+    for i, (label, vcfg) in enumerate(variant_configs(cfg)):
+        started = time.perf_counter()
+        row = identity_row(vcfg, out_dir)
+        row.update(device=device.accelerator, device_name=device.name, precision=precision, batch_size=batch,
+                   variant=label, status="running", parallel_jobs=parallel)
+        vdir = out_dir if i == 0 else os.path.join(out_dir, "variants", _slug(label))
+        row["output_dir"] = vdir
+        try:
+            decomposed = copy.deepcopy(original)
+            report = decompose_model(decomposed, **vcfg.rank, example_input=x[:1],
+                                     rank_search=rank_search_context(vcfg, device, None) | {"output_dir": vdir})
+            os.makedirs(vdir, exist_ok=True)
+            results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+            states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg), example_input=x[:1])
+            log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
+            importance = enum_value(vcfg.freeze.get("importance"))
+            if len(states) > 1 and enum_value(vcfg.freeze.schedule) == "sequential" and importance in MEASURED:
+                log.info("benchmark %s: freeze.importance=%s is measured during training, so these states freeze "
+                         "in depth order (a training job's own benchmark follows its real order; "
+                         "freeze.importance=cost is the same here and in training)", label, importance)
+            orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
+                                precision=precision, channels_last=bench_channels_last(cfg), compile=b.compile,
+                                device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup,
+                                optimizer_factory=bench_optimizer(vcfg), desc=f"timing {label}")
+            row.update(comparison_fields(original, decomposed, orig, dec, x))
+            row["status"] = "ok"
+            for st in dec.stages:
+                stage_rows.append({"variant": label, **{k: v for k, v in st.items()}})
+        except Exception as exc:
+            log.exception("benchmark variant %s failed", label)
+            row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        row["duration_s"] = round(time.perf_counter() - started, 2)
+        final = results.make_row(**row)
+        results.write_result(vdir, final)
+        rows.append(final)
+    print_benchmark(rows, stage_rows)
+    if stage_rows:
+        results.write_text_atomic(os.path.join(out_dir, "freeze_stages.csv"),
+                                  pd.DataFrame(stage_rows).to_csv(index=False))
+    first = rows[0]
+    return first.get("train_ips_decomposed") if first["status"] == "ok" else None
+
+
+def print_benchmark(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]) -> None:
+    cols = {"variant": "variant", "params_ratio": "params x", "train_ips_original": "train ips orig",
+            "train_ips_decomposed": "train ips LRD", "train_speedup": "train speedup",
+            "flops_speedup_train": "FLOP-pred. train", "infer_ips_original": "infer ips orig",
+            "infer_ips_decomposed": "infer ips LRD", "infer_speedup": "infer speedup",
+            "flops_speedup_infer": "FLOP-pred. infer", "status": "status"}
+    df = pd.DataFrame(rows)
+    df = df[[c for c in cols if c in df.columns]].rename(columns=cols)
+    device = rows[0].get("device_name") if rows else ""
+    print(f"\nBenchmark ({rows[0].get('model')}, batch {rows[0].get('batch_size')}, {rows[0].get('precision')}, "
+          f"{device}); speedups are LRD / original, measured side by side:")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+    for row in rows:
+        note = results.unstable_note(row)
+        if note:
+            print(f"{row.get('variant')}: {note}")
+    if stage_rows:
+        st = pd.DataFrame(stage_rows)[["variant", "label", "weight", "n_frozen", "train_ips", "train_flops"]]
+        st["train_flops"] = st["train_flops"] / 1e9
+        print("\nFreeze states (time-weighted into the rows above):")
+        print(st.rename(columns={"train_flops": "train GFLOP/step"}).to_string(
+            index=False, float_format=lambda v: f"{v:,.3f}"))

@@ -1,0 +1,186 @@
+"""``task=train``, one job: baseline -> decompose -> fine-tune with freezing -> measure -> one result row.
+
+:func:`train` keeps the row honest (written as ``running`` first, then ``ok`` or ``failed`` with the error, never
+lost); :func:`train_job` is the job itself and reads top to bottom like the pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from typing import Any
+
+import pandas as pd
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from torch import nn
+
+from lrd_exp import results
+from lrd_exp.decompose import decompose_model
+from lrd_exp.devices.npu import count_devices
+from lrd_exp.devices.resolve import DeviceInfo
+from lrd_exp.freezing.callback import FreezingCallback
+from lrd_exp.sweep.guard import warn_parallel_throughput
+from lrd_exp.tasks.common import (
+    bench_optimizer,
+    build_model,
+    identity_row,
+    objective_value,
+    rank_search_context,
+)
+from lrd_exp.tasks.measure import measure_pair
+from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
+from lrd_exp.training.baseline import get_or_train
+from lrd_exp.training.data import build_datamodule
+from lrd_exp.training.trainer import evaluate, finish_wandb, fit, make_loggers, make_wandb
+
+log = logging.getLogger("lrd_exp")
+
+
+def train(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
+    """Run one training job and write its row; returns the sweep objective (None for a failed job)."""
+    existing = results.read_result(os.path.join(out_dir, results.RESULT_FILENAME))
+    if existing and results.is_complete(existing) and not cfg.resume:
+        log.info("result.json in %s is complete: skipping this job (delete it to re-run)", out_dir)
+        print(results.format_summary(existing))
+        return objective_value(cfg, existing)
+
+    row = identity_row(cfg, out_dir)
+    row.update(device=device.accelerator, device_name=device.name, status="running",
+               parallel_jobs=warn_parallel_throughput(cfg))
+    results.write_result(out_dir, results.make_row(**row))
+    started = time.perf_counter()
+    wandb_logger = None
+    try:
+        wandb_logger = make_wandb(cfg, out_dir, row)
+        row.update(train_job(cfg, device, out_dir, wandb_logger))
+        row["status"] = "ok"
+    except KeyboardInterrupt:
+        row.update(status="failed", error="interrupted")
+        raise
+    except Exception as exc:
+        log.exception("job failed")
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        row["duration_s"] = round(time.perf_counter() - started, 2)
+        final = results.make_row(**row)
+        results.write_result(out_dir, final)
+        if wandb_logger is not None:
+            finish_wandb(wandb_logger, final)
+        print(results.format_summary(final))
+        print(f"result row: {os.path.join(out_dir, results.RESULT_FILENAME)}")
+    return objective_value(cfg, final)
+
+
+def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: Any | None) -> dict[str, Any]:
+    """The job's stages in order; returns the row's size, speed and quality fields."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
+                          data_dir=cfg.paths.data_dir)
+    row: dict[str, Any] = {}
+
+    # 1. baseline: trained once per defining config, cached for every job of a sweep
+    original, curves, cache = baseline(cfg, device, dm, out_dir)
+    row.update(cache)
+    row["top1_original"] = evaluate(cfg, device, original, dm, out_dir)
+
+    # 2. decompose
+    decomposed = decompose(cfg, device, dm, original, out_dir)
+    row["top1_decomposed_pre"] = evaluate(cfg, device, decomposed, dm, out_dir)
+
+    # 3. fine-tune with the freeze schedule
+    history, speed, probe, finetune_curve = finetune(cfg, device, dm, decomposed, out_dir, wandb_logger)
+    row["top1_decomposed"] = evaluate(cfg, device, decomposed, dm, out_dir)
+    results.write_json_atomic(os.path.join(out_dir, "freeze_history.json"), history)
+    curves += finetune_curve
+    if curves:
+        results.write_text_atomic(os.path.join(out_dir, "curves.csv"), pd.DataFrame(curves).to_csv(index=False))
+
+    # 4. measure original vs decomposed side by side (every freeze state, time-weighted)
+    if cfg.bench.enabled:
+        row.update(measure_pair(cfg, device, original, decomposed, dm, history=history))
+    row.update(loop_fields(speed, probe, row, out_dir))
+    return row
+
+
+def baseline(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str
+             ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
+    """The original model, trained or read from the baseline cache: (model, its curve, cache columns)."""
+    t = cfg.trainer
+    shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
+
+    def train_baseline() -> dict:
+        model = build_model(cfg, **shape)
+        curve = []
+        if t.baseline_epochs > 0:
+            log.info("training the baseline: %s, %d epochs", cfg.model.name, t.baseline_epochs)
+            module = fit(cfg, device, model, dm, epochs=t.baseline_epochs, optim=t.baseline_optim,
+                         out_dir=out_dir, stage="baseline", loggers=make_loggers(cfg, out_dir, "baseline"))
+            curve = module.curve
+        return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "curve": curve}
+
+    entry, hit, path = get_or_train(cfg, train_baseline)
+    original = build_model(cfg, **shape)
+    original.load_state_dict(entry["state_dict"])
+    curves = [dict(c, stage="baseline") for c in entry.get("curve", [])]
+    return original, curves, {"baseline_cache_hit": hit, "baseline_path": path}
+
+
+def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, out_dir: str) -> nn.Module:
+    """A decomposed copy of ``original`` by the run's rank policy; the per-layer report goes to the output dir."""
+    x, _ = dm.example_batch(1)
+    decomposed = copy.deepcopy(original)
+    report = decompose_model(decomposed, **cfg.rank, example_input=x,
+                             rank_search=rank_search_context(cfg, device, dm))
+    log.info("decomposition: %s", report.summary())
+    report.to_frame().to_csv(os.path.join(out_dir, "decomposition.csv"), index=False)
+    results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    return decomposed
+
+
+def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module, out_dir: str,
+             wandb_logger: Any | None) -> tuple[list[dict[str, Any]], StepThroughput, BenchProbe | None, list]:
+    """Fine-tune ``decomposed`` in place with the freeze schedule: (freeze history, loop speed, probe, curve)."""
+    t = cfg.trainer
+    freezer = FreezingCallback(cfg.freeze)
+    speed = StepThroughput(device)
+    probe = make_probe(cfg, device, dm, speed)
+    if t.finetune_epochs <= 0:
+        return [], speed, probe, []
+    loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
+    module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=t.finetune_optim, out_dir=out_dir,
+                 stage="finetune", callbacks=[freezer, speed] + ([probe] if probe else []), loggers=loggers,
+                 resume=cfg.resume)
+    for p in decomposed.parameters():  # measurement applies each freeze state itself
+        p.requires_grad_(True)
+    return freezer.history, speed, probe, [dict(c, stage="finetune") for c in module.curve]
+
+
+def loop_fields(speed: StepThroughput, probe: BenchProbe | None, row: dict[str, Any], out_dir: str
+                ) -> dict[str, Any]:
+    """What the Lightning loop really achieved, against the side-by-side benchmark (and the probe, if on)."""
+    fields: dict[str, Any] = {"train_ips_logged": speed.images_per_s,
+                              "train_loop_overhead": speed.overhead_share}  # same steps: drift cannot move it
+    if speed.images_per_s and row.get("train_ips_decomposed"):
+        fields["train_ips_fidelity"] = speed.images_per_s / row["train_ips_decomposed"]
+    fields.update(loop_fidelity(speed, probe))  # the same comparison, paired epoch by epoch: drift cancels
+    per_epoch = fidelity_epochs(speed, probe)
+    if per_epoch:
+        results.write_text_atomic(os.path.join(out_dir, "fidelity.csv"), pd.DataFrame(per_epoch).to_csv(index=False))
+    return fields
+
+
+def make_probe(cfg: DictConfig, device: DeviceInfo, dm: Any, loop: StepThroughput | None = None) -> BenchProbe | None:
+    """The benchmark step timed around every fine-tuning epoch (opt-in: ``bench.probe_steps``), exactly as the loop
+    runs it (batch, precision, layout, optimizer), so ``train_ips_fidelity_paired`` compares the two seconds apart."""
+    b, t = cfg.bench, cfg.trainer
+    if not b.enabled or b.probe_steps < 1 or t.finetune_epochs < 1:
+        return None
+    if count_devices(device.accelerator, cfg.device.devices) * max(int(cfg.device.num_nodes), 1) > 1:
+        return None  # DDP: each rank would time alone (the callback would skip it anyway; nothing to pickle)
+    x, y = dm.example_batch(t.batch_size)  # kept on the CPU: each probe moves its own copy to the device
+    return BenchProbe(x, y, steps=b.probe_steps, warmup=b.warmup,
+                      precision=str(t.precision), channels_last=bool(t.channels_last), device=device,
+                      optimizer_factory=bench_optimizer(cfg), loop=loop)

@@ -1,0 +1,7 @@
+"""Training: the LightningModule (classifier), datamodules (data), the baseline cache (baseline) and the Trainer
+of a job (trainer)."""
+
+from lrd_exp.training.classifier import Classifier, make_optimizer
+from lrd_exp.training.data import build_datamodule
+
+__all__ = ["Classifier", "build_datamodule", "make_optimizer"]

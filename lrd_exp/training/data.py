@@ -1,0 +1,473 @@
+"""Datamodules: ``digits`` (embedded, offline), ``synthetic``, ``cifar10`` / ``cifar100`` and an ``imagenet`` folder.
+
+Every datamodule knows ``num_classes``, ``in_chans`` and ``image_size`` right after construction, so the model can
+be built before any data is read, and offers ``example_batch`` for throughput measurement at the real input shape.
+The validation loader is the evaluation split top-1 is reported on (the test set for CIFAR, ``val/`` for ImageNet).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.datasets import ImageFolder
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _opt(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read ``key`` from a DictConfig, a mapping or a plain object; missing or None gives ``default``."""
+    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _stats(value: Any, default: Sequence[float], channels: int, key: str) -> tuple[float, ...]:
+    """Per-channel mean/std: ``value`` from the config (1 or ``channels`` numbers) or the dataset's ``default``."""
+    if value is None:
+        value = default
+    values = tuple(float(v) for v in value)
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"dataset.{key} has {len(values)} values; expected 1 or in_chans={channels}")
+    if key == "std" and min(values) <= 0:
+        raise ValueError(f"dataset.std must be > 0, got {list(values)}")
+    return values
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a (C, H, W) or (N, C, H, W) float tensor to ``size`` x ``size`` (antialiased when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    batched = x if x.dim() == 4 else x.unsqueeze(0)
+    out = F.interpolate(
+        batched, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]
+    )
+    return out if x.dim() == 4 else out.squeeze(0)
+
+
+class _ImageTransform:
+    """Per-sample tensor pipeline: to float in [0, 1], random shift (zero pad + crop) and flip, resize, channels, normalise.
+
+    Written on plain tensors so in-memory datasets (digits, CIFAR) need no PIL round trip; the random numbers come
+    from torch's global generator, which Lightning's ``seed_everything(workers=True)`` seeds in every worker.
+    """
+
+    def __init__(
+        self,
+        mean,
+        std,
+        *,
+        size: int | None = None,
+        channels: int | None = None,
+        pad: int = 0,
+        flip: bool = False,
+    ):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.size, self.channels, self.pad, self.flip = size, channels, pad, flip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        if self.pad:
+            h, w = x.shape[-2:]
+            padded = F.pad(x, (self.pad,) * 4)
+            i, j = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
+            x = padded[:, i : i + h, j : j + w]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        if self.size is not None:
+            x = _resize(x, self.size)
+        if self.channels is not None and x.shape[0] != self.channels:
+            x = x.expand(self.channels, -1, -1)
+        return (x - self.mean) / self.std
+
+
+def _transform_all(transform: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """A deterministic per-sample transform applied to every image once (contiguous result)."""
+    return torch.stack([transform(img) for img in images]).contiguous()
+
+
+class _TransformTensorDataset(TensorDataset):
+    """A TensorDataset of (images, labels) whose images pass through a per-sample transform."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
+    ):
+        super().__init__(images, labels)
+        self.transform = transform
+
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return self.transform(image), label
+
+
+class _BaseDataModule(pl.LightningDataModule):
+    """Loaders, lazy setup and ``example_batch`` shared by every dataset; subclasses build the two datasets."""
+
+    name = "base"
+
+    def __init__(self, cfg: Any, *, batch_size: int, seed: int = 0, data_dir: str = "data"):
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.image_size = int(_opt(cfg, "image_size", 32))
+        self.in_chans = int(_opt(cfg, "in_chans", 1))
+        self.num_classes = int(_opt(cfg, "num_classes", 10))
+        self.num_workers = int(_opt(cfg, "num_workers", 0))
+        self.augment = bool(_opt(cfg, "augment", False))
+        self.download = bool(_opt(cfg, "download", False))
+        self.root = str(_opt(cfg, "root", os.path.join(data_dir, self.name)))
+        self.cfg_mean = _opt(cfg, "mean")
+        self.cfg_std = _opt(cfg, "std")
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def _fix(self, attr: str, value: int, cfg_value: int) -> None:
+        """Set a dataset-given attribute; warn when the config asked for something else (the data wins)."""
+        if value != cfg_value:
+            warnings.warn(
+                f"dataset.{attr}={cfg_value} but {self.name} has {attr}={value}; using {value}", stacklevel=3
+            )
+        setattr(self, attr, value)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_dataset is None:
+            self.val_dataset = self._build_val()
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._build_train()
+
+    def _build_train(self) -> Dataset:
+        raise NotImplementedError
+
+    def _build_val(self) -> Dataset:
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        kwargs: dict[str, Any] = {}
+        if train:
+            # seeded shuffle: the same seed gives the same order of batches
+            kwargs["generator"] = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # a last batch of one sample breaks BatchNorm in training mode
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded random batch of the real input shape, for throughput measurement (reads no data)."""
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(batch_size, self.in_chans, self.image_size, self.image_size, generator=g)
+        y = torch.randint(0, self.num_classes, (batch_size,), generator=g)
+        return x, y
+
+
+class DigitsDataModule(_BaseDataModule):
+    """scikit-learn's 8x8 digits (1797 images, bundled with sklearn): the offline default, trains in seconds on a CPU.
+
+    Split: stratified, seeded by ``seed`` (numpy's legacy RandomState, so the same on every machine). Images are
+    scaled to [0, 1], resized (bilinear) to ``image_size`` once and kept in memory as one gray channel; each sample is
+    repeated to ``in_chans`` and normalised on the fly (mean/std from the config, else from the train split).
+    ``augment`` adds a random shift of up to ``image_size // 8`` pixels (zero pad = background, then crop).
+    """
+
+    name = "digits"
+
+    def __init__(self, cfg: Any, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.val_fraction = float(_opt(cfg, "val_fraction", 0.2))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"dataset.val_fraction must be in (0, 1), got {self.val_fraction}")
+        self._fix("num_classes", 10, self.num_classes)
+        self.train_indices: np.ndarray | None = None
+        self.val_indices: np.ndarray | None = None
+        self.mean: tuple[float, ...] | None = None
+        self.std: tuple[float, ...] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        data = load_digits()
+        labels = torch.as_tensor(data.target, dtype=torch.long)
+        images = torch.as_tensor(data.images, dtype=torch.float32).div(16.0).unsqueeze(1)  # N x 1 x 8 x 8
+        images = _resize(images, self.image_size)
+        idx = np.arange(len(labels))
+        train_idx, val_idx = train_test_split(
+            idx, test_size=self.val_fraction, random_state=self.seed, stratify=data.target
+        )
+        self.train_indices, self.val_indices = np.sort(train_idx), np.sort(val_idx)
+        train_images = images[self.train_indices]
+        self.mean = _stats(self.cfg_mean, [train_images.mean().item()], self.in_chans, "mean")
+        self.std = _stats(self.cfg_std, [train_images.std().item()], self.in_chans, "std")
+        val_tf = _ImageTransform(self.mean, self.std, channels=self.in_chans)
+        # without augmentation the transform is fixed: apply it once, so a batch is a slice (the loader adds no
+        # per-sample Python work to the measured training loop)
+        if self.augment:
+            train_tf = _ImageTransform(self.mean, self.std, channels=self.in_chans, pad=max(1, self.image_size // 8))
+            self.train_dataset = _TransformTensorDataset(train_images, labels[self.train_indices], train_tf)
+        else:
+            self.train_dataset = TensorDataset(_transform_all(val_tf, train_images), labels[self.train_indices])
+        self.val_dataset = TensorDataset(_transform_all(val_tf, images[self.val_indices]), labels[self.val_indices])
+
+
+class _SyntheticImages(Dataset):
+    """Random images generated per index from a seeded generator: deterministic, and no memory at any size."""
+
+    def __init__(self, n: int, shape: tuple[int, int, int], num_classes: int, seed: int):
+        self.shape, self.seed = shape, seed
+        self.labels = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        return torch.randn(self.shape, generator=g), self.labels[index]
+
+
+class SyntheticDataModule(_BaseDataModule):
+    """Random N(0, 1) images and uniform labels of any shape/class count: for throughput, not accuracy."""
+
+    name = "synthetic"
+
+    def __init__(self, cfg: Any, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.train_size = int(_opt(cfg, "train_size", 512))
+        self.val_size = int(_opt(cfg, "val_size", 128))
+
+    def _dataset(self, n: int, offset: int) -> Dataset:
+        shape = (self.in_chans, self.image_size, self.image_size)
+        return _SyntheticImages(n, shape, self.num_classes, seed=2 * self.seed + offset)
+
+    def _build_train(self) -> Dataset:
+        return self._dataset(self.train_size, 0)
+
+    def _build_val(self) -> Dataset:
+        return self._dataset(self.val_size, 1)
+
+
+class CIFARDataModule(_BaseDataModule):
+    """CIFAR-10/100 read straight from the python batch pickles (not via torchvision, whose md5 checks reject
+    anything but the official files); torchvision only downloads, and only when ``dataset.download=true``.
+
+    ``root`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that folder itself). Images stay in memory
+    as uint8; val is the official test set. ``augment``: random crop (pad 4) + horizontal flip.
+    """
+
+    FILES = {
+        "cifar10": (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "labels",
+        ),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+    }
+    STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+
+    def __init__(self, cfg: Any, *, name: str, **kwargs):
+        self.name = name
+        super().__init__(cfg, **kwargs)
+        self.base_folder, self.train_files, self.val_files, self.label_key = self.FILES[name]
+        self._fix("num_classes", 10 if name == "cifar10" else 100, self.num_classes)
+        self._fix("in_chans", 3, self.in_chans)
+        mean, std = self.STATS[name]
+        self.mean = _stats(self.cfg_mean, mean, 3, "mean")
+        self.std = _stats(self.cfg_std, std, 3, "std")
+
+    def _folder(self) -> str | None:
+        """The folder holding the batch files, or None when they are missing."""
+        for folder in (os.path.join(self.root, self.base_folder), self.root):
+            if all(os.path.isfile(os.path.join(folder, f)) for f in self.train_files + self.val_files):
+                return folder
+        return None
+
+    def _download(self) -> None:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
+        try:
+            cls(self.root, train=True, download=True)
+        except Exception as e:  # network, disk, checksum: report the cause in one line
+            raise RuntimeError(
+                f"dataset.download: downloading {self.name} to {self.root!r} failed: {type(e).__name__}: {e}"
+            ) from e
+        if self._folder() is None:
+            raise RuntimeError(
+                f"dataset.download: downloading {self.name} to {self.root!r} failed: "
+                f"the batch files are still missing under {self.root!r}"
+            )
+
+    def _ensure_files(self) -> str:
+        folder = self._folder()
+        if folder is None and self.download:
+            self._download()
+            folder = self._folder()
+        if folder is None:
+            expected = os.path.join(self.root, self.base_folder)
+            missing = [
+                f for f in self.train_files + self.val_files if not os.path.isfile(os.path.join(expected, f))
+            ]
+            raise FileNotFoundError(
+                f"dataset.root={self.root!r}: {self.name} files not found in {expected!r} "
+                f"(missing {', '.join(missing)}); set dataset.download=true or point dataset.root "
+                f"at the extracted data"
+            )
+        return folder
+
+    def prepare_data(self) -> None:
+        self._ensure_files()
+
+    def _read(self, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        folder = self._ensure_files()
+        data, labels = [], []
+        for f in files:
+            with open(os.path.join(folder, f), "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry[self.label_key])
+        images = torch.from_numpy(np.concatenate(data))
+        return images, torch.as_tensor(labels, dtype=torch.long)
+
+    def _transform(self, train: bool) -> _ImageTransform:
+        augment = train and self.augment
+        return _ImageTransform(
+            self.mean, self.std, size=self.image_size, pad=4 if augment else 0, flip=augment
+        )
+
+    def _build_train(self) -> Dataset:
+        return _TransformTensorDataset(*self._read(self.train_files), self._transform(train=True))
+
+    def _build_val(self) -> Dataset:
+        return _TransformTensorDataset(*self._read(self.val_files), self._transform(train=False))
+
+
+class _ClassMapImageFolder(ImageFolder):
+    """ImageFolder with a given class-to-index map, so val uses train's indices even if it lacks some classes."""
+
+    def __init__(self, root: str, class_to_idx: dict[str, int], **kwargs):
+        self._class_to_idx = dict(class_to_idx)
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        return sorted(self._class_to_idx, key=self._class_to_idx.get), dict(self._class_to_idx)
+
+
+class ImageFolderDataModule(_BaseDataModule):
+    """An ImageNet-style folder ``root/{train,val}/<class>/<image>`` read with torchvision's ImageFolder.
+
+    Classes are the subfolders of ``train/`` (counted at construction, so ``num_classes`` is known before setup);
+    ``val/`` is indexed with the same class-to-index map. Standard transforms: RandomResizedCrop + flip when
+    ``augment``, else Resize(image_size / 0.875) + CenterCrop, ImageNet mean/std.
+    """
+
+    name = "imagenet"
+
+    def __init__(self, cfg: Any, **kwargs):
+        super().__init__(cfg, **kwargs)
+        from torchvision.datasets.folder import find_classes
+
+        layout = "an ImageFolder layout <root>/train/<class>/<image> and <root>/val/<class>/<image>"
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(
+                f"dataset.root={self.root!r}: folder not found; expected {layout} (it cannot be downloaded)"
+            )
+        for split in ("train", "val"):
+            path = os.path.join(self.root, split)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"dataset.root={self.root!r}: {path!r} not found; expected {layout}")
+            if not any(entry.is_dir() for entry in os.scandir(path)):
+                raise FileNotFoundError(
+                    f"dataset.root={self.root!r}: {path!r} has no class subfolders; expected {layout}"
+                )
+        self.classes, self.class_to_idx = find_classes(os.path.join(self.root, "train"))
+        self._fix("num_classes", len(self.classes), self.num_classes)
+        self._fix("in_chans", 3, self.in_chans)
+        self.mean = _stats(self.cfg_mean, IMAGENET_MEAN, 3, "mean")
+        self.std = _stats(self.cfg_std, IMAGENET_STD, 3, "std")
+
+    def _transform(self, train: bool):
+        from torchvision.transforms import v2
+
+        size = self.image_size
+        if train and self.augment:
+            geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            geometry = [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)]
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                *geometry,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def _folder(self, split: str) -> Dataset:
+        return _ClassMapImageFolder(
+            os.path.join(self.root, split),
+            self.class_to_idx,
+            transform=self._transform(split == "train"),
+            allow_empty=split == "val",
+        )
+
+    def _build_train(self) -> Dataset:
+        return self._folder("train")
+
+    def _build_val(self) -> Dataset:
+        return self._folder("val")
+
+
+_DATAMODULES: dict[str, Callable[..., _BaseDataModule]] = {
+    "digits": DigitsDataModule,
+    "synthetic": SyntheticDataModule,
+    "cifar10": lambda cfg, **kw: CIFARDataModule(cfg, name="cifar10", **kw),
+    "cifar100": lambda cfg, **kw: CIFARDataModule(cfg, name="cifar100", **kw),
+    "imagenet": ImageFolderDataModule,
+}
+DATASETS = tuple(_DATAMODULES)  # the same names as lrd_exp.config.schema.DATASETS (a test checks)
+
+
+def build_datamodule(
+    cfg: Any, *, batch_size: int, seed: int = 0, data_dir: str = "data"
+) -> pl.LightningDataModule:
+    """The datamodule for ``cfg.name`` (one of :data:`DATASETS`); ``cfg.root`` None means ``data_dir/<name>``."""
+    name = str(_opt(cfg, "name", "digits"))
+    if name not in _DATAMODULES:
+        raise ValueError(f"dataset.name={name!r} is not supported; allowed values: {', '.join(DATASETS)}")
+    return _DATAMODULES[name](cfg, batch_size=batch_size, seed=seed, data_dir=data_dir)

@@ -1,0 +1,106 @@
+"""The Lightning Trainer of a job: devices, precision, DDP, checkpoints and loggers; fit and evaluate with it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrd_exp.config.schema import enum_value as _v
+from lrd_exp.devices.npu import trainer_device_kwargs
+from lrd_exp.devices.resolve import DeviceInfo
+from lrd_exp.distributed.ddp import ddp_strategy
+from lrd_exp.training.classifier import Classifier
+
+log = logging.getLogger("lrd_exp")
+
+
+def make_trainer(cfg: DictConfig, device: DeviceInfo, *, epochs: int, out_dir: str, stage: str,
+                 callbacks: list[pl.Callback] | None = None, loggers: list[Any] | None = None,
+                 checkpoint: bool = False) -> pl.Trainer:
+    t = cfg.trainer
+    cbs = list(callbacks or [])
+    if checkpoint:
+        cbs.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "checkpoints", stage),
+                                                save_last=True, save_top_k=0, every_n_epochs=1))
+    devices, num_nodes = cfg.device.devices, cfg.device.num_nodes
+    if stage == "eval":  # one device: exact top-1 (a DistributedSampler pads with repeats), no worker start-up
+        devices, num_nodes, strategy = 1, 1, "auto"
+    else:  # several devices: DDP in spawned workers, re-wrapped at each freeze stage (lrd_exp.distributed)
+        strategy = ddp_strategy(device, devices, cfg.device.strategy, num_nodes=num_nodes)
+    kwargs = trainer_device_kwargs(device, devices, str(t.precision), strategy)
+    if kwargs.get("plugins") is None:
+        kwargs.pop("plugins", None)
+    # a step cap spreads over the epochs, so smoke runs still validate, log curves and change freeze stages
+    limit_train = max(1, -(-t.max_steps // max(epochs, 1))) if t.max_steps > 0 else 1.0
+    return pl.Trainer(
+        max_epochs=epochs, max_steps=t.max_steps if t.max_steps > 0 else -1, limit_train_batches=limit_train,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val, deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
+        enable_checkpointing=checkpoint, logger=loggers if loggers else False, callbacks=cbs,
+        num_nodes=num_nodes, default_root_dir=out_dir, num_sanity_val_steps=0, **kwargs)
+
+
+def evaluate(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningDataModule,
+             out_dir: str) -> float:
+    trainer = make_trainer(cfg, device, epochs=1, out_dir=out_dir, stage="eval")
+    module = Classifier(model, dm.num_classes, channels_last=cfg.trainer.channels_last)
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)
+    return 100.0 * float(metrics[0]["val/acc"])
+
+
+def fit(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningDataModule, *, epochs: int,
+        optim: Any, out_dir: str, stage: str, callbacks: list[pl.Callback] | None = None,
+        loggers: list[Any] | None = None, resume: bool = False) -> Classifier:
+    module = Classifier(model, dm.num_classes, optim=OmegaConf.to_container(optim, resolve=True),
+                        max_steps=cfg.trainer.max_steps, channels_last=cfg.trainer.channels_last)
+    trainer = make_trainer(cfg, device, epochs=epochs, out_dir=out_dir, stage=stage, callbacks=callbacks,
+                           loggers=loggers, checkpoint=True)
+    ckpt = os.path.join(out_dir, "checkpoints", stage, "last.ckpt")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt if resume and os.path.isfile(ckpt) else None)
+    if resume and os.path.isfile(ckpt):
+        log.info("resumed %s from %s", stage, ckpt)
+    return module
+
+
+def make_loggers(cfg: DictConfig, out_dir: str, stage: str) -> list[Any]:
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers: list[Any] = []
+    if cfg.logger.csv:
+        version = stage
+        if os.path.isdir(os.path.join(out_dir, "csv", stage)):  # a resumed or repeated run keeps the old logs
+            version = f"{stage}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        loggers.append(CSVLogger(save_dir=out_dir, name="csv", version=version))
+    return loggers
+
+
+def make_wandb(cfg: DictConfig, out_dir: str, row: dict[str, Any]) -> Any | None:
+    w = cfg.logger.wandb
+    if not w.enabled or w.mode == "disabled":
+        return None
+    from pytorch_lightning.loggers import WandbLogger
+
+    sweep = os.path.basename(os.path.dirname(out_dir)) if "multirun" in out_dir else "single"
+    return WandbLogger(project=w.project, entity=w.entity, save_dir=out_dir, offline=w.mode == "offline",
+                       group=sweep, job_type=_v(cfg.task), tags=list(w.tags),
+                       name=f"{row['model']}-{row['rank_policy']}-{row['freeze']}",
+                       config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def finish_wandb(wandb_logger: Any, row: dict[str, Any]) -> None:
+    import wandb
+
+    try:
+        run = wandb_logger.experiment
+        for key, value in row.items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                run.summary[key] = value
+    finally:
+        wandb.finish()

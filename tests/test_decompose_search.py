@@ -1,0 +1,250 @@
+"""Device-measured rank optimization, FLOP accounting of decomposed models, and the benchmark task."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from lrd_exp import decompose_model
+from lrd_exp.decompose.search import candidate_ranks, choose_ranks, pick, pick_within_budget
+from lrd_exp.decompose.surgery import find_candidates
+from lrd_exp.freezing import collect_factors, set_frozen
+from lrd_exp.timing.flops import count_flops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+# ------------------------------------------------------------------ FLOPs of decomposed models
+def test_flops_of_decomposed_mlp_match_formulas_with_and_without_freezing():
+    model = mlp()
+    report = decompose_model(model, policy="fixed", rank={"0": 16, "2": 24}, input_size=(64,), skip_head=True)
+    assert [layer.ranks for layer in report.decomposed] == [(16,), (24,)]
+    B = 8
+    x, y = torch.randn(B, 64), torch.randint(0, 10, (B,))
+    # forward: 0.first 64->16, 0.last 16->96, 2.first 96->24, 2.last 24->128, 4: 128->10
+    gemms = [64 * 16, 16 * 96, 96 * 24, 24 * 128, 128 * 10]
+    fwd = 2 * B * sum(gemms)
+    assert count_flops(model, x, train=False) == fwd
+    assert report.flops_after == sum(layer.flops_after for layer in report.layers if layer.flops_after)
+    # training: every GEMM has a weight-gradient GEMM; every layer but the first has an input-gradient GEMM
+    full = fwd + 2 * B * sum(gemms) + 2 * B * sum(gemms[1:])
+    assert count_flops(model, x, y=y, train=True) == full
+    # freezing a factor removes exactly its weight-gradient GEMM
+    factors = {f.key: f for f in collect_factors(model)}
+    set_frozen(list(factors.values()), [factors["2.last"]])
+    assert count_flops(model, x, y=y, train=True) == full - 2 * B * 24 * 128
+    # freezing the very first factor also drops 0.last's input-gradient GEMM: nothing upstream needs it
+    set_frozen(list(factors.values()), [factors["2.last"], factors["0.first"]])
+    assert count_flops(model, x, y=y, train=True) == full - 2 * B * (24 * 128 + 64 * 16 + 16 * 96)
+    # the report's per-layer numbers are the same formulas
+    assert report.decomposed[0].flops_before == 2 * 64 * 96 and report.decomposed[0].flops_after == 2 * 16 * (64 + 96)
+
+
+def test_tucker_flops_match_report():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 32, 3, stride=2, padding=1),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    report = decompose_model(conv, policy="fixed", rank=8, input_size=(3, 16, 16))
+    names = [layer.name for layer in report.decomposed]
+    assert names == ["1", "2"]
+    x = torch.randn(1, 3, 16, 16)
+    measured = count_flops(conv, x, train=False)
+    dense_parts = 2 * (16 * 16 * 8 * 3 * 9) + 2 * (32 * 8 * 8 * 10)  # stem conv and head, kept
+    assert measured == dense_parts + report.flops_after
+    # layer "1": first 1x1 on the 16x16 input grid, the strided core and last on 8x8
+    l1 = report.decomposed[0]
+    assert l1.flops_after == 2 * (16 * 16 * 8 * 8 + 8 * 8 * (8 * 8 * 9 + 8 * 32))
+
+
+# ------------------------------------------------------------------ the chooser
+def test_pick_fastest_and_keep_when_original_fastest():
+    assert pick({None: 5.0, (8,): 3.0, (16,): 4.0}, tolerance=0.0) == (8,)
+    assert pick({None: 2.0, (8,): 3.0, (16,): 4.0}, tolerance=0.0) is None
+    # ties within tolerance go to the largest rank (same speed, better accuracy)
+    assert pick({None: 5.0, (8,): 3.0, (16,): 3.05}, tolerance=0.03) == (16,)
+    assert pick({None: 5.0, (8,): 3.0, (16,): 3.2}, tolerance=0.03) == (8,)
+
+
+def _plans(model, size):
+    plans, _ = find_candidates(model)
+    from lrd_exp.decompose.surgery import _record_shapes
+
+    _record_shapes(model, plans, torch.randn(1, *size))
+    return plans
+
+
+def test_candidates_respect_compression_constraint():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plan = [p for p in _plans(model, (256,)) if p.name == "2"][0]
+    est = (128,)
+    cands = candidate_ranks(plan, est, window=0.5, step=8, base="ratio", ratio=2.0)
+    assert cands and all(c[0] % 8 == 0 for c in cands)
+    assert all(plan.params_for(c) * 2 <= plan.params_dense for c in cands)
+    assert min(c[0] for c in cands) >= 64 and max(c[0] for c in cands) == 128
+
+
+def test_choose_ranks_with_timing_table():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plans = _plans(model, (256,))
+    plans = [p for p in plans if p.name in ("0", "2")]
+    estimates = {"0": (80,), "2": (128,)}
+    table = {("0", None): 1.0, ("2", None): 1.0}
+
+    def timer(plan, ranks):
+        if ranks is None:
+            return table[(plan.name, None)] if plan.name == "2" else 0.1  # layer 0: original is fastest
+        return 0.5 if ranks[0] == 112 else 0.9
+
+    chosen, reasons, stats = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+                                          budget="layer")
+    assert chosen["0"] is None and "kept" in reasons["0"]
+    assert chosen["2"] == (112,) and "optimized" in reasons["2"]
+    assert stats["timings_measured"] > 0
+
+
+def test_model_budget_trades_params_between_layers():
+    # layer a: time grows 10x faster per parameter than layer b; estimates 100 params each -> budget 200
+    params = {"a": {(1,): 50, (2,): 100, (3,): 150}, "b": {(1,): 50, (2,): 100, (3,): 150}}
+    times = {"a": {None: 99.0, (1,): 0.5, (2,): 1.0, (3,): 1.5}, "b": {None: 99.0, (1,): 0.95, (2,): 1.0, (3,): 1.05}}
+    est = {"a": (2,), "b": (2,)}
+    chosen = pick_within_budget(times, params, est, tolerance=0.0)
+    # a compressed more, b less: 1.55 s instead of 2.0 s at the same 200 parameters
+    assert chosen == {"a": (1,), "b": (3,)}
+    # per layer each takes its own fastest (rank 1 twice): faster, but half the parameters (more compression)
+    assert {n: pick(t, 0.0) for n, t in times.items()} == {"a": (1,), "b": (1,)}
+
+
+def test_model_budget_pays_for_a_too_slow_estimate():
+    # the fastest ranks are above budget: the layer whose parameters cost least time gives them up
+    params = {"a": {(1,): 50, (2,): 100, (3,): 150}, "b": {(1,): 50, (2,): 100, (3,): 150}}
+    times = {"a": {None: 99.0, (1,): 3.0, (2,): 2.0, (3,): 1.0}, "b": {None: 99.0, (1,): 1.2, (2,): 1.1, (3,): 1.0}}
+    chosen = pick_within_budget(times, params, {"a": (2,), "b": (2,)}, tolerance=0.0)
+    assert chosen == {"a": (3,), "b": (1,)}  # 2.2 s at 200 params; the estimates take 3.1 s
+
+
+def test_model_budget_keeps_dense_layers_out_and_spends_spare_on_ties():
+    params = {"a": {(1,): 50, (2,): 100}, "k": {(1,): 50, (2,): 100}, "c": {(1,): 40, (2,): 80, (3,): 120}}
+    times = {"a": {None: 9.0, (1,): 1.0, (2,): 1.01},
+             "k": {None: 0.1, (1,): 1.0, (2,): 2.0},  # the original is fastest: kept dense, out of the budget
+             "c": {None: 9.0, (1,): 1.0, (2,): 3.0, (3,): 5.0}}
+    chosen = pick_within_budget(times, params, {"a": (2,), "k": (2,), "c": (2,)}, tolerance=0.03)
+    assert chosen["k"] is None
+    # budget 180, floor 171: a's larger rank is nearly free, c's is not -> a=2 + c=2 (180) is the only way to
+    # keep the compression; c=3 would exceed it
+    assert chosen == {"a": (2,), "k": None, "c": (2,)}
+
+
+def test_model_budget_never_slower_than_estimates_and_fits():
+    import random
+
+    rng = random.Random(0)
+    reached = 0
+    for _ in range(100):
+        names = [f"l{i}" for i in range(6)]
+        params = {n: {(r,): r * rng.randint(5, 20) for r in range(1, 9)} for n in names}
+        times = {n: {None: 1e3, **{r: p[r] * rng.uniform(0.5, 2.0) for r in p}} for n, p in params.items()}
+        est = {n: (rng.randint(2, 7),) for n in names}
+        chosen = pick_within_budget(times, params, est, tolerance=0.0)
+        budget = sum(params[n][est[n]] for n in names)
+        used = sum(params[n][chosen[n]] for n in names)
+        assert used <= budget
+        assert sum(times[n][chosen[n]] for n in names) <= sum(times[n][est[n]] for n in names) + 1e-9
+        reached += used >= 0.95 * budget
+    assert reached >= 90  # the compression stays the estimates' (within the 5 % slack) nearly always
+
+
+def test_choose_ranks_model_budget_searches_above_the_estimate():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plans = [p for p in _plans(model, (256,)) if p.name in ("0", "2")]
+    estimates = {"0": (80,), "2": (128,)}
+    seen: dict[str, set] = {"0": set(), "2": set()}
+
+    def timer(plan, ranks):
+        if ranks is None:
+            return 10.0
+        seen[plan.name].add(ranks[0])
+        return plan.params_for(ranks) * (3e-6 if plan.name == "0" else 1e-6)
+
+    chosen, reasons, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+                                      budget="model", tolerance=0.0)
+    assert max(seen["2"]) > 128  # ranks above the estimate are candidates when the budget is model-wide
+    budget = sum(p.params_for(estimates[p.name]) for p in plans)
+    assert sum(p.params_for(chosen[p.name]) for p in plans) <= budget
+    assert chosen["0"][0] < 80 and chosen["2"][0] > 128  # the costly layer pays for the cheap one
+    assert all("model-wide budget" in reasons[n] for n in ("0", "2"))
+
+
+def test_optimized_policy_real_cpu_run_hits_cache_second_time(tmp_path):
+    ctx = {"batch_size": 4, "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 2,
+           "output_dir": str(tmp_path)}
+    model = mlp()
+    rep1 = decompose_model(model, policy="optimized", ratio=2, multiple=8, input_size=(64,), rank_search=ctx)
+    assert rep1.settings["rank_search"]["timings_measured"] > 0
+    assert rep1.settings["rank_search"]["timings_cached"] == 0
+    assert all(layer.reason for layer in rep1.layers)
+    model(torch.randn(2, 64))
+    timings = pd.read_csv(tmp_path / "rank_timings.csv")
+    assert {"layer", "rank", "time_ms", "objective", "device_name"} <= set(timings.columns)
+    assert (timings["rank"] == -1).any() and (timings["time_ms"] > 0).all()
+    rep2 = decompose_model(mlp(), policy="optimized", ratio=2, multiple=8, input_size=(64,), rank_search=ctx)
+    assert rep2.settings["rank_search"]["timings_measured"] == 0
+    assert rep2.settings["rank_search"]["timings_cached"] == rep1.settings["rank_search"]["timings_measured"]
+    assert [lay.ranks for lay in rep2.layers] == [lay.ranks for lay in rep1.layers]
+
+
+# ------------------------------------------------------------------ the benchmark task
+def test_benchmark_task_writes_valid_rows(tmp_path):
+    from lrd_exp.results import RESULT_COLUMNS
+
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "run.py", "task=benchmark", "logger=csv", "model=resnet18", "dataset=digits",
+           "bench.batch_size=8", "bench.warmup=1", "bench.steps=2", "bench.rounds=2", "trainer.finetune_epochs=3",
+           "trainer.channels_last=true",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}",
+           "bench.variants=[{label: plain, rank: {policy: ratio}, freeze: {schedule: none}}, "
+           "{label: cost, freeze: {importance: cost}}]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((out / "result.json").read_text())
+    assert set(RESULT_COLUMNS) <= set(row)
+    assert row["status"] == "ok" and row["task"] == "benchmark"
+    assert row["channels_last"] is True  # bench.channels_last=null follows the training loop's layout
+    assert row["top1_original"] is None and row["top1_decomposed"] is None
+    assert row["train_ips_original"] > 0 and row["train_ips_decomposed"] > 0
+    assert row["train_speedup"] == pytest.approx(row["train_ips_decomposed"] / row["train_ips_original"])
+    assert row["params_decomposed"] < row["params_original"]
+    # sequential over 3 epochs: states 0, 1, 2 frozen-stages, weighted by their length
+    stages = row["freeze_stages"]
+    assert sum(s["weight"] for s in stages) == pytest.approx(1.0)
+    assert [s["n_frozen"] for s in stages] == sorted(s["n_frozen"] for s in stages)
+    assert stages[-1]["train_flops"] < stages[0]["train_flops"]
+    variant = json.loads((out / "variants" / "plain" / "result.json").read_text())
+    assert variant["rank_policy"] == "ratio" and variant["freeze"] == "none" and variant["status"] == "ok"
+    assert "Benchmark (resnet18" in proc.stdout and "FLOP-pred." in proc.stdout
+    # weight_change is only known while training: the benchmark says it times depth order; cost needs no such note
+    assert (proc.stdout + proc.stderr).count("freeze in depth order") == 1
+    # the cost order's first frozen stage saves at least the weight-gradient FLOPs of the depth order's
+    cost = json.loads((out / "variants" / "cost" / "result.json").read_text())["freeze_stages"]
+    assert [s["n_frozen"] for s in cost] == [s["n_frozen"] for s in stages]
+    assert cost[0]["train_flops"] == stages[0]["train_flops"] and cost[1]["train_flops"] < stages[1]["train_flops"]
+
+
+def test_timing_cache_key_changes_with_the_allocator_mode(monkeypatch):
+    import lrd_exp.decompose.search as RS
+
+    plan = _plans(mlp(), (64,))[0]
+    kw = dict(device_name="cpu", precision="32-true", batch_size=4, objective="train", channels_last=False)
+    monkeypatch.setattr(RS, "malloc_mode", lambda: "tuned")
+    tuned = RS.TimingCache.key(plan, **kw)
+    assert RS.TimingCache.key(plan, **kw) == tuned  # stable
+    monkeypatch.setattr(RS, "malloc_mode", lambda: "system")
+    assert RS.TimingCache.key(plan, **kw) != tuned

@@ -1,0 +1,113 @@
+"""The package's import graph: imports flow one way (no cycles, function-level imports included)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "lrd_exp"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The package modules ``path`` imports anywhere in its body (top level or inside functions).
+
+    ``from a.b import c`` is an import of ``a.b.c`` when that is a module, else of ``a.b``; importing a module
+    also runs the ``__init__`` of every package above it, so those count as imports too.
+    """
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]
+        for name in names:
+            if not name.startswith("lrd_exp"):
+                continue
+            parts = name.split(".")
+            out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in known)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        own_packages = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        # a module never "imports" the packages it lives in: Python has already started them
+        graph[name] = imported_modules(path, set(mods)) - own_packages - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path that returns to its start, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graph_sees_function_level_and_parent_package_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from lrd_exp.timing.steps import time_fn\n")
+    assert imported_modules(f, set(modules())) == {"lrd_exp", "lrd_exp.timing", "lrd_exp.timing.steps"}
+
+
+def test_no_import_cycles_in_the_package():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_subpackages_import_each_other_one_way():
+    """Between subpackages too: config and results use nothing else of the package; cli uses tasks."""
+    graph = import_graph()
+    sub = {}
+    for name, deps in graph.items():
+        top = name.split(".")[1] if "." in name else "__init__"
+        sub.setdefault(top, set()).update(d.split(".")[1] for d in deps if "." in d and d.split(".")[1] != top)
+    assert find_cycle(sub) is None, find_cycle(sub)
+    assert sub["config"] == set() and sub["results"] == set()
+    assert "tasks" in sub["cli"]
+
+
+def test_help_does_not_import_the_job():
+    """``python run.py --help`` stays fast: Lightning-heavy job modules load only when a job runs."""
+    code = ("import runpy, sys; sys.argv = ['run.py', '--help']\n"
+            "try:\n    runpy.run_path('run.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', 'lrd_exp.tasks' in sys.modules, 'lrd_exp.training.trainer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "LOADED False False" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -1,0 +1,255 @@
+"""Throughput timing and FLOP counting: exact FLOP formulas, timing arithmetic, no side effects."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lrd_exp.devices import resolve_device
+from lrd_exp.timing import steps as bench
+from lrd_exp.timing.flops import count_flops, count_params, predicted_speedup
+from lrd_exp.timing.steps import Timing, measure_inference, measure_train_step, time_fn
+
+B, IN, HID, OUT = 4, 12, 20, 6
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, OUT))
+
+
+def small_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(8, 5),
+    )
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+def test_linear_forward_flops():
+    x = torch.randn(B, IN)
+    assert count_flops(nn.Linear(IN, OUT), x, train=False) == 2 * B * IN * OUT
+
+
+def test_conv_forward_flops():
+    cin, cout, k, h = 3, 5, 3, 10
+    conv = nn.Conv2d(cin, cout, k, stride=2, padding=1)
+    x = torch.randn(B, cin, h, h)
+    ho = (h + 2 * 1 - k) // 2 + 1
+    assert count_flops(conv, x, train=False) == 2 * B * ho * ho * cout * cin * k * k
+
+
+def test_training_flops_respect_frozen_weight():
+    """fwd: both GEMMs. bwd: layer 2 grad-input + grad-weight; layer 1 grad-weight only if trainable
+    (its grad-input is never needed: the data needs no grad)."""
+    model = mlp()
+    x, y = torch.randn(B, IN), torch.randint(0, OUT, (B,))
+    l1, l2 = 2 * B * IN * HID, 2 * B * HID * OUT
+
+    model[0].weight.requires_grad_(False)  # first layer's weight frozen, its bias still trains
+    frozen = count_flops(model, x, train=True, y=y)
+    assert frozen == (l1 + l2) + (l2 + l2)
+
+    model[0].weight.requires_grad_(True)
+    unfrozen = count_flops(model, x, train=True, y=y)
+    assert unfrozen - frozen == 2 * B * IN * HID
+    assert unfrozen == (l1 + l2) + (l2 + l2) + l1
+
+    model[2].weight.requires_grad_(False)  # last weight frozen: its grad-input is still needed for layer 1
+    assert count_flops(model, x, train=True, y=y) == (l1 + l2) + l2 + l1
+
+
+def test_count_flops_leaves_model_untouched():
+    model = small_cnn().train()
+    x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
+    before = copy.deepcopy(model.state_dict())
+    count_flops(model, x, train=True, y=y)
+    count_flops(model, x, train=False)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm running stats and counters restored
+
+
+def test_count_params_and_predicted_speedup():
+    model = mlp()
+    total = IN * HID + HID + HID * OUT + OUT
+    assert count_params(model) == total
+    model[0].weight.requires_grad_(False)
+    assert count_params(model, trainable_only=True) == total - IN * HID
+    assert predicted_speedup(300, 200) == pytest.approx(1.5)
+    with pytest.raises(ValueError):
+        predicted_speedup(1, 0)
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def test_time_fn_fake_clock():
+    durations = [5.0, 1.0, 3.0, 2.0, 4.0]  # the first two are warm-up and must not be timed
+    state = {"t": 0.0, "calls": 0, "syncs": 0}
+
+    def fn():
+        state["t"] += durations[state["calls"]]
+        state["calls"] += 1
+
+    def sync():
+        state["syncs"] += 1
+
+    t = time_fn(fn, warmup=2, steps=3, sync=sync, batch_size=8, clock=lambda: state["t"])
+    assert state["calls"] == 5 and state["syncs"] == 6
+    assert t.times_s == [3.0, 2.0, 4.0]
+    assert (t.median_s, t.min_s, t.max_s) == (3.0, 2.0, 4.0)
+    assert (
+        t.ips == pytest.approx(8 / 3) and t.ips_min == pytest.approx(2.0) and t.ips_max == pytest.approx(4.0)
+    )
+    assert t.images_per_s(16) == pytest.approx(16 / 3)
+    assert t.to_dict()["ips"] == pytest.approx(8 / 3)
+
+
+def _ticking(step_s: float):
+    state = {"t": 0.0, "calls": 0}
+
+    def fn():
+        state["t"] += step_s
+        state["calls"] += 1
+
+    return fn, state
+
+
+def test_time_fn_min_time_adds_steps_until_enough_time():
+    fn, state = _ticking(0.125)
+    t = time_fn(fn, warmup=1, steps=3, sync=lambda: None, clock=lambda: state["t"], min_time_s=1.0)
+    assert len(t.times_s) == 8 and state["calls"] == 9  # 8 x 0.125 s = 1 s, plus one warm-up
+    fn, state = _ticking(0.5)
+    t = time_fn(fn, warmup=0, steps=3, sync=lambda: None, clock=lambda: state["t"], min_time_s=1.0)
+    assert len(t.times_s) == 3  # the step count already covers the time
+    fn, state = _ticking(0.001)
+    t = time_fn(fn, warmup=0, steps=2, sync=lambda: None, clock=lambda: state["t"], min_time_s=10.0, max_steps=7)
+    assert len(t.times_s) == 7  # capped
+    with pytest.raises(ValueError, match="min_time_s"):
+        time_fn(fn, warmup=0, steps=2, sync=lambda: None, min_time_s=-1)
+
+
+def test_time_fn_real_clock_sleep():
+    import time
+
+    t = time_fn(lambda: time.sleep(0.01), warmup=1, steps=3, sync=lambda: None)
+    assert 0.009 <= t.min_s <= t.median_s <= t.max_s < 0.5
+
+
+def test_time_fn_rejects_zero_steps():
+    with pytest.raises(ValueError):
+        time_fn(lambda: None, warmup=0, steps=0, sync=lambda: None)
+
+
+def test_measure_train_step_leaves_model_and_respects_frozen():
+    model = small_cnn().eval()  # eval on purpose: must still be eval afterwards
+    model[0].weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
+
+    seen: list[nn.Parameter] = []
+    starts: list[torch.Tensor] = []
+
+    def factory(params):
+        seen.extend(params)
+        starts.extend(p.detach().clone() for p in params)
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+    t = measure_train_step(model, x, y, optimizer_factory=factory, warmup=1, steps=2)
+    assert isinstance(t, Timing) and len(t.times_s) == 2 and t.batch_size == B
+    assert math.isfinite(t.ips) and t.ips > 0 and t.ips_min <= t.ips <= t.ips_max
+
+    # the caller's model is exactly as it was
+    assert not model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    # the optimizer only got the trainable parameters (of the copy), and they did train
+    assert sum(p.numel() for p in seen) == count_params(model, trainable_only=True)
+    assert all(p.requires_grad for p in seen)
+    assert all(p is not q for p in seen for q in model.parameters())
+    assert any(not torch.equal(p.detach(), s) for p, s in zip(seen, starts))
+
+
+def test_train_step_frozen_weight_gets_no_grad_or_update():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    w0 = model[0].weight.detach().clone()
+    x, y = torch.randn(B, IN), torch.randint(0, OUT, (B,))
+    step = bench.make_train_step(
+        model, x, y, optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1)
+    )
+    b0 = model[0].bias.detach().clone()
+    for _ in range(2):
+        step()
+    assert torch.equal(model[0].weight, w0) and model[0].weight.grad is None
+    assert not torch.equal(model[0].bias, b0)
+
+
+def test_measure_train_step_bf16_channels_last():
+    model = small_cnn()
+    x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
+    t = measure_train_step(model, x, y, warmup=1, steps=2, precision="bf16-mixed", channels_last=True)
+    assert t.ips > 0
+    assert next(model.parameters()).dtype == torch.float32
+    assert model[0].weight.is_contiguous()  # the caller's layout is untouched
+
+
+def test_measure_inference_positive_finite():
+    model = small_cnn().train()
+    x = torch.randn(B, 3, 8, 8)
+    t = measure_inference(model, x, warmup=1, steps=3, precision="32-true", device=resolve_device("cpu"))
+    assert len(t.times_s) == 3 and math.isfinite(t.ips) and t.ips > 0
+    assert model.training  # eval mode only on the copy
+
+
+def test_unknown_precision_names_allowed():
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        measure_inference(mlp(), torch.randn(B, IN), warmup=0, steps=1, precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_train_and_inference():
+    info = resolve_device("cuda")
+    model = small_cnn()
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 5, (32,))
+    for precision in ("32-true", "bf16-mixed", "16-mixed"):
+        t = measure_train_step(
+            model, x, y, warmup=2, steps=3, precision=precision, channels_last=True, device=info
+        )
+        assert math.isfinite(t.ips) and t.ips > 0
+        t = measure_inference(model, x, warmup=2, steps=3, precision=precision, device=info)
+        assert math.isfinite(t.ips) and t.ips > 0
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model stays where it was
+
+
+@pytest.mark.slow
+def test_compile_train_and_inference():
+    """torch.compile path (slow on CPU: inductor compiles C++); warm-up absorbs the compilation."""
+    model = mlp()
+    x, y = torch.randn(B, IN), torch.randint(0, OUT, (B,))
+    t = measure_train_step(model, x, y, warmup=2, steps=2, compile=True)
+    assert math.isfinite(t.ips) and t.ips > 0
+    t = measure_inference(model, x, warmup=2, steps=2, compile=True)
+    assert math.isfinite(t.ips) and t.ips > 0
+    assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+
+
