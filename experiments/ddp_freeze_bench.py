@@ -115,7 +115,7 @@ def compare_replicas(paths: Sequence[str]) -> dict[str, Any]:
 
     Returns ``{"ranks", "frozen", "frozen_changed": [names], "mismatched": [names]}`` (bitwise comparisons).
     """
-    dumps = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    dumps = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     ref = dumps[0]
     frozen_changed = sorted({n for d in dumps for n, (_, v) in d["frozen_at"].items()
                              if not torch.equal(v, d["final"][n])})
@@ -187,7 +187,7 @@ class GradMaskFreezing(FreezingCallback):
 def _summarize(variant: str, dump_dir: str, args: Any) -> dict[str, Any]:
     """Median wall and CPU time per step before freezing (steps 2..warmup) and in the final freeze state."""
     paths = sorted(os.path.join(dump_dir, f) for f in os.listdir(dump_dir) if f.endswith(".pt"))
-    dumps = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    dumps = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     rank0 = dumps[0]
     final_start = args.warmup + args.period * (math.ceil(args.final_fraction / args.per_stage - 1e-9) - 1) + 2
     phases = {"before_freezing": slice(2, args.warmup), "final_state": slice(final_start, None)}

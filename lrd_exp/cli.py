@@ -41,13 +41,19 @@ def prepare() -> None:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """Run one job; a user error prints one line and exits non-zero without a traceback."""
+    """Run one job. A user error prints one line and exits 2 without a traceback; a job that failed (its row is
+    written) exits 1. In a sweep neither stops the other jobs: the job returns None and the sweep goes on."""
     from lrd_exp.config.validate import ConfigError  # the job's modules load after --help has been answered
     from lrd_exp.devices.resolve import DeviceUnavailableError
-    from lrd_exp.tasks import run
+    from lrd_exp.tasks import JobFailed, run
 
     try:
         return run(cfg)
+    except JobFailed as exc:
+        print(f"error: the job failed: {exc}", file=sys.stderr)
+        if not in_multirun():
+            sys.exit(1)
+        return None
     except (ConfigError, DeviceUnavailableError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if not in_multirun():

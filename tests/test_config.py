@@ -104,6 +104,10 @@ def test_cfg_factory_points_outputs_at_tmp(cfg_factory, tmp_path):
      ["weight_change", "grad_norm", "depth", "reverse_depth", "size"]),
     ("rank.rounding=sideways", "rank.rounding", ["nearest", "up", "down"]),
     ("task=eval", "task", ["train", "benchmark"]),
+    ("trainer.precision=fp8", "trainer.precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "bf16"]),
+    ("bench.precision=fp8", "bench.precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "bf16"]),
+    ("trainer.finetune_optim.name=adam", "trainer.finetune_optim.name", ["sgd", "adamw"]),
+    ("trainer.baseline_optim.scheduler=step", "trainer.baseline_optim.scheduler", ["cosine", "none"]),
 ])
 def test_bad_enum_fails_at_composition(cfg_factory, override, key, allowed):
     with pytest.raises(ConfigCompositionException) as info:
@@ -201,7 +205,6 @@ def test_decompose_model_accepts_composed_rank_node(cfg_factory, overrides, chec
     (["trainer.finetune_epochs=-1"], ["trainer.finetune_epochs", "-1"]),
     (["trainer.baseline_epochs=-2"], ["trainer.baseline_epochs"]),
     (["trainer.batch_size=0"], ["trainer.batch_size", ">= 1"]),
-    (["trainer.precision=fp8"], ["trainer.precision", "bf16-mixed"]),
     (["freeze.period=0"], ["freeze.period", ">= 1"]),
     (["freeze.warmup=-1"], ["freeze.warmup"]),
     (["freeze.per_stage=0"], ["freeze.per_stage"]),
@@ -226,6 +229,23 @@ def test_validate_rejects_bad_values(cfg_factory, overrides, needles):
     assert "\n" not in message.strip(), "a user error is one line"
     for needle in needles:
         assert needle in message, f"{needle!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("trainer,bench,expected", [
+    ("32", None, ("32-true", "32-true")),
+    ("bf16", "16", ("bf16-mixed", "16-mixed")),
+    ("bf16-true", "bf16", ("bf16-true", "bf16-mixed")),
+    ("64", "64-true", ("64-true", "64-true")),
+])
+def test_both_precision_keys_share_one_alias_table(cfg_factory, trainer, bench, expected):
+    """``trainer.precision`` and ``bench.precision`` take the same flags and aliases (an int too), in long form."""
+    from lrd_exp.config.schema import canonical_precision
+    from lrd_exp.tasks.common import bench_precision
+
+    overrides = [f"trainer.precision={trainer}"] + ([f"bench.precision={bench}"] if bench else [])
+    cfg = cfg_factory(overrides)
+    validate(cfg)
+    assert (canonical_precision(cfg.trainer.precision), bench_precision(cfg)) == expected
 
 
 def test_bench_rounds_default_to_one_per_step_and_accept_an_integer(cfg_factory):
@@ -270,3 +290,54 @@ def test_a_bare_hydra_compose_of_conf_works_without_run_py(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["optimized", "alternating", "2.0", "refused", "True"]
+
+
+class _WritesAFileWhenUnpickled:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(cfg_factory, tmp_path):
+    import torch
+
+    marker = tmp_path / "the-file-ran-code"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _WritesAFileWhenUnpickled(str(marker))}, path)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg_factory([f"model.checkpoint={path}"]))
+    message = str(info.value)
+    assert "model.checkpoint" in message and "model.trust_checkpoint=true" in message and "\n" not in message
+    assert not marker.exists()
+    # the explicit opt-in loads it (and so runs what it carries: only for files the user trusts)
+    from lrd_exp.config.validate import read_checkpoint
+
+    read_checkpoint(str(path), trust=True)
+    assert marker.exists()
+
+
+def test_a_lightning_checkpoint_loads_safely(cfg_factory, tmp_path):
+    """What this project's training writes loads with weights_only=True: no opt-in needed for it."""
+    import pytorch_lightning as pl
+    import timm
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lrd_exp.tasks.common import build_model
+    from lrd_exp.training.classifier import Classifier
+
+    torch.manual_seed(0)
+    module = Classifier(timm.create_model("resnet18", num_classes=10, in_chans=1), 10,
+                        optim={"name": "sgd", "lr": 0.01, "scheduler": "cosine"})
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ckpt], limit_val_batches=0)
+    data = TensorDataset(torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,)))
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    cfg = cfg_factory([f"model.checkpoint={tmp_path / 'ckpt' / 'last.ckpt'}"])
+    validate(cfg)
+    model = build_model(cfg, num_classes=10, in_chans=1, image_size=32)
+    for (name, a), b in zip(model.state_dict().items(), module.model.state_dict().values()):
+        assert torch.equal(a, b), name

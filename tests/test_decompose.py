@@ -171,15 +171,67 @@ def test_decompose_timm_model(name, size):
     assert "decomposed" in report.table()
 
 
+def low_rank_net() -> nn.Sequential:
+    """A float64 net whose 3x3 conv has channel ranks (4, 4) and whose linear has rank 4: exactly low rank."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).double()
+    with torch.no_grad():
+        core = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+        u_out, u_in = torch.randn(32, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+        net[2].weight.copy_(torch.einsum("rskl,or,is->oikl", core, u_out, u_in))
+        net[6].weight.copy_(torch.randn(64, 4, dtype=torch.float64) @ torch.randn(4, 128, dtype=torch.float64))
+    return net.eval()
+
+
 def test_decomposed_model_matches_at_full_energy():
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10).double().eval()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    """Full energy of exactly low-rank weights: the layers ARE decomposed (at their true ranks) and the model's
+    function is unchanged."""
+    model = low_rank_net()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     ref = model(x)
-    report = decompose_model(model, policy="energy", energy=1.0, input_size=(3, 32, 32))
-    # full energy gives full ranks, which never shrink a layer, so everything is kept
-    assert not report.decomposed and torch.allclose(model(x), ref)
-    report = decompose_model(model, policy="fixed", rank={"layer4.*conv*": 1000}, input_size=(3, 32, 32))
-    assert not report.decomposed
+    report = decompose_model(model, policy="energy", energy=1.0, input_size=(3, 8, 8))
+    assert {(layer.name, layer.ranks) for layer in report.decomposed} == {("2", (4, 4)), ("6", (4,))}
+    assert isinstance(model[2], Tucker2Conv) and isinstance(model[6], SVDLinear)
+    torch.testing.assert_close(model(x), ref, rtol=1e-9, atol=1e-10)
+
+
+def test_models_built_on_multihead_attention_still_run():
+    """torch's attention and encoder layers read some of their linears' weights themselves (out_proj always,
+    linear1/linear2 in the inference fast path): those stay dense with the reason; the model's own linears split;
+    the model trains and infers."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
+    model = nn.Sequential(nn.Linear(32, 64), nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
+                          nn.Flatten(), nn.Linear(640, 128), nn.Linear(128, 10))
+    report = decompose_model(model, policy="ratio", ratio=2, skip_stem=False, input_size=(10, 32))
+    kept = {layer.name: layer.reason for layer in report.layers if layer.action == "kept"}
+    assert "MultiheadAttention (out_proj.weight)" in kept["1.layers.0.self_attn.out_proj"]
+    assert "TransformerEncoderLayer (linear1.weight)" in kept["1.layers.1.linear1"]
+    assert {layer.name for layer in report.decomposed} == {"0", "3"}
+    x = torch.randn(3, 10, 32)
+    model.train()(x).sum().backward()
+    assert model.eval()(x).shape == (3, 10)
+
+
+class _ReadsItsChildsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + nn.functional.linear(x, self.b.weight)
+
+
+def test_a_layer_the_model_cannot_run_without_is_given_back_with_the_reason():
+    model = nn.Sequential(_ReadsItsChildsWeight(), nn.Linear(32, 4))
+    x = torch.randn(2, 32)
+    report = decompose_model(model, policy="ratio", ratio=2, skip_head=False, example_input=x)
+    by_name = {layer.name: layer for layer in report.layers}
+    assert by_name["0.b"].action == "kept" and "forward failed" in by_name["0.b"].reason
+    assert by_name["0.a"].action == "decomposed" and isinstance(model[0].a, SVDLinear)
+    assert isinstance(model[0].b, nn.Linear) and model(x).shape == (2, 4)
+    assert report.params_after == _count(model)
 
 
 def test_quantized_ranks_are_multiples_and_fixed_patterns():
@@ -198,6 +250,13 @@ def test_include_overrides_skips_and_exclude_removes():
                              input_size=(3, 32, 32))
     names = {layer.name for layer in report.decomposed}
     assert names == {"conv1", "layer1.0.conv1", "layer1.0.conv2"}
+
+
+def test_one_include_string_is_one_pattern():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    report = decompose_model(model, policy="ratio", ratio=3, include="conv1", input_size=(3, 32, 32))
+    assert {layer.name for layer in report.decomposed} == {"conv1"}
+    assert report.settings["include"] == ["conv1"]
 
 
 def test_grouped_conv_skipped_and_works_with_rank_config_node():

@@ -248,3 +248,170 @@ def test_timing_cache_key_changes_with_the_allocator_mode(monkeypatch):
     assert RS.TimingCache.key(plan, **kw) == tuned  # stable
     monkeypatch.setattr(RS, "malloc_mode", lambda: "system")
     assert RS.TimingCache.key(plan, **kw) != tuned
+
+
+# ------------------------------------------------------------------ never slower than the original
+def test_pick_never_takes_a_tie_slower_than_the_original():
+    # (16,) ties with the fastest (8,) within 3 %, but it is slower than the dense layer: not allowed
+    assert pick({None: 1.0, (8,): 0.98, (16,): 1.005}, tolerance=0.03) == (8,)
+    assert pick({None: 1.0, (8,): 1.0, (16,): 1.02}, tolerance=0.03) is None
+
+
+def test_model_budget_never_picks_a_rank_slower_than_the_original():
+    # the estimate a (2.0 ms) is slower than the original (1.5 ms); b (1.0 ms) alone over-compresses, so the
+    # budget pushes back toward a
+    params = {"l": {(1,): 50, (2,): 100}}
+    times = {"l": {None: 1.5e-3, (2,): 2.0e-3, (1,): 1.0e-3}}
+    assert pick_within_budget(times, params, {"l": (2,)}, tolerance=0.0) == {"l": (1,)}
+    # no rank faster than the original: dense, out of the budget, which the other layer then has alone
+    params = {"k": {(1,): 50, (2,): 100}, "c": {(1,): 50, (2,): 100, (3,): 150}}
+    times = {"k": {None: 1.5, (1,): 1.6, (2,): 2.0}, "c": {None: 9.0, (1,): 1.0, (2,): 2.0, (3,): 3.0}}
+    assert pick_within_budget(times, params, {"k": (2,), "c": (2,)}, tolerance=0.0) == {"k": None, "c": (2,)}
+
+
+
+def test_model_budget_slow_estimate_whose_only_faster_rank_is_larger():
+    # a's estimate and smaller rank are slower than its original; only the larger rank 3 is faster. b pays for it
+    params = {"a": {(1,): 50, (2,): 100, (3,): 150}, "b": {(1,): 50, (2,): 100, (3,): 150}}
+    times = {"a": {None: 1.5, (1,): 2.0, (2,): 2.0, (3,): 1.0}, "b": {None: 9.0, (1,): 1.0, (2,): 1.0, (3,): 1.0}}
+    assert pick_within_budget(times, params, {"a": (2,), "b": (2,)}, tolerance=0.0) == {"a": (3,), "b": (1,)}
+    # b cannot pay: over the budget rather than slower than the original
+    params["b"], times["b"] = {(2,): 100}, {None: 9.0, (2,): 1.0}
+    assert pick_within_budget(times, params, {"a": (2,), "b": (2,)}, tolerance=0.0) == {"a": (3,), "b": (2,)}
+
+def test_model_budget_random_tables_never_slower_than_the_original():
+    import random
+
+    rng = random.Random(1)
+    for _ in range(200):
+        names = [f"l{i}" for i in range(5)]
+        params = {n: {(r,): r * rng.randint(5, 20) for r in range(1, 9)} for n in names}
+        times = {n: {None: rng.uniform(2.0, 12.0), **{r: p[r] * rng.uniform(0.02, 0.12) for r in p}}
+                 for n, p in params.items()}
+        est = {n: (rng.randint(2, 7),) for n in names}
+        for tol in (0.0, 0.05):
+            chosen = pick_within_budget(times, params, est, tolerance=tol)
+            assert all(r is None or times[n][r] < times[n][None] for n, r in chosen.items())
+            assert all(r is None or times[n][r] < times[n][None]
+                       for n, r in ((n, pick(times[n], tol)) for n in names))
+
+
+def test_choose_ranks_model_budget_keeps_every_layer_at_most_as_slow_as_the_original():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plans = [p for p in _plans(model, (256,)) if p.name in ("0", "2")]
+    estimates = {"0": (80,), "2": (128,)}
+    ms = {("0", None): 10.0, ("2", None): 1.5, ("2", 128): 2.0, ("2", 96): 1.0}
+
+    def timer(plan, ranks):  # layer 0: flat; layer 2: the estimate is slower than dense, only 96 is faster
+        key = (plan.name, None if ranks is None else ranks[0])
+        return ms.get(key, 1.0 if plan.name == "0" else 3.0) * 1e-3
+
+    for budget in ("model", "layer"):
+        chosen, reasons, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+                                          budget=budget, tolerance=0.0)
+        for p in plans:
+            r = chosen[p.name]
+            assert r is None or timer(p, r) < timer(p, None), (budget, p.name, r)
+        assert chosen["2"] == (96,)
+
+
+# ------------------------------------------------------------------ the estimate is always a candidate
+def test_estimate_that_would_not_shrink_the_layer_keeps_it_dense_with_a_reason():
+    # 128 x 128 at ratio 2 and multiple 64: the quantized estimate 64 has as many parameters as the layer;
+    # its neighbours 48 and 56 do shrink it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128))
+    timed = []
+
+    def timer(plan, ranks):
+        timed.append((plan.name, ranks))
+        return 1.0 if ranks is None else 0.5
+
+    report = decompose_model(model, policy="optimized", ratio=2, multiple=64, input_size=(128,),
+                             rank_search={"timer": timer})
+    layers = {layer.name: layer for layer in report.layers}
+    for name in ("0", "1"):
+        assert layers[name].action == "kept" and "would not shrink" in layers[name].reason
+    assert not timed  # nothing to time for a layer the estimate leaves dense
+    plans = _plans(nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128)), (128,))
+    chosen, reasons, _ = choose_ranks(plans, {p.name: (64,) for p in plans}, timer=timer, budget="layer")
+    assert all(chosen[p.name] is None and "would not shrink" in reasons[p.name] for p in plans)
+
+
+def test_estimate_is_a_candidate_even_below_the_energy_rank():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    plan = [p for p in _plans(model, (256,)) if p.name == "2"][0]
+    cands = candidate_ranks(plan, (64,), window=0.25, step=8, base="energy", ratio=2.0, energy_ranks=(72,))
+    assert (64,) in cands and all(c[0] >= 72 for c in cands if c != (64,))
+
+
+# ------------------------------------------------------------------ timing in the run's dtype and compile mode
+def _timed_forwards(monkeypatch, precision, *, compile=False, objective="both"):
+    """Run choose_ranks with the real timer on one small layer; what every module forward saw."""
+    seen = []
+
+    def hook(module, args, _out):
+        x = args[0]
+        seen.append({"params": {p.dtype for p in module.parameters(recurse=False)}, "input": x.dtype,
+                     "autocast": torch.is_autocast_enabled("cpu"), "autocast_dtype": torch.get_autocast_dtype("cpu")})
+
+    plan = [p for p in _plans(mlp(), (64,)) if p.name == "2"][0]
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        choose_ranks([plan], {"2": (48,)}, window=0.0, step=8, precision=precision, objective=objective,
+                     budget="layer", warmup=0, steps=1, batch_size=2, compile=compile)
+    finally:
+        handle.remove()
+    assert seen
+    return seen
+
+
+@pytest.mark.parametrize("precision,dtype", [("32-true", torch.float32), ("bf16-true", torch.bfloat16),
+                                             ("64-true", torch.float64), ("16-true", torch.float16)])
+def test_layers_are_timed_in_the_precision_dtype(monkeypatch, precision, dtype):
+    for call in _timed_forwards(monkeypatch, precision):
+        assert call["input"] == dtype
+        assert call["params"] <= {dtype}
+        assert not call["autocast"]
+
+
+def test_mixed_precision_times_under_autocast(monkeypatch):
+    for call in _timed_forwards(monkeypatch, "bf16-mixed"):
+        assert call["autocast"] and call["autocast_dtype"] == torch.bfloat16
+        assert call["params"] <= {torch.float32}  # mixed precision keeps float32 weights
+
+
+def test_compile_wraps_the_timed_module_and_changes_the_cache_key(monkeypatch):
+    import lrd_exp.decompose.search as RS
+
+    compiled = []
+
+    def spy(module, *args, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", spy)
+    _timed_forwards(monkeypatch, "32-true", compile=True)
+    assert len(compiled) == 2  # the original and the one candidate
+    compiled.clear()
+    _timed_forwards(monkeypatch, "32-true", compile=False)
+    assert not compiled
+    plan = _plans(mlp(), (64,))[0]
+    kw = dict(device_name="cpu", batch_size=4, objective="train", channels_last=False)
+    keys = {RS.TimingCache.key(plan, precision=p, compile=c, **kw)
+            for p in ("32-true", "bf16-true", "bf16-mixed", "64-true") for c in (False, True)}
+    assert len(keys) == 8
+    assert RS.TimingCache.key(plan, precision="32-true", compile=True, warmup=1, steps=2, **kw) != \
+        RS.TimingCache.key(plan, precision="32-true", compile=True, warmup=1, steps=5, **kw)
+
+
+def test_a_failing_timing_names_the_layer_and_precision(monkeypatch):
+    import lrd_exp.decompose.search as RS
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("\"addmm\" not implemented for 'Half'")
+
+    monkeypatch.setattr(RS, "time_fn", boom)
+    plan = [p for p in _plans(mlp(), (64,)) if p.name == "2"][0]
+    with pytest.raises(RuntimeError, match=r"layer 2.*16-true.*not implemented"):
+        choose_ranks([plan], {"2": (48,)}, window=0.0, precision="16-true", budget="layer", warmup=0, steps=1)

@@ -210,6 +210,16 @@ def test_sequential_in_steps_is_the_same_schedule(factors):
     assert s.n_stages == 4
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+@pytest.mark.parametrize("per_stage,final_fraction", [(1, 1.0), (3, 0.5), (0.25, 0.75), (5, 1.0), (2, 0.0)])
+def test_n_stages_counts_the_states_the_timeline_goes_through(factors, warmup, per_stage, final_fraction):
+    """Without warm-up the all-trainable stage never happens: it is not a stage."""
+    s = seq(factors, warmup=warmup, period=2, per_stage=per_stage, final_fraction=final_fraction)
+    segments = s.timeline(200)
+    assert len({tuple(f.key for f in fz) for _, _, fz in segments}) == len(segments) == s.n_stages
+    assert (len(segments[0][2]) == 0) == (warmup > 0 or final_fraction == 0)
+
+
 def test_already_frozen_stay_frozen_when_the_order_changes(factors):
     s = seq(factors, per_stage=2)
     first = s.frozen_at(0, order=factors)
@@ -333,13 +343,13 @@ class Recorder(pl.Callback):
         self.final = weights(collect_factors(pl_module.model))
 
 
-def loader(shape, n=64, batch_size=8, seed=0):
+def loader(shape, n=64, batch_size=8, seed=0, shuffle=False):
     g = torch.Generator().manual_seed(seed)
     ds = TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle)  # shuffled from the global random stream
 
 
-def fit(model, freeze_cfg, shape, *, max_steps, optim=None, log_flops=False):
+def fit(model, freeze_cfg, shape, *, max_steps, optim=None, log_flops=False, shuffle=False):
     freezer = FreezingCallback(freeze_cfg, log_flops=log_flops)
     recorder = Recorder()
     optim = optim or {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "scheduler": "cosine"}
@@ -347,7 +357,7 @@ def fit(model, freeze_cfg, shape, *, max_steps, optim=None, log_flops=False):
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=100, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[freezer, recorder])
-    trainer.fit(module, train_dataloaders=loader(shape))
+    trainer.fit(module, train_dataloaders=loader(shape, shuffle=shuffle))
     assert trainer.global_step == max_steps
     return freezer, recorder
 
@@ -574,3 +584,84 @@ def test_cost_of_a_factor_called_twice_counts_both_calls_and_a_bad_batch_falls_b
     with caplog.at_level("WARNING", logger="lrd_exp"):
         assert freezer._measure_costs(SimpleNamespace(model=model), {"image": torch.randn(2, 16)}) == {}
     assert "largest factors first" in caplog.text
+
+
+# ------------------------------------------------------------------ measuring inside a run changes nothing
+def dropout_bn_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(SVDLinear(16, 32, 8), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3),
+                         SVDLinear(32, 32, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+
+
+def test_logging_flops_leaves_the_training_bit_identical():
+    """The stage's FLOP count (a training-mode forward + backward) draws no random numbers from the run: dropout
+    masks and the loader's shuffling stay those of a run that does not measure."""
+    cfg = {"schedule": "sequential", "unit": "step", "warmup": 2, "period": 3, "per_stage": 1,
+           "final_fraction": 0.75, "importance": "depth"}
+    final = {}
+    for log_flops in (False, True):
+        model = dropout_bn_model()
+        torch.manual_seed(1)  # the run's stream: dropout and the shuffled order of every epoch
+        freezer, _ = fit(model, cfg, (16,), max_steps=12, log_flops=log_flops, shuffle=True)
+        assert [h["t"] for h in freezer.history] == [0, 2, 5, 8]  # the stage changes mid-epoch and across epochs
+        assert all(("train_flops_per_step" in h) == log_flops for h in freezer.history)
+        final[log_flops] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert final[True].keys() == final[False].keys()
+    for k, v in final[False].items():  # weights and BatchNorm statistics
+        assert torch.equal(final[True][k], v), k
+
+
+def test_measuring_the_costs_leaves_the_random_state():
+    """importance=cost runs the model once inside the run: a model that samples even in eval mode (noise
+    injection, stochastic depth kept on) must not move the run's stream either."""
+    from types import SimpleNamespace
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = SVDLinear(16, 10, 4)
+
+        def forward(self, x):
+            return self.body(x + 0.01 * torch.rand_like(x))
+
+    freezer = FreezingCallback({"schedule": "sequential", "importance": "cost"})
+    model, example = Noisy(), (torch.randn(2, 16), torch.zeros(2))
+    rng = torch.get_rng_state()
+    costs = freezer._measure_costs(SimpleNamespace(model=model), example)
+    assert set(costs) == {"body.first", "body.last"}
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ------------------------------------------------------------------ what the user froze stays frozen
+@pytest.mark.parametrize("cfg", [
+    {"schedule": "none"},
+    {"schedule": "sequential", "unit": "step", "warmup": 2, "period": 2, "per_stage": 2, "final_fraction": 0.5,
+     "importance": "depth"},
+    {"schedule": "alternating", "unit": "step", "warmup": 1, "period": 2, "phases": [["last"], ["first", "core"]]},
+], ids=["none", "sequential", "alternating"])
+def test_the_schedule_never_unfreezes_what_the_user_froze(cfg):
+    """A factor (weight and bias) and a non-factor layer frozen before fit stay frozen and bit-identical; every
+    other factor follows the schedule exactly as in a run where the user froze nothing."""
+    runs = {}
+    for user_frozen in (False, True):
+        model = make_model()
+        if user_frozen:
+            model[9].last.requires_grad_(False)
+            model[1].requires_grad_(False)  # the BatchNorm's affine weights
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        _, rec = fit(model, cfg, (3, 8, 8), max_steps=8)
+        runs[user_frozen] = (model, before, rec)
+    model, before, rec = runs[True]
+    kept = ["9.last.weight", "9.last.bias", "1.weight", "1.bias"]
+    params = dict(model.named_parameters())
+    for name in kept:
+        assert not params[name].requires_grad and params[name].grad is None, name
+        assert torch.equal(params[name].detach(), before[name]), name
+    assert all(not flags["9.last"] for flags in rec.requires_grad.values())
+    plain = runs[False][2]
+    for step, flags in plain.requires_grad.items():  # the others: as without the user's freezing
+        assert {k: v for k, v in rec.requires_grad[step].items() if k != "9.last"} == \
+               {k: v for k, v in flags.items() if k != "9.last"}, step
+    assert any(flags["9.last"] for flags in plain.requires_grad.values())  # without the user: it trains
+    moved = [n for n, p in params.items() if n not in kept and not torch.equal(p.detach(), before[n])]
+    assert moved, "nothing else trained"

@@ -64,7 +64,8 @@ def test_columns_contract():
     for c in ("rank_params", "freeze_params", "overrides", "baseline_cache_hit", "flops_speedup_infer",
               "train_ips_decomposed_max", "top1_drop", "train_flops_decomposed", "variant", "channels_last",
               "train_ips_logged", "train_ips_fidelity", "train_loop_overhead", "train_ips_probe",
-              "train_ips_fidelity_paired"):
+              "train_ips_fidelity_paired", "infer_ips_deployed", "layers_merged", "train_mem_mb_original",
+              "train_mem_mb_decomposed", "train_mem_kind", "latency_ms_deployed_p90"):
         assert c in cols
 
 

@@ -159,3 +159,71 @@ def test_compare_reports_when_the_machine_changes_speed_between_rounds(monkeypat
     assert orig.round_spread == 0.0
     print_benchmark([{"variant": "calm", "status": "ok", **comparison_fields(original, decomposed, orig, dec, x)}], [])
     assert "unstable" not in capsys.readouterr().out
+
+
+def test_compare_freezes_the_biases_with_freeze_bias_and_keeps_what_the_user_froze():
+    """The benchmark's states freeze what training freezes: with ``freeze.freeze_bias`` the factors' biases too;
+    a parameter frozen before the benchmark stays frozen in every state (and after)."""
+    from lrd_exp import decompose_model
+    from lrd_exp.freezing import collect_factors
+    from lrd_exp.freezing.schedule import FreezeState, schedule_states
+    from lrd_exp.tasks.measure import compare
+
+    original, decomposed = mlp(), mlp()
+    decompose_model(decomposed, policy="ratio", ratio=2.0, skip_head=False, skip_stem=False, input_size=(IN,))
+    factors = {f.key: f for f in collect_factors(decomposed)}
+    lasts = [f for k, f in factors.items() if k.endswith(".last")]
+    assert all(f.module.bias is not None for f in lasts)
+    user = factors["0.first"].module.weight
+    user.requires_grad_(False)  # the user's own freezing
+    x, y = torch.randn(4, IN), torch.randint(0, OUT, (4,))
+    trainable = count_params(decomposed, trainable_only=True)
+    for freeze_bias in (False, True):
+        cfg = {"schedule": "last", "freeze_bias": freeze_bias}
+        states = [FreezeState(0.5, [], "all train")] + schedule_states(decomposed, cfg, total_units=4)
+        assert [sorted(s.frozen) for s in states] == [[], sorted(f.key for f in lasts)]
+        built: list[int] = []
+
+        def factory(params, built=built):
+            built.append(sum(p.numel() for p in params))
+            return torch.optim.SGD(params, lr=0.1)
+
+        compare(original, decomposed, states, x, y, warmup=0, steps=1, rounds=1, inference=False,
+                optimizer_factory=factory)
+        _, n_all, n_last_frozen = built
+        assert n_all == trainable  # the user's frozen weight stays out of the optimizer
+        frozen = sum(f.module.weight.numel() + (f.module.bias.numel() if freeze_bias else 0) for f in lasts)
+        assert n_all - n_last_frozen == frozen, freeze_bias
+        assert not user.requires_grad and count_params(decomposed, trainable_only=True) == trainable
+
+
+@pytest.mark.parametrize("freeze_bias", [False, True])
+def test_benchmark_and_measure_pair_pass_freeze_bias_to_the_states(cfg_factory, monkeypatch, freeze_bias):
+    """Both entry points time the states training goes through: ``freeze.freeze_bias`` reaches every state."""
+    import importlib
+    from types import SimpleNamespace
+
+    from lrd_exp import decompose_model
+    from lrd_exp.devices import resolve_device
+
+    measure = importlib.import_module("lrd_exp.tasks.measure")
+    benchmark = importlib.import_module("lrd_exp.tasks.benchmark")  # the package exports a function of that name
+    seen: list[list] = []
+    real_compare = measure.compare
+
+    def spy(original, decomposed, states, *args, **kwargs):
+        seen.append(states)
+        return real_compare(original, decomposed, states, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "compare", spy)  # the benchmark task measures through lrd_exp.tasks.measure too
+    overrides = ["trainer=smoke", "dataset=digits", "model=resnet18", "freeze=last", f"freeze.freeze_bias={freeze_bias}",
+                 "bench.warmup=0", "bench.steps=1", "bench.batch_size=2", "device=cpu"]
+    cfg = cfg_factory(["task=benchmark", *overrides])
+    device = resolve_device("cpu")
+    assert benchmark.benchmark(cfg, device, cfg.paths.output_dir) is not None  # the variant ran
+    original, decomposed = mlp(), mlp()
+    decompose_model(decomposed, policy="ratio", ratio=2.0, skip_head=False, skip_stem=False, input_size=(IN,))
+    dm = SimpleNamespace(example_batch=lambda n: (torch.randn(n, IN), torch.randint(0, OUT, (n,))))
+    measure.measure_pair(cfg_factory(overrides), device, original, decomposed, dm)
+    assert len(seen) == 2 and all(states for states in seen)
+    assert all(s.freeze_bias is freeze_bias for states in seen for s in states)

@@ -51,6 +51,52 @@ def test_conv_forward_flops():
     assert count_flops(conv, x, train=False) == 2 * B * ho * ho * cout * cin * k * k
 
 
+def conv_forward_flops(conv: nn.Conv2d | nn.ConvTranspose2d, x_shape: tuple[int, ...]) -> int:
+    """2 x positions x out channels x (in channels / groups) x kernel area, per sample; a transposed conv visits
+    every input position with (out channels / groups) x kernel area weights per input channel."""
+    b, cin, h, w = x_shape
+    kh, kw = conv.kernel_size
+    if conv.transposed:
+        return 2 * b * h * w * cin * (conv.out_channels // conv.groups) * kh * kw
+    (ph, pw), (sh, sw) = conv.padding, conv.stride
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    return 2 * b * ho * wo * conv.out_channels * (cin // conv.groups) * kh * kw
+
+
+@pytest.mark.parametrize("make_conv", [
+    lambda: nn.Conv2d(8, 16, 3, padding=1),
+    lambda: nn.Conv2d(16, 16, 3, padding=1, stride=2, groups=4),
+    lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16),  # depthwise
+    lambda: nn.ConvTranspose2d(8, 16, 3, stride=2, groups=4),
+], ids=["dense", "groups4", "depthwise", "transposed-groups4"])
+def test_conv_training_flops_divide_by_groups(make_conv):
+    """Grad-input and grad-weight each cost one forward, and only when autograd computes them (torch's own count
+    takes a grouped conv's weight gradient for a dense one: groups times too much)."""
+    torch.manual_seed(0)
+    conv = make_conv()
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())  # pooling counts no FLOPs
+    x, y = torch.randn(B, conv.in_channels, 10, 10), torch.randint(0, conv.out_channels, (B,))
+    fwd = conv_forward_flops(conv, tuple(x.shape))
+    assert count_flops(model, x, train=False) == fwd
+    assert count_flops(model, x, y=y, train=True) == fwd + fwd  # grad-weight; the data needs no grad
+    assert count_flops(model, x.requires_grad_(True), y=y, train=True) == fwd + 2 * fwd  # and grad-input
+    conv.weight.requires_grad_(False)  # frozen weight: its bias still trains, so backward still runs
+    assert count_flops(model, x, y=y, train=True) == fwd + fwd
+    assert count_flops(model, x.detach(), y=y, train=True) == fwd
+    assert x.grad is None and conv.bias.grad is None
+
+
+def test_efficientnet_like_depthwise_block_training_flops():
+    """A depthwise-separable block: the training step costs three forwards at most, not dozens."""
+    torch.manual_seed(0)
+    dw, pw = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False), nn.Conv2d(64, 32, 1, bias=False)
+    model = nn.Sequential(dw, nn.BatchNorm2d(64), nn.ReLU(), pw, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x, y = torch.randn(8, 64, 32, 32), torch.randint(0, 32, (8,))
+    f_dw, f_pw = conv_forward_flops(dw, tuple(x.shape)), conv_forward_flops(pw, (8, 64, 32, 32))
+    # forward both; backward: pw grad-input + grad-weight, dw grad-weight only (the data needs no grad)
+    assert count_flops(model, x, y=y, train=True) == (f_dw + f_pw) + 2 * f_pw + f_dw
+
+
 def test_training_flops_respect_frozen_weight():
     """fwd: both GEMMs. bwd: layer 2 grad-input + grad-weight; layer 1 grad-weight only if trainable
     (its grad-input is never needed: the data needs no grad)."""
@@ -81,6 +127,16 @@ def test_count_flops_leaves_model_untouched():
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # BatchNorm running stats and counters restored
+
+
+def test_count_flops_keeps_each_modules_own_mode():
+    """A BatchNorm the user put in eval mode inside a training model stays in eval mode."""
+    model = small_cnn().train()
+    model[1].eval()
+    x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
+    for train in (True, False):
+        count_flops(model, x, train=train, y=y)
+        assert [m.training for m in model] == [i != 1 for i in range(len(model))], train
 
 
 def test_count_params_and_predicted_speedup():
@@ -203,13 +259,52 @@ def test_train_step_frozen_weight_gets_no_grad_or_update():
     assert not torch.equal(model[0].bias, b0)
 
 
+class Seen:
+    """A forward hook on the caller's module (deep copies carry it to the timed copy): what each call ran under."""
+
+    def __init__(self, module: nn.Module, device_type: str) -> None:
+        calls: list[dict[str, object]] = []
+        self.calls = calls
+
+        def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:  # a function: deepcopy shares it
+            on = torch.is_autocast_enabled(device_type)
+            cl = torch.channels_last
+            calls.append({
+                "autocast": torch.get_autocast_dtype(device_type) if on else None,
+                "input_channels_last": inputs[0].dim() == 4 and inputs[0].is_contiguous(memory_format=cl),
+                "weight_channels_last": module.weight.is_contiguous(memory_format=cl),
+                "weight_dtype": module.weight.dtype, "out_dtype": out.dtype, "device": out.device.type,
+            })
+
+        self.handle = module.register_forward_hook(hook)
+
+    def __enter__(self) -> Seen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
 def test_measure_train_step_bf16_channels_last():
+    """The copy runs its forward under bf16 autocast with channels_last input and weights; the caller's model
+    keeps its dtype and layout."""
     model = small_cnn()
     x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
-    t = measure_train_step(model, x, y, warmup=1, steps=2, precision="bf16-mixed", channels_last=True)
+    with Seen(model[0], "cpu") as seen:
+        t = measure_train_step(model, x, y, warmup=1, steps=2, precision="bf16-mixed", channels_last=True)
     assert t.ips > 0
+    assert len(seen.calls) == 3  # warm-up + timed steps
+    for call in seen.calls:
+        assert call["autocast"] == torch.bfloat16 and call["out_dtype"] == torch.bfloat16
+        assert call["input_channels_last"] and call["weight_channels_last"]
+        assert call["weight_dtype"] == torch.float32  # mixed precision: the master weights stay fp32
+    with Seen(model[0], "cpu") as seen:  # and the default: no autocast, the usual layout
+        measure_train_step(model, x, y, warmup=0, steps=1)
+    assert seen.calls[0]["autocast"] is None and seen.calls[0]["out_dtype"] == torch.float32
+    assert not seen.calls[0]["input_channels_last"]
     assert next(model.parameters()).dtype == torch.float32
     assert model[0].weight.is_contiguous()  # the caller's layout is untouched
+    assert not model[0]._forward_hooks
 
 
 def test_measure_inference_positive_finite():
@@ -220,36 +315,84 @@ def test_measure_inference_positive_finite():
     assert model.training  # eval mode only on the copy
 
 
-def test_unknown_precision_names_allowed():
-    with pytest.raises(ValueError, match="bf16-mixed"):
-        measure_inference(mlp(), torch.randn(B, IN), warmup=0, steps=1, precision="fp8")
+@pytest.mark.parametrize("name", ["fp8", "mixed", "bf16-true-ish"])
+def test_unknown_precision_names_are_rejected_naming_the_allowed_values(name):
+    with pytest.raises(ValueError, match=f"precision='{name}' is not allowed") as err:
+        measure_inference(mlp(), torch.randn(B, IN), warmup=0, steps=1, precision=name)
+    for allowed in ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"):
+        assert allowed in str(err.value), allowed
+    with pytest.raises(ValueError, match="is not allowed"):
+        measure_train_step(mlp(), torch.randn(B, IN), torch.randint(0, OUT, (B,)), warmup=0, steps=1,
+                           precision=name)
+
+
+@pytest.mark.parametrize("alias,expected", [("32", None), (16, torch.float16), ("bf16", torch.bfloat16)])
+def test_precision_aliases_run_as_their_long_form(alias, expected):
+    model = small_cnn()
+    x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
+    with Seen(model[0], "cpu") as seen:
+        measure_train_step(model, x, y, warmup=0, steps=1, precision=alias)
+        measure_inference(model, x, warmup=0, steps=1, precision=alias)
+    assert [c["autocast"] for c in seen.calls] == [expected, expected]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_train_and_inference():
+    """On the GPU, in each precision: the copy runs there, under autocast in the stated dtype, channels_last."""
     info = resolve_device("cuda")
     model = small_cnn()
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 5, (32,))
-    for precision in ("32-true", "bf16-mixed", "16-mixed"):
-        t = measure_train_step(
-            model, x, y, warmup=2, steps=3, precision=precision, channels_last=True, device=info
-        )
-        assert math.isfinite(t.ips) and t.ips > 0
-        t = measure_inference(model, x, warmup=2, steps=3, precision=precision, device=info)
-        assert math.isfinite(t.ips) and t.ips > 0
+    for precision, dtype in (("32-true", None), ("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)):
+        with Seen(model[0], "cuda") as seen:
+            t = measure_train_step(
+                model, x, y, warmup=2, steps=3, precision=precision, channels_last=True, device=info
+            )
+            assert math.isfinite(t.ips) and t.ips > 0
+            t = measure_inference(model, x, warmup=2, steps=3, precision=precision, channels_last=True, device=info)
+            assert math.isfinite(t.ips) and t.ips > 0
+        assert len(seen.calls) == 10, precision
+        for call in seen.calls:
+            assert call["device"] == "cuda" and call["autocast"] == dtype, (precision, call)
+            assert call["out_dtype"] == (dtype or torch.float32), (precision, call)
+            assert call["input_channels_last"] and call["weight_channels_last"], (precision, call)
     assert next(model.parameters()).device.type == "cpu"  # the caller's model stays where it was
 
 
 @pytest.mark.slow
-def test_compile_train_and_inference():
-    """torch.compile path (slow on CPU: inductor compiles C++); warm-up absorbs the compilation."""
+def test_compile_train_and_inference(monkeypatch):
+    """torch.compile path (slow on CPU: inductor compiles C++); warm-up absorbs the compilation. Every step runs
+    the compiled graph, and that graph ran under the stated autocast (its logits come out in bf16)."""
+    import torch._inductor.compile_fx
+
+    real_compile = torch.compile
+    compiled: list[nn.Module] = []
+    graph_calls: list[torch.dtype] = []
+
+    def counting_inductor(gm, example_inputs):  # inductor, counting each call of the compiled forward graph
+        run = torch._inductor.compile_fx.compile_fx(gm, example_inputs)
+
+        def call(*args):
+            out = run(*args)
+            graph_calls.append(next(t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)).dtype)
+            return out
+
+        return call
+
+    def spy(module, *args, **kwargs):
+        compiled.append(module)
+        return real_compile(module, *args, **{**kwargs, "backend": counting_inductor})
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()
     model = mlp()
     x, y = torch.randn(B, IN), torch.randint(0, OUT, (B,))
-    t = measure_train_step(model, x, y, warmup=2, steps=2, compile=True)
+    t = measure_train_step(model, x, y, warmup=2, steps=2, compile=True, precision="bf16-mixed")
     assert math.isfinite(t.ips) and t.ips > 0
+    assert len(compiled) == 1 and compiled[0] is not model  # the copy is compiled
+    assert graph_calls == [torch.bfloat16] * 4  # warm-up + timed: every step ran the graph, under bf16 autocast
+    graph_calls.clear()
     t = measure_inference(model, x, warmup=2, steps=2, compile=True)
     assert math.isfinite(t.ips) and t.ips > 0
+    assert len(compiled) == 2 and graph_calls == [torch.float32] * 4
     assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
-
-

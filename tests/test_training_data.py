@@ -40,6 +40,21 @@ def stack(dataset):
     return torch.stack(xs), torch.tensor([int(y) for y in ys])
 
 
+def is_shift(view, image, pad, fill, flips=(False,)):
+    """``view`` is ``image`` (C, H, W) shifted by up to ``pad`` pixels (uncovered pixels = ``fill``), maybe flipped."""
+    h, w = image.shape[-2:]
+    fill = torch.as_tensor(fill, dtype=image.dtype).view(-1, 1, 1)
+    padded = fill.expand(image.shape[0], h + 2 * pad, w + 2 * pad).clone()
+    padded[:, pad : pad + h, pad : pad + w] = image
+    return any(
+        torch.allclose(padded[:, i : i + h, j : j + w].flip(-1) if flip else padded[:, i : i + h, j : j + w],
+                       view, atol=1e-6)
+        for i in range(2 * pad + 1)
+        for j in range(2 * pad + 1)
+        for flip in flips
+    )
+
+
 # ---------------------------------------------------------------- digits
 
 
@@ -121,6 +136,10 @@ def test_digits_seeded_shuffle_and_augment():
     assert shifted.shape == (20, 1, 32, 32)
     assert any(not torch.equal(s, plain.train_dataset[0][0]) for s in shifted)
     assert torch.equal(aug.val_dataset[0][0], plain.val_dataset[0][0])  # val never augmented
+    background = (0.0 - aug.mean[0]) / aug.std[0]  # zero padding is background, then normalised
+    assert all(is_shift(v, plain.train_dataset[0][0], pad=32 // 8, fill=background) for v in shifted)
+    torch.manual_seed(0)
+    assert torch.equal(torch.stack([aug.train_dataset[0][0] for _ in range(20)]), shifted)  # seeded
 
 
 def test_loader_workers_and_plain_object_config():
@@ -246,6 +265,32 @@ def test_cifar10_round_trip_labels_lengths(tmp_path):
     xb, yb = next(iter(dm.train_dataloader()))
     assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.float32 and yb.dtype == torch.int64
     assert len(dm.train_dataloader()) == 12  # 100 // 8, last partial dropped
+    assert dm.train_dataset.tensors[0].dtype == torch.uint8  # in memory as uint8, transformed per sample
+
+
+def test_cifar_resized_values(tmp_path):
+    test_data = write_cifar10(tmp_path / "cifar-10-batches-py")
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    raw = torch.from_numpy(test_data[3]).view(1, 3, 32, 32).float() / 255
+    for size in (16, 48):  # bilinear, antialiased when shrinking
+        dm = build_datamodule(cifar_cfg("cifar10", tmp_path, image_size=size), batch_size=4)
+        dm.setup("validate")
+        ref = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 32)[0]
+        assert torch.allclose(dm.val_dataset[3][0], (ref - mean) / std, atol=1e-5)
+
+
+def test_cifar_augment_is_a_padded_crop_and_flip(tmp_path):
+    write_cifar10(tmp_path / "cifar-10-batches-py")
+    plain = build_datamodule(cifar_cfg("cifar10", tmp_path), batch_size=4)
+    aug = build_datamodule(cifar_cfg("cifar10", tmp_path, augment=True), batch_size=4)
+    plain.setup("fit")
+    aug.setup("fit")
+    torch.manual_seed(1)
+    views = [aug.train_dataset[2][0] for _ in range(30)]
+    background = [(0.0 - m) / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)]
+    assert all(is_shift(v, plain.train_dataset[2][0], pad=4, fill=background, flips=(False, True)) for v in views)
+    assert len({tuple(v.flatten()[:64].tolist()) for v in views}) > 5
+    assert torch.equal(aug.val_dataset[2][0], plain.val_dataset[2][0])
 
 
 def test_cifar10_resize_augment_and_default_root(tmp_path):
@@ -265,6 +310,28 @@ def test_cifar10_resize_augment_and_default_root(tmp_path):
     dm = build_datamodule(cifar_cfg("cifar10", tmp_path / "cifar10" / "cifar-10-batches-py"), batch_size=4)
     dm.setup("validate")
     assert len(dm.val_dataset) == 20 and dm.train_dataset is None
+    # ... whatever its name
+    write_cifar10(tmp_path / "my_cifar")
+    dm = build_datamodule(cifar_cfg("cifar10", tmp_path / "my_cifar"), batch_size=4)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 100 and len(dm.val_dataset) == 20
+
+
+def test_cifar_tiny_files_need_no_official_checksums(tmp_path):
+    """torchvision's own class rejects anything but the official files (md5); the datamodule reads them."""
+    import torchvision.datasets
+
+    write_cifar10(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(RuntimeError, match="corrupted"):
+        torchvision.datasets.CIFAR10(str(tmp_path), train=False)
+    dm = build_datamodule(cifar_cfg("cifar10", tmp_path), batch_size=4)
+    dm.setup("validate")
+    assert len(dm.val_dataset) == 20
+    # a damaged file fails when read
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    dm = build_datamodule(cifar_cfg("cifar10", tmp_path), batch_size=4)
+    with pytest.raises(pickle.UnpicklingError):
+        dm.setup("validate")
 
 
 def test_cifar100_round_trip(tmp_path):
@@ -298,6 +365,10 @@ def test_cifar_missing_files_error(tmp_path):
     msg = str(err.value)
     assert "dataset.root" in msg and str(root / "cifar-10-batches-py") in msg
     assert "dataset.download=true" in msg and "data_batch_1" in msg and "\n" not in msg
+    write_cifar10(root / "cifar-10-batches-py")
+    os.remove(root / "cifar-10-batches-py" / "batches.meta")  # part of what users download; torchvision reads it
+    with pytest.raises(FileNotFoundError, match=r"\(missing batches\.meta\)"):
+        dm.setup("fit")
     dm = build_datamodule(cifar_cfg("cifar100", root), batch_size=4)
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         dm.prepare_data()

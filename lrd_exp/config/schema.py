@@ -76,6 +76,7 @@ class Importance(str, Enum):
 class Task(str, Enum):
     train = "train"
     benchmark = "benchmark"
+    evaluate = "evaluate"
 
 
 class Accelerator(str, Enum):
@@ -88,6 +89,42 @@ class Accelerator(str, Enum):
 class MallocMode(str, Enum):
     system = "system"
     tuned = "tuned"  # opt-in: freed host buffers stay in the process (lrd_exp.devices.allocator)
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class LRSchedule(str, Enum):
+    cosine = "cosine"
+    none = "none"
+
+
+#: Lightning's precision flags, and the short aliases both ``trainer.precision`` and ``bench.precision`` accept.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+class _NamedByValue(str, Enum):
+    """An enum whose names are its values ("32-true"), also found from an int (``trainer.precision=32``)."""
+
+    @classmethod
+    def _missing_(cls, value: Any) -> Any:
+        return cls.__members__.get(str(value))
+
+
+Precision = _NamedByValue("Precision", {p: p for p in (*PRECISIONS, *PRECISION_ALIASES)})
+
+
+def canonical_precision(value: Any) -> str:
+    """A precision flag or alias (str, int or :data:`Precision`) as Lightning's long form; ValueError otherwise."""
+    text = str(enum_value(value))
+    flag = PRECISION_ALIASES.get(text, text)
+    if flag not in PRECISIONS:
+        allowed = ", ".join([*PRECISIONS, *PRECISION_ALIASES])
+        raise ValueError(f"precision={text!r} is not allowed: choose one of {allowed}")
+    return flag
 
 
 def _values(enum: type[Enum]) -> tuple[str, ...]:
@@ -103,6 +140,8 @@ IMPORTANCES = _values(Importance)
 MEASURED_IMPORTANCES = ("weight_change", "grad_norm")  # only a training run can measure these
 ACCELERATORS = _values(Accelerator)
 MALLOC_MODES = _values(MallocMode)
+OPTIMIZERS = _values(OptimizerName)
+LR_SCHEDULES = _values(LRSchedule)
 FACTOR_POSITIONS = ("first", "core", "last")  # a factorized layer's factors, in order
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")  # lrd_exp.training.data builds each
 
@@ -148,7 +187,8 @@ class FreezeConfig:
 class ModelConfig:
     name: str = "resnet18"
     pretrained: bool = False
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a state_dict, a Lightning .ckpt or an lrd-exp model.pt (save_decomposed)
+    trust_checkpoint: bool = False  # true: load a checkpoint that carries pickled code (only files you trust)
     image_size: int | None = None  # None: the dataset's
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -180,17 +220,15 @@ class DeviceConfig:
     malloc: MallocMode = MallocMode.system  # tuned: careful timing on a noisy host (docs/measurement.md)
 
 
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("cosine", "none")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: OptimizerName = OptimizerName.sgd
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scheduler: str = "cosine"  # cosine | none
+    scheduler: LRSchedule = LRSchedule.cosine
     warmup_epochs: float = 0.0  # linear learning-rate warm-up from ~0 (transformers from scratch need it)
     label_smoothing: float = 0.0
 
@@ -200,7 +238,7 @@ class TrainerConfig:
     baseline_epochs: int = 10
     finetune_epochs: int = 5
     batch_size: int = 64
-    precision: str = "32-true"
+    precision: Precision = Precision["32-true"]  # Lightning's flags; aliases 32, 16, bf16, 64
     max_steps: int = -1  # >0 caps every training stage (smoke runs)
     limit_val_batches: Any = 1.0  # float: fraction of batches; int: count
     log_every_n_steps: int = 10
@@ -223,9 +261,12 @@ class BenchConfig:
     min_time_s: float = 0.0  # per model / freeze state: keep timing past `steps` until this much is collected
     channels_last: bool | None = None  # None: trainer.channels_last (the layout the training loop uses)
     compile: bool = False
-    precision: str | None = None  # None: trainer.precision
+    precision: Precision | None = None  # None: trainer.precision; the same flags and aliases
     probe_steps: int = 0  # >0: benchmark steps timed around every fine-tuning epoch (paired fidelity); 0: off
     variants: list[dict[str, Any]] = field(default_factory=list)  # benchmark task: extra rank/freeze overrides
+    deploy: bool = True  # also time the deployed form (each layer factored or merged, whichever infers faster)
+    latency: bool = True  # also time the inference of one image (median and p90, ms)
+    memory: bool = True  # also measure one training step's memory, original and every freeze state
 
 
 @dataclass

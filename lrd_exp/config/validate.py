@@ -18,6 +18,7 @@ from lrd_exp.config.schema import (
     OPTIMIZERS,
     ROUNDINGS,
     SCHEDULES,
+    canonical_precision,
 )
 from lrd_exp.config.schema import enum_value as _v
 
@@ -175,10 +176,12 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}.lr={o.lr} is not allowed: a learning rate > 0")
         if o.warmup_epochs < 0:
             raise ConfigError(f"trainer.{key}.warmup_epochs={o.warmup_epochs} is not allowed: epochs >= 0")
-    for key in ("precision",):
-        allowed = ("32-true", "32", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
-        if str(t[key]) not in allowed:
-            raise ConfigError(f"trainer.{key}={t[key]!r} is not allowed: choose one of {', '.join(allowed)}")
+    for key, value in (("trainer.precision", t.precision), ("bench.precision", cfg.bench.precision)):
+        if value is not None:
+            try:
+                canonical_precision(value)
+            except ValueError as exc:
+                raise ConfigError(f"{key}{str(exc).removeprefix('precision')}") from None
 
     d = cfg.dataset
     if d.name not in DATASETS:
@@ -188,11 +191,11 @@ def _validate(cfg: DictConfig) -> None:
                           "sizes must be >= 1 and num_classes >= 2")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"dataset.val_fraction={d.val_fraction} is not allowed: a fraction in (0, 1)")
-    if d.name == "imagenet" and _v(cfg.task) == "train":
+    if d.name == "imagenet" and _v(cfg.task) in ("train", "evaluate"):
         root = d.root or os.path.join(cfg.paths.data_dir, d.name)
         if not os.path.isdir(root):
             raise ConfigError(f"dataset.root={root!r} does not exist: point it at an ImageFolder with train/ and val/")
-    if d.name in ("cifar10", "cifar100") and _v(cfg.task) == "train" and not d.download:
+    if d.name in ("cifar10", "cifar100") and _v(cfg.task) in ("train", "evaluate") and not d.download:
         root = d.root or os.path.join(cfg.paths.data_dir, d.name)
         if not os.path.isdir(root):
             raise ConfigError(f"dataset.root={root!r} does not exist: set dataset.download=true or point "
@@ -201,25 +204,57 @@ def _validate(cfg: DictConfig) -> None:
     check_model_name(cfg.model.name)
     ckpt = cfg.model.checkpoint
     if ckpt is not None:
-        check_checkpoint(ckpt)
+        check_checkpoint(ckpt, trust=bool(cfg.model.get("trust_checkpoint", False)), model_name=cfg.model.name)
+    elif _v(cfg.task) == "evaluate":
+        raise ConfigError("model.checkpoint=None is not allowed with task=evaluate: give the model file to evaluate "
+                          "(a job's model.pt, a state_dict or a Lightning .ckpt)")
 
 
-def check_checkpoint(path: str) -> None:
-    """A checkpoint that cannot be read fails here, before a baseline is trained or a file written."""
+MODEL_FILE_FORMAT = "lrd-exp/decomposed-model"  # lrd_exp.deploy.model_file.FORMAT (a test checks they agree)
+
+
+def read_checkpoint(path: str, *, trust: bool = False) -> Any:
+    """The contents of ``model.checkpoint``, loaded safely: ``torch.load(weights_only=True)`` unpickles plain data
+    and tensors only, so a file from a colleague or a hub cannot run code. A file that needs more is refused with
+    one line naming the opt-in key (``model.trust_checkpoint=true``), and loads only with it."""
+    import pickle
+
     import torch
 
     if not os.path.isfile(path):
         raise ConfigError(f"model.checkpoint={path!r} is not a file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ConfigError(f"model.checkpoint={path!r} is corrupt or not a torch checkpoint "
-                              f"({type(exc).__name__}): expected a state_dict or a Lightning .ckpt") from None
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if not trust and "weights only load failed" in str(exc).lower():
+            found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "pickled objects")
+            raise ConfigError(f"model.checkpoint={path!r} holds more than tensors and plain data ({found}); "
+                              "loading it runs code the file carries: if you trust it, set "
+                              "model.trust_checkpoint=true") from None
+        raise ConfigError(f"model.checkpoint={path!r} is corrupt or not a torch checkpoint "
+                          f"({type(exc).__name__}): expected a state_dict, a Lightning .ckpt or an lrd-exp "
+                          "model.pt") from None
+    except Exception as exc:
+        raise ConfigError(f"model.checkpoint={path!r} is corrupt or not a torch checkpoint "
+                          f"({type(exc).__name__}): expected a state_dict, a Lightning .ckpt or an lrd-exp "
+                          "model.pt") from None
+
+
+def is_model_file_payload(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == MODEL_FILE_FORMAT
+
+
+def check_checkpoint(path: str, *, trust: bool = False, model_name: str | None = None) -> None:
+    """A checkpoint that cannot be read fails here, before a baseline is trained or a file written."""
+    state = read_checkpoint(path, trust=trust)
+    if is_model_file_payload(state):
+        saved = (state.get("model") or {}).get("name")
+        if model_name is not None and saved and saved != model_name:
+            raise ConfigError(f"model.checkpoint={path!r} holds a decomposed {saved}, but model.name={model_name}: "
+                              f"run with model.name={saved}")
+        return
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise ConfigError(f"model.checkpoint={path!r} holds no state_dict of tensors: expected a state_dict "
-                          "or a Lightning .ckpt")
+        raise ConfigError(f"model.checkpoint={path!r} holds no state_dict of tensors: expected a state_dict, "
+                          "a Lightning .ckpt or an lrd-exp model.pt")

@@ -1,14 +1,19 @@
 """``rank.policy=optimized``: pick each layer's rank by timing candidates on the run's own device.
 
 For every decomposable layer, candidate ranks near the estimate and the un-decomposed original are timed at
-the layer's real activation shape, batch, dtype and memory format. A layer stays dense when the original is
-fastest. With ``budget="model"`` (default, ``base=ratio``) the other layers share one parameter budget, the
-total of their ratio estimates, and the ranks with the least total time within it win: layers where a rank
-costs more time per parameter get compressed more, so the model is faster *at the same compression*. With
-``budget="layer"`` each layer takes its fastest candidate that meets the constraint on its own (compression at
-least ``ratio``; for ``base=energy`` kept energy at least ``energy``). Candidates within ``tolerance`` of the
-fastest count as ties and the largest rank among them is taken (same speed, better accuracy). Timings are cached on
-disk, keyed by device, precision, layer geometry and batch, so sweeps and later runs do not re-measure.
+the layer's real activation shape, batch, memory format and precision (the dtype of a ``*-true`` precision,
+autocast for a ``*-mixed`` one) and, with ``compile=True``, compiled, as the run executes it. The estimate is
+the ``quantized`` one (at ``rank.multiple``) and always a candidate; the other candidates are spaced by
+``rank.step``. A decomposed layer is never slower than its original: only ranks faster than it are options,
+and a layer with none stays dense (as does one whose estimate would not shrink it). With ``budget="model"``
+(default, ``base=ratio``) the other layers share one parameter budget, the total of their ratio estimates, and
+the ranks with the least total time within it win: layers where a rank costs more time per parameter get
+compressed more, so the model is faster *at the same compression*. With ``budget="layer"`` each layer takes
+its fastest candidate that meets the constraint on its own (compression at least ``ratio``; for
+``base=energy`` kept energy at least ``energy``). Candidates within ``tolerance`` of the fastest count as ties
+and the largest rank among them is taken (same speed, better accuracy). Timings are cached on disk, keyed by
+everything that moves them (device, precision, compile mode, layer geometry, batch, ...), so sweeps and later
+runs do not re-measure.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo, resolve_device
 from lrd_exp.results.io import write_json_atomic, write_text_atomic
-from lrd_exp.timing.steps import autocast, normalize_precision, time_fn
+from lrd_exp.timing.steps import _PRECISIONS, autocast, normalize_precision, time_fn
 
 log = logging.getLogger("lrd_exp")
 
@@ -43,9 +48,12 @@ def candidate_ranks(plan: Any, estimate: tuple[int, ...], *, window: float, step
                     per_layer: bool = True) -> list[tuple[int, ...]]:
     """Ranks to time for one layer: multiples of ``step`` around the estimate that meet the constraint.
 
+    The estimate is always among them when it shrinks the layer: it is what ``quantized`` would take and the
+    model-wide budget is counted in it. When it does not, the list may be empty (the layer stays dense).
     ``per_layer=False`` (a model-wide budget) drops the per-layer compression bound: larger ranks than the
     estimate stay candidates, paid for by other layers.
     """
+    estimate = tuple(estimate)
     lead = estimate[0]
     lo = max(1, math.floor(lead * (1 - window)))
     hi = max(lo, math.ceil(lead * (1 + window)))
@@ -65,17 +73,20 @@ def candidate_ranks(plan: Any, estimate: tuple[int, ...], *, window: float, step
         params = plan.params_for(ranks)
         if params >= dense:
             continue
-        if per_layer and base == "ratio" and params * ratio > dense * (1 + 1e-9) and ranks != tuple(estimate):
+        if ranks == estimate:
+            ok.append(ranks)
+            continue
+        if per_layer and base == "ratio" and params * ratio > dense * (1 + 1e-9):
             continue
         if base == "energy" and energy_ranks is not None and any(r < e for r, e in zip(ranks, energy_ranks)):
             continue
         ok.append(ranks)
-    return ok or [tuple(estimate)]
+    return ok
 
 
 # ------------------------------------------------------------------------------------------ timing
-def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.device, channels_last: bool
-                   ) -> nn.Module:
+def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.device, channels_last: bool,
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
     m = copy.deepcopy(plan.module).to(device)
     if ranks is None:
         module = m
@@ -85,7 +96,7 @@ def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.devic
         module = SVDConv1x1.like(m, ranks[0])
     else:
         module = Tucker2Conv.like(m, ranks[0], ranks[1])
-    module = module.to(device).float()
+    module = module.to(device=device, dtype=dtype)
     if channels_last and not isinstance(m, nn.Linear):
         module = module.to(memory_format=torch.channels_last)
     return module
@@ -93,23 +104,46 @@ def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.devic
 
 def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
                precision: str, objective: str, channels_last: bool = False, warmup: int = 3,
-               steps: int = 10) -> float:
-    """Median seconds of the layer (dense when ``ranks`` is None) at its real activation shape."""
+               steps: int = 10, compile: bool = False) -> float:
+    """Median seconds of the layer (dense when ``ranks`` is None) at its real activation shape.
+
+    Module and input are cast to the dtype of a ``*-true`` precision (as the timed training step does) and
+    run under autocast for a ``*-mixed`` one; ``compile=True`` times ``torch.compile(module)``, the warm-up
+    absorbing the compilation. A dtype or op the device lacks raises, naming the layer and precision.
+    """
     if plan.in_shape is None:
         raise ValueError(f"layer {plan.name}: no activation shape recorded; pass example_input to decompose_model")
+    precision = normalize_precision(precision)
+    try:
+        return _time_layer(plan, ranks, batch_size=batch_size, device=device, precision=precision,
+                           objective=objective, channels_last=channels_last, warmup=warmup, steps=steps,
+                           compile=compile)
+    except RuntimeError as e:
+        raise RuntimeError(f"rank search: timing layer {plan.name} ({type(plan.module).__name__}, ranks "
+                           f"{_rank_key(ranks)}) at precision={precision}{', compiled' if compile else ''} on "
+                           f"{device.name} failed: {e}") from e
+
+
+def _time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
+                precision: str, objective: str, channels_last: bool, warmup: int, steps: int,
+                compile: bool) -> float:
     dev = device.torch_device
-    module = _layer_modules(plan, ranks, dev, channels_last)
-    x = torch.randn(batch_size, *plan.in_shape, device=dev)
+    dtype = _PRECISIONS[precision][1] or torch.float32
+    module = _layer_modules(plan, ranks, dev, channels_last, dtype)
+    run = module
+    if compile:  # fresh per candidate: as recompiles of one forward they would fall back to eager past dynamo's limit
+        torch._dynamo.reset()
+        run = torch.compile(module)
+    x = torch.randn(batch_size, *plan.in_shape, device=dev, dtype=dtype)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    precision = normalize_precision(precision)
     total = 0.0
     if objective in ("train", "both"):
         x.requires_grad_(True)
 
         def train() -> None:
             with autocast(precision, dev.type):
-                out = module(x)
+                out = run(x)
             out.float().sum().backward()
             x.grad = None
             for p in module.parameters():
@@ -121,7 +155,7 @@ def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, dev
 
         def infer() -> None:
             with torch.inference_mode(), autocast(precision, dev.type):
-                module(xi)
+                run(xi)
 
         total += time_fn(infer, warmup=warmup, steps=steps, sync=device.synchronize).median_s
     return total
@@ -130,8 +164,9 @@ def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, dev
 class TimingCache:
     """One JSON file per (device, precision, geometry, batch, objective) key: rank -> median seconds.
 
-    The key also holds what else moves a timing: layout, torch version and the host allocator mode
-    (`device.malloc`: glibc's defaults re-fault large CPU buffers every step), so a changed setting re-measures.
+    The key also holds what else moves a timing: the dtype and autocast dtype the precision implies, compile
+    mode, warm-up and step counts, layout, torch version and the host allocator mode (`device.malloc`: glibc's
+    defaults re-fault large CPU buffers every step), so a changed setting re-measures.
     """
 
     def __init__(self, directory: str | None) -> None:
@@ -141,15 +176,19 @@ class TimingCache:
 
     @staticmethod
     def key(plan: Any, *, device_name: str, precision: str, batch_size: int, objective: str,
-            channels_last: bool) -> str:
+            channels_last: bool, compile: bool = False, warmup: int | None = None, steps: int | None = None
+            ) -> str:
         m = plan.module
         geometry = {"type": type(m).__name__, "in": plan.n_in, "out": plan.n_out, "in_shape": plan.in_shape,
                     "bias": m.bias is not None}
         if isinstance(m, nn.Conv2d):
             geometry.update(k=m.kernel_size, s=m.stride, p=m.padding, d=m.dilation)
-        spec = {"device": device_name, "precision": precision, "batch": batch_size, "objective": objective,
-                "channels_last": channels_last, "geometry": geometry, "torch": torch.__version__,
-                "malloc": malloc_mode()}
+        precision = normalize_precision(precision)
+        amp, cast = _PRECISIONS[precision]
+        spec = {"device": device_name, "precision": precision, "dtype": str(cast or torch.float32),
+                "autocast": str(amp), "compile": bool(compile), "warmup": warmup, "steps": steps,
+                "batch": batch_size, "objective": objective, "channels_last": channels_last, "geometry": geometry,
+                "torch": torch.__version__, "malloc": malloc_mode()}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _path(self, key: str) -> str | None:
@@ -177,12 +216,23 @@ def _rank_key(ranks: tuple[int, ...] | None) -> str:
     return "original" if ranks is None else "x".join(map(str, ranks))
 
 
+def faster_than_original(times: dict[tuple[int, ...] | None, float]) -> dict[tuple[int, ...], float]:
+    """The ranks that beat the dense layer (``None``): the only ones a layer may take, so none gets slower."""
+    dense = times.get(None, math.inf)
+    return {r: t for r, t in times.items() if r is not None and t * (1 + 1e-12) < dense}
+
+
 def pick(times: dict[tuple[int, ...] | None, float], tolerance: float) -> tuple[int, ...] | None:
-    """The fastest entry (None = keep the dense layer); decomposed ties within ``tolerance`` go to the largest rank."""
-    best = min(times.values())
-    if times.get(None, math.inf) <= best * (1 + 1e-12):
+    """The fastest entry (None = keep the dense layer); decomposed ties within ``tolerance`` go to the largest rank.
+
+    A tie never reaches past the original's time: the tolerance trades speed for accuracy among ranks, not
+    against the dense layer.
+    """
+    options = faster_than_original(times)
+    if not options:
         return None
-    ties = [r for r, t in times.items() if r is not None and t <= best * (1 + tolerance)]
+    best = min(options.values())
+    ties = [r for r, t in options.items() if t <= best * (1 + tolerance)]
     return max(ties, key=lambda r: (math.prod(r), r))
 
 
@@ -194,26 +244,43 @@ def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
                        tolerance: float, slack: float = BUDGET_SLACK) -> dict[str, tuple[int, ...] | None]:
     """Ranks for all layers at once: the least total time at the estimates' compression.
 
-    A layer whose original is fastest stays dense (and leaves the budget). The others share the budget
-    ``B = sum(params(estimate))`` and must keep between ``(1 - slack) B`` and ``B`` parameters: the same
-    compression as the estimates, not more (extra compression would buy speed with accuracy). Solved by a
-    Lagrangian relaxation (each layer minimises ``time + lam * params``, ``lam`` bisected), so the layers whose
-    parameters cost the most time give them up first. The estimates are one feasible answer; the result is
-    never slower than them by the measured per-layer times. Spare budget then goes to ties within
-    ``tolerance`` (the larger rank, same speed).
+    Only ranks faster than a layer's original are its options (no layer gets slower); a layer without any
+    stays dense and leaves the budget. The others share the budget ``B = sum(params(estimate))`` and must keep
+    between ``(1 - slack) B`` and ``B`` parameters: the same compression as the estimates, not more (extra
+    compression would buy speed with accuracy). Solved by a Lagrangian relaxation (each layer minimises
+    ``time + lam * params``, ``lam`` bisected), so the layers whose parameters cost the most time give them up
+    first. The estimates are one feasible answer, an estimate slower than its original replaced by the
+    layer's fastest option within its parameters; the result is never slower than that answer by the
+    measured per-layer times. Spare budget then goes to ties within ``tolerance`` (the larger rank, same
+    speed). ``params`` must hold each estimate's parameter count.
     """
     chosen: dict[str, tuple[int, ...] | None] = {}
-    active = []
+    options: dict[str, dict[tuple[int, ...], float]] = {}
     for name, table in times.items():
-        if pick(table, tolerance) is None:
-            chosen[name] = None
+        opts = faster_than_original(table)
+        if opts:
+            options[name] = opts
         else:
-            active.append(name)
+            chosen[name] = None
+    active = list(options)
     if not active:
         return chosen
+    missing = [n for n in active if tuple(estimates[n]) not in params[n]]
+    if missing:
+        raise ValueError(f"no parameter count for the estimate of layer(s) {', '.join(missing)}: "
+                         "the estimate must be among the timed candidates")
     budget = sum(params[n][tuple(estimates[n])] for n in active)
     floor = (1.0 - slack) * budget
-    options = {n: {r: t for r, t in times[n].items() if r is not None} for n in active}
+
+    def reference(n: str) -> tuple[int, ...]:
+        """The estimate, or where it is slower than the original the fastest option within its parameters."""
+        est, opts = tuple(estimates[n]), options[n]
+        if est in opts:
+            return est
+        below = [r for r in opts if params[n][r] <= params[n][est]]
+        if below:
+            return min(below, key=lambda r: (opts[r], -params[n][r]))
+        return min(opts, key=lambda r: (params[n][r], opts[r]))
 
     def solve(lam: float) -> dict[str, tuple[int, ...]]:
         return {n: min(opts, key=lambda r: (opts[r] + lam * params[n][r], -params[n][r]))
@@ -239,7 +306,7 @@ def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
 
     scale = max(t / max(params[n][r], 1) for n, opts in options.items() for r, t in opts.items()) or 1.0
     big = scale * 1e6
-    estimate_sel = {n: tuple(estimates[n]) for n in active}
+    reference_sel = {n: reference(n) for n in active}
     sel = solve(0.0)
     if total(sel) > budget:  # the fastest ranks exceed the budget: pay for it where time per parameter is least
         sel = solve(boundary(0.0, big, lambda s: total(s) <= budget)[1])
@@ -259,8 +326,12 @@ def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
                 break
             _, n, r = min(moves)
             sel[n] = r
-    if total(sel) > budget or seconds(sel) > seconds(estimate_sel):  # duality gap of a discrete choice
-        sel = estimate_sel
+    # duality gap of a discrete choice: the reference unless the solution fits and is at least as fast; when
+    # neither fits (a slow estimate whose faster ranks are all larger), the one closer to the budget
+    fits, ref_fits = total(sel) <= budget, total(reference_sel) <= budget
+    if (ref_fits and (not fits or seconds(sel) > seconds(reference_sel))
+            or not fits and not ref_fits and total(reference_sel) < total(sel)):
+        sel = reference_sel
     spare = budget - total(sel)
     for n in sorted(active, key=lambda n: -params[n][sel[n]]):  # ties: the larger rank if it fits
         t0, p0 = options[n][sel[n]], params[n][sel[n]]
@@ -274,18 +345,22 @@ def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
 
 
 def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | None], *, window: float = 0.25,
-                 step: int = 8, objective: str = "train", multiple: int = 8, base: str = "ratio",
+                 step: int = 8, objective: str = "train", base: str = "ratio",
                  ratio: float = 2.0, energy: float = 0.95, tolerance: float = 0.03, budget: str = "model",
                  batch_size: int = 32,
                  device: DeviceInfo | None = None, precision: str = "32-true", channels_last: bool = False,
                  cache_dir: str | None = None, warmup: int = 3, steps: int = 10, output_dir: str | None = None,
-                 timer: Timer | None = None
+                 timer: Timer | None = None, compile: bool = False
                  ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], dict[str, int]]:
     """Per layer: the chosen ranks (None keeps it dense), a reason for the report, and cache statistics.
 
-    ``timer(plan, ranks_or_None) -> seconds`` replaces the device measurement (tests, custom cost models).
+    ``estimates`` are the ``quantized`` ranks (already at ``rank.multiple``, so there is no ``multiple``
+    here); the searched ranks around them are spaced by ``step``. A layer whose estimate would not shrink it
+    stays dense untimed. ``timer(plan, ranks_or_None) -> seconds`` replaces the device measurement (tests,
+    custom cost models). ``precision`` and ``compile`` time each candidate as the run executes it.
     ``budget="model"`` (with ``base="ratio"``) picks all layers together under the estimates' total parameters
-    (:func:`pick_within_budget`); ``"layer"`` picks each layer alone under its own compression bound.
+    (:func:`pick_within_budget`); ``"layer"`` picks each layer alone under its own compression bound. Either
+    way no layer is given a rank slower than its original.
     """
     model_budget = budget == "model" and base == "ratio"
     device = device or resolve_device("cpu")
@@ -300,6 +375,10 @@ def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | No
         if est is None:
             chosen[plan.name], reasons[plan.name] = None, "no estimate"
             continue
+        if plan.params_for(tuple(est)) >= plan.params_dense:  # quantized would keep it too; nothing to time
+            chosen[plan.name] = None
+            reasons[plan.name] = f"kept: the estimate {_rank_key(tuple(est))} would not shrink it"
+            continue
         energy_ranks = None
         if base == "energy":
             if plan.kind == "svd":
@@ -310,7 +389,8 @@ def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | No
         cands = candidate_ranks(plan, est, window=window, step=step, base=base, ratio=ratio,
                                 energy_ranks=energy_ranks, per_layer=not model_budget)
         key = TimingCache.key(plan, device_name=device.name, precision=prec, batch_size=batch_size,
-                              objective=objective, channels_last=channels_last)
+                              objective=objective, channels_last=channels_last, compile=compile, warmup=warmup,
+                              steps=steps)
         table = cache.load(key)
         times: dict[tuple[int, ...] | None, float] = {}
         for ranks in [None, *cands]:
@@ -322,7 +402,7 @@ def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | No
                 table[k] = (timer(plan, ranks) if timer is not None else
                             time_layer(plan, ranks, batch_size=batch_size, device=device, precision=prec,
                                        objective=objective, channels_last=channels_last, warmup=warmup,
-                                       steps=steps))
+                                       steps=steps, compile=compile))
             times[ranks] = table[k]
         cache.save(key, table)
         all_times[plan.name] = times

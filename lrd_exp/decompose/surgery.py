@@ -17,6 +17,7 @@ from lrd_exp.decompose.functional import mode_singular, svd_basis, svd_error, tu
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.search import choose_ranks
+from lrd_exp.timing.steps import eval_forward
 
 
 @dataclass
@@ -94,8 +95,8 @@ def _plain(value: Any) -> Any:
     return enum_value(value)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def _matches(name: str, pats: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in pats)
 
 
 def stem_and_head(model: nn.Module) -> tuple[set[str], set[str]]:
@@ -133,22 +134,44 @@ def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: torc
 
     for plan in plans:
         hooks.append(plan.module.register_forward_hook(hook(plan)))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
+        eval_forward(model, example_input)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
+
+
+def patterns(value: str | Iterable[str] | None) -> list[str]:
+    """``rank.include`` / ``rank.exclude`` as a list of patterns: one string is one pattern, not its letters."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def weights_read_directly(model: nn.Module) -> dict[str, str]:
+    """Layers whose parent reads ``.weight`` itself instead of calling them: a factorized layer there would break
+    the parent's forward, so they stay dense (name -> reason)."""
+    readers = {nn.MultiheadAttention: ("out_proj",),  # F.multi_head_attention_forward takes out_proj.weight
+               # their inference fast path hands linear1/linear2.weight to a fused kernel
+               nn.TransformerEncoderLayer: ("linear1", "linear2"),
+               nn.TransformerDecoderLayer: ("linear1", "linear2")}
+    out = {}
+    for name, m in model.named_modules():
+        for cls, children in readers.items():
+            if isinstance(m, cls):
+                for child in children:
+                    if isinstance(getattr(m, child, None), nn.Linear):
+                        out[f"{name}.{child}" if name else child] = (f"read directly by its {cls.__module__}."
+                                                                     f"{cls.__name__} ({child}.weight)")
+    return out
 
 
 def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: Iterable[str] = (),
                     skip_stem: bool = True, skip_head: bool = True) -> tuple[list[LayerPlan], list[LayerReport]]:
     """Decomposable layers in module order, and reports for the layers skipped by rule."""
-    include, exclude = list(include or []), list(exclude or [])
+    include, exclude = patterns(include), patterns(exclude)
     stems, heads = stem_and_head(model)
+    direct = weights_read_directly(model)
     plans, skipped = [], []
     for name, m in model.named_modules():
         if isinstance(m, FactorizedLayer) or not isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -157,7 +180,9 @@ def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: I
             continue
         forced = bool(include)
         reason = ""
-        if exclude and _matches(name, exclude):
+        if name in direct:
+            reason = direct[name]
+        elif exclude and _matches(name, exclude):
             reason = "excluded by pattern"
         elif isinstance(m, nn.Conv2d) and m.groups != 1:
             reason = "grouped/depthwise conv (not supported)"
@@ -229,6 +254,28 @@ def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[Factorize
     return new, tucker2_error(m.weight.detach(), new.core.weight.detach())
 
 
+def _forward_error(model: nn.Module, x: torch.Tensor) -> Exception | None:
+    try:
+        eval_forward(model, x)
+        return None
+    except Exception as exc:  # any failure: the model would not run as decomposed
+        return exc
+
+
+def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: list[LayerReport],
+                   x: torch.Tensor) -> None:
+    """A model that no longer runs (a parent that reads a layer's weight itself, say) gets its layers back, last
+    decomposed first, until it runs again; each restored layer's report says why."""
+    error = _forward_error(model, x)
+    decomposed = [r for r in reports if r.action == "decomposed"]
+    while error is not None and decomposed:
+        r = decomposed.pop()
+        _set_module(model, r.name, originals[r.name])
+        r.action, r.reason = "kept", f"the model's forward failed with it decomposed ({type(error).__name__}: {error})"
+        r.factor_shapes, r.params_after, r.flops_after, r.rel_error = [], r.params_before, r.flops_before, 0.0
+        error = _forward_error(model, x)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -282,7 +329,7 @@ def decompose_model(
         raise ValueError(f"rank.budget={budget!r} is not allowed: choose one of {', '.join(R.BUDGETS)}")
     if base not in R.BASES:
         raise ValueError(f"rank.base={base!r} is not allowed: choose one of {', '.join(R.BASES)}")
-    rank, include, exclude = _plain(rank), _plain(include), _plain(exclude)
+    rank, include, exclude = _plain(rank), patterns(_plain(include)), patterns(_plain(exclude))
     if policy in ("ratio", "quantized", "optimized") and base == "ratio" or policy == "ratio":
         R.check_ratio(ratio)
     if policy == "energy" or base == "energy" and policy in ("quantized", "optimized"):
@@ -320,7 +367,7 @@ def decompose_model(
         estimates = {p.name: estimate_ranks(p, "quantized", ratio=ratio, energy=energy, multiple=multiple,
                                             rounding=rounding, base=base, rank=rank) for p in plans}
         chosen, reasons, stats = choose_ranks(plans, estimates, window=window, step=step, objective=objective,
-                                              multiple=multiple, base=base, ratio=ratio, energy=energy,
+                                              base=base, ratio=ratio, energy=energy,
                                               tolerance=tolerance, budget=budget, **dict(rank_search or {}))
         settings["rank_search"] = stats
     elif policy != "none":
@@ -358,6 +405,8 @@ def decompose_model(
             reason=reasons.get(plan.name, "")))
         plan._spectra.clear()
 
+    if example_input is not None and any(r.action == "decomposed" for r in reports):
+        _keep_runnable(model, {p.name: p.module for p in plans}, reports, example_input[:1])
     report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=params_before,
                                  params_after=_count(model), settings=settings)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}

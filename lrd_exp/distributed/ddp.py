@@ -42,7 +42,6 @@ from torch.nn.parallel import DistributedDataParallel
 from lrd_exp.config.validate import ConfigError
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.freezing.callback import FreezingCallback
-from lrd_exp.freezing.factors import set_frozen
 
 log = logging.getLogger("lrd_exp")
 
@@ -185,7 +184,7 @@ def _restore_worker_state(trainer: pl.Trainer, state: dict[str, Any]) -> None:
             cb.setup(trainer, module, "fit")  # builds the schedule over the main process' model
             by_key = {f.key: f for f in cb.schedule.factors}
             cb.frozen = [by_key[k] for k in frozen if k in by_key]
-            set_frozen(cb.schedule.factors, cb.frozen, cb.schedule.freeze_bias)  # as after a single-device fit
+            cb.schedule.apply(cb.frozen)  # as after a single-device fit (what the user froze stays frozen)
     if hasattr(trainer.strategy, "rewraps"):
         trainer.strategy.rewraps = state["rewraps"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -15,7 +16,6 @@ from lrd_exp.freezing.factors import (
     Factor,
     collect_factors,
     measure_factor_costs,
-    set_frozen,
     trainable_fraction,
 )
 from lrd_exp.freezing.schedule import FreezeSchedule
@@ -30,6 +30,15 @@ def broadcast_keys(trainer: pl.Trainer, keys: list[str]) -> list[str]:
     if strategy is None or getattr(strategy, "world_size", 1) <= 1:
         return keys
     return list(strategy.broadcast(list(keys), src=0))
+
+
+def forked_rng(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The random state of the CPU and the model's accelerator, restored on exit: a measurement inside a run
+    (dropout, drop-path) must not draw from the run's stream, or measuring would change the training."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dev.type in ("cuda", "npu"):
+        return torch.random.fork_rng(devices=[dev.index if dev.index is not None else 0], device_type=dev.type)
+    return torch.random.fork_rng(devices=[])
 
 
 class FreezingCallback(pl.Callback):
@@ -96,14 +105,16 @@ class FreezingCallback(pl.Callback):
         order = self._importance_order() if s.name == "sequential" else None
         self.frozen = self._agree(trainer, s.frozen_at(t, order=order,
                                                       already=self.frozen if s.name == "sequential" else ()))
-        set_frozen(s.factors, self.frozen, s.freeze_bias)
+        s.apply(self.frozen)
         self._key = key
         self._take_snapshot()
         self._log_stage(trainer, pl_module, t, batch)
 
     def _measure_costs(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, int]:
         """importance=cost on this run's input (a tensor, or the first item of an (input, target) batch)."""
-        return measure_factor_costs(self._model(pl_module), batch[0] if isinstance(batch, (list, tuple)) else batch)
+        model = self._model(pl_module)
+        with forked_rng(model):  # an eval forward draws nothing today; a model's own sampling would
+            return measure_factor_costs(model, batch[0] if isinstance(batch, (list, tuple)) else batch)
 
     def _agree(self, trainer: pl.Trainer, frozen: list[Factor]) -> list[Factor]:
         """Rank 0's frozen set on every rank (DDP): all replicas freeze, and re-wrap, identically."""
@@ -132,7 +143,9 @@ class FreezingCallback(pl.Callback):
                 # two samples, not one: BatchNorm in train mode needs more than one value per channel
                 # (ResNet's last stage is 1x1 at 32 px); FLOPs scale linearly with the batch
                 n = min(2, x.shape[0])
-                info["train_flops_per_step"] = count_flops(model, x[:n], y=y[:n], train=True) * x.shape[0] // n
+                with forked_rng(model):  # dropout in the counted training forward
+                    flops = count_flops(model, x[:n], y=y[:n], train=True)
+                info["train_flops_per_step"] = flops * x.shape[0] // n
             except Exception as exc:  # counting must never break training
                 info["train_flops_error"] = repr(exc)
         self.history.append(info)
@@ -161,5 +174,5 @@ class FreezingCallback(pl.Callback):
             self.frozen = [by_key[k] for k in pending["frozen"] if k in by_key]
             self._key = pending["key"]
             self.history = pending.get("history", [])
-            set_frozen(self.schedule.factors, self.frozen, self.schedule.freeze_bias)
+            self.schedule.apply(self.frozen)
             self._pending = None

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lrd_exp.decompose.layers import FactorizedLayer
+from lrd_exp.timing.steps import eval_forward
 
 log = logging.getLogger("lrd_exp")
 
@@ -71,16 +72,11 @@ def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
         return hook
 
     handles = [f.module.register_forward_hook(recorder(f.key, f.module.weight.shape[0])) for f in factors]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
+        eval_forward(model, example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():  # parents first, so each module ends in its own mode
-            m.train(mode)
     # a factor the eval forward never reached (a training-only branch) counts one position
     return {f.key: 2 * f.numel * positions.get(f.key, 1) for f in factors}
 
@@ -98,17 +94,31 @@ def measure_factor_costs(model: nn.Module, example: Any) -> dict[str, int]:
         return {}
 
 
-def set_frozen(factors: Sequence[Factor], frozen: Iterable[Factor], with_bias: bool = False) -> None:
-    """Apply a frozen set: frozen weights lose requires_grad and their stale gradient; the rest train."""
+def frozen_parameters(factors: Sequence[Factor]) -> set[nn.Parameter]:
+    """The factors' weights and biases that are frozen now: taken before a schedule starts, what the user froze."""
+    return {p for f in factors for p in f.parameters(with_bias=True) if not p.requires_grad}
+
+
+def set_frozen(factors: Sequence[Factor], frozen: Iterable[Factor], with_bias: bool = False,
+               keep_frozen: Iterable[nn.Parameter] = ()) -> None:
+    """Apply a frozen set: frozen weights lose requires_grad and their stale gradient; the rest train.
+
+    ``keep_frozen`` (what the user froze before the schedule, see :func:`frozen_parameters`) is never re-enabled:
+    a schedule only thaws what it froze itself.
+    """
     frozen_keys = {f.key for f in frozen}
+    kept = {id(p) for p in keep_frozen}
     for f in factors:
         freeze = f.key in frozen_keys
         for p in f.parameters(with_bias):
+            if id(p) in kept:
+                continue
             p.requires_grad_(not freeze)
             if freeze:
                 p.grad = None
-        if not with_bias and getattr(f.module, "bias", None) is not None:
-            f.module.bias.requires_grad_(True)
+        bias = getattr(f.module, "bias", None)
+        if not with_bias and bias is not None and id(bias) not in kept:
+            bias.requires_grad_(True)
 
 
 def trainable_fraction(model: nn.Module) -> float:

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from lrd_exp.config.validate import check_freeze, freeze_values
-from lrd_exp.freezing.factors import Factor, collect_factors, measure_factor_costs
+from lrd_exp.freezing.factors import (
+    Factor,
+    collect_factors,
+    frozen_parameters,
+    measure_factor_costs,
+    set_frozen,
+)
 
 
 class FreezeSchedule:
@@ -33,6 +39,11 @@ class FreezeSchedule:
         self.factors = list(factors)
         self.candidates = [f for f in self.factors if f.position in self.positions]
         self.costs: dict[str, int] | None = None  # importance=cost: factor_costs(); else 2 x weight elements
+        self.user_frozen = frozen_parameters(self.factors)  # frozen before the schedule: never thawed by it
+
+    def apply(self, frozen: Iterable[Factor]) -> None:
+        """Freeze ``frozen`` and let the other factors train, except what the user froze before the schedule."""
+        set_frozen(self.factors, frozen, self.freeze_bias, keep_frozen=self.user_frozen)
 
     # ------------------------------------------------------------------ sequential
     @property
@@ -55,10 +66,11 @@ class FreezeSchedule:
 
     @property
     def n_stages(self) -> int:
-        """Number of distinct sequential stages (including the all-trainable one)."""
+        """Number of distinct sequential stages: the all-trainable one only with a warm-up (without one the first
+        freeze happens at t=0), then one per freezing stage until the final count."""
         if self.final_count == 0:
             return 1
-        return math.ceil(self.final_count / self.per_stage_count) + 1
+        return math.ceil(self.final_count / self.per_stage_count) + (1 if self.warmup > 0 else 0)
 
     def static_order(self) -> list[Factor]:
         """Freeze order without measurements (depth / reverse_depth / size / cost; measured signals fall back to
@@ -149,6 +161,7 @@ class FreezeState:
     weight: float
     frozen: list[str]
     label: str = ""
+    freeze_bias: bool = False  # the schedule's freeze.freeze_bias: the frozen factors' biases are frozen too
 
 
 def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
@@ -183,4 +196,5 @@ def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
     total = sum(s.weight for s in states) or 1
     for s in states:
         s.weight = s.weight / total
+        s.freeze_bias = schedule.freeze_bias
     return states

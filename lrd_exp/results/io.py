@@ -50,6 +50,26 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
+def write_torch_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save(obj)`` so that readers see the old file or the whole new one, never a truncated one."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """Serialize ``obj`` as strict JSON (NaN/inf become null; numpy, Path and Enum values converted), atomically."""
     text = json.dumps(_jsonable(obj), indent=2, allow_nan=False, default=_json_default) + "\n"

@@ -76,6 +76,22 @@ SPEED_COLUMNS: list[str] = [
     "train_loop_overhead",  # share of the loop's step wall time before the step starts (loading, hooks, logging)
     "bench_round_spread",  # (max-min)/median of block medians of the original's training steps: machine drift
 ]
+DEPLOY_COLUMNS: list[str] = [
+    "infer_ips_deployed",  # the decomposed model with each layer in its faster form (factored or merged)
+    "infer_speedup_deployed",  # deployed / original images/s
+    "layers_merged",  # decomposed layers whose merged dense form was faster for inference
+    "latency_ms_original",  # inference of one image: median and 90th percentile, ms
+    "latency_ms_original_p90",
+    "latency_ms_decomposed",
+    "latency_ms_decomposed_p90",
+    "latency_ms_deployed",
+    "latency_ms_deployed_p90",
+]
+MEMORY_COLUMNS: list[str] = [
+    "train_mem_mb_original",  # MiB one training step needs
+    "train_mem_mb_decomposed",  # the largest over the freeze schedule's states (each state: freeze_stages)
+    "train_mem_kind",  # "allocator peak" (CUDA / NPU) or "counted" (CPU: params, grads, optimizer state, saved activations)
+]
 QUALITY_COLUMNS: list[str] = [
     "top1_original",
     "top1_decomposed_pre",  # before fine-tuning
@@ -85,7 +101,8 @@ QUALITY_COLUMNS: list[str] = [
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
 #: The row contract, in order. Extra keys are allowed and kept after these.
-RESULT_COLUMNS: list[str] = IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + QUALITY_COLUMNS + STATUS_COLUMNS
+RESULT_COLUMNS: list[str] = (IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + DEPLOY_COLUMNS + MEMORY_COLUMNS
+                              + QUALITY_COLUMNS + STATUS_COLUMNS)
 
 # Block medians of one fixed step that differ by more than this mean the machine changed speed under the
 # benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.
@@ -106,6 +123,7 @@ _DERIVED_RATIOS: dict[str, tuple[str, str]] = {
     "flops_speedup_train": ("train_flops_original", "train_flops_decomposed"),
     "train_speedup": ("train_ips_decomposed", "train_ips_original"),
     "infer_speedup": ("infer_ips_decomposed", "infer_ips_original"),
+    "infer_speedup_deployed": ("infer_ips_deployed", "infer_ips_original"),
 }
 
 

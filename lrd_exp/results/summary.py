@@ -48,6 +48,13 @@ def _spread(row: Mapping[str, Any], key: str) -> str:
     return txt
 
 
+def _latency(row: Mapping[str, Any], side: str) -> str:
+    med, p90 = finite_number(row.get(f"latency_ms_{side}")), finite_number(row.get(f"latency_ms_{side}_p90"))
+    if med is None:
+        return "-"
+    return f"{med:.2f}" + (f" [{p90:.2f}]" if p90 is not None else "")
+
+
 def format_summary(row: Mapping[str, Any]) -> str:
     """End-of-run table, original vs decomposed, so a user reads the outcome without opening result.json."""
     from tabulate import tabulate
@@ -82,6 +89,19 @@ def format_summary(row: Mapping[str, Any]) -> str:
         ["infer images/s [min-max]", _spread(r, "infer_ips_original"), _spread(r, "infer_ips_decomposed"),
          x(r["infer_speedup"]) + " speedup" if r["infer_speedup"] is not None else "-"],
     ]
+    if finite_number(r.get("infer_ips_deployed")) is not None:
+        merged = finite_number(r.get("layers_merged"))
+        table.append(["deployed infer images/s", "-", f"{finite_number(r['infer_ips_deployed']):,.1f}",
+                      x(r.get("infer_speedup_deployed")) + " speedup"
+                      + (f" ({merged:.0f} layers merged)" if merged is not None else "")])
+    if any(finite_number(r.get(f"latency_ms_{s}")) is not None for s in ("original", "decomposed")):
+        deployed = finite_number(r.get("latency_ms_deployed"))
+        table.append(["latency ms, 1 image [p90]", _latency(r, "original"), _latency(r, "decomposed"),
+                      f"deployed {_latency(r, 'deployed')}" if deployed is not None else "-"])
+    if any(finite_number(r.get(f"train_mem_mb_{s}")) is not None for s in ("original", "decomposed")):
+        a, b = finite_number(r.get("train_mem_mb_original")), finite_number(r.get("train_mem_mb_decomposed"))
+        table.append([f"train memory MiB ({r.get('train_mem_kind') or '-'})", "-" if a is None else f"{a:,.1f}",
+                      "-" if b is None else f"{b:,.1f}", x(a / b) + " smaller" if a and b else "-"])
     if finite_number(r.get("train_ips_logged")) is not None:
         table.append(["fine-tuning loop images/s", "-", f"{finite_number(r['train_ips_logged']):,.1f}",
                       x(r.get("train_ips_fidelity")) + " of the benchmark"

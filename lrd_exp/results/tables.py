@@ -29,6 +29,12 @@ MARKDOWN_COLUMNS: list[tuple[str, str, str]] = [
     ("infer_ips_original", "infer ips orig", "ips"),
     ("infer_ips_decomposed", "infer ips dec", "ips"),
     ("infer_speedup", "infer speedup", "x"),
+    ("infer_speedup_deployed", "infer speedup deployed", "x"),
+    ("latency_ms_original", "latency ms orig", "ms"),
+    ("latency_ms_decomposed", "latency ms dec", "ms"),
+    ("latency_ms_deployed", "latency ms deployed", "ms"),
+    ("train_mem_mb_original", "train MiB orig", "mib"),
+    ("train_mem_mb_decomposed", "train MiB dec", "mib"),
     ("flops_speedup_train", "FLOP-pred train", "x"),
     ("flops_speedup_infer", "FLOP-pred infer", "x"),
     ("train_ips_fidelity", "loop / bench", "x"),
@@ -40,6 +46,10 @@ MARKDOWN_COLUMNS: list[tuple[str, str, str]] = [
     ("status", "status", "status"),
 ]
 
+# columns newer than many committed tables: shown only when some row has them
+SHOWN_WHEN_MEASURED = {"infer_speedup_deployed", "latency_ms_original", "latency_ms_decomposed", "latency_ms_deployed",
+                       "train_mem_mb_original", "train_mem_mb_decomposed"}
+
 MARKDOWN_LEGEND = (
     "_Legend: ips = images/s (median of timed steps); speedup = decomposed / original images/s (>1 = faster); "
     "FLOP-pred = FLOP-predicted speedup (original / decomposed FLOPs); params ratio = original / decomposed; "
@@ -48,6 +58,10 @@ MARKDOWN_LEGEND = (
     "time, so the machine's drift cancels); "
     "drift = how much the original's training step moved during the benchmark (max-min of the medians of "
     f"consecutive blocks of steps / their median: the machine's own drift; above {UNSTABLE_ROUND_SPREAD:.0%} the speedups are less certain); "
+    "deployed = every decomposed layer in its faster form for inference (factored or merged into one dense "
+    "layer); latency = inference of one image, median ms; train MiB = memory of one training step (allocator "
+    "peak on CUDA / NPU, counted on the CPU: parameters, gradients, optimizer state, saved activations), the "
+    "decomposed model's largest freeze state; "
     "top-1 in %, drop = original - fine-tuned decomposed (points); overrides (when shown) = the job's own "
     "command-line overrides, those not every row shares; '-' = not measured._"
 )
@@ -77,6 +91,10 @@ def _fmt(value: Any, kind: str, row: Mapping[str, Any] | None = None) -> str:
         return f"{num:,.0f}" if abs(num) >= 100 else f"{num:.1f}"
     if kind == "pct":
         return f"{num:.2f}"
+    if kind == "ms":
+        return f"{num:.2f}"
+    if kind == "mib":
+        return f"{num:,.0f}" if abs(num) >= 100 else f"{num:.1f}"
     if kind == "share":
         return f"{num:.0%}"
     if kind == "drop":
@@ -159,7 +177,8 @@ def own_overrides(df: pd.DataFrame) -> list[str] | None:
 
 def markdown_table(df: pd.DataFrame) -> str:
     """The readable subset of a sweep table as GitHub Markdown (numbers rounded, missing shown as '-')."""
-    cols = [(c, h, k) for c, h, k in MARKDOWN_COLUMNS if c in df.columns]
+    cols = [(c, h, k) for c, h, k in MARKDOWN_COLUMNS
+            if c in df.columns and (c not in SHOWN_WHEN_MEASURED or df[c].notna().any())]
     own = own_overrides(df)
     if own is not None:
         df = df.assign(_own_overrides=[o or None for o in own])

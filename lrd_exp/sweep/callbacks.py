@@ -14,6 +14,7 @@ holds one ``result.json`` per job (failed jobs included: they write a ``failed``
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ from lrd_exp.results.tables import markdown_table, write_tables
 from lrd_exp.results.wandb import log_wandb_table
 
 log = logging.getLogger(__name__)
+
+
+def failed_jobs_line(df) -> str | None:
+    """One line counting the sweep's failed jobs and naming the first error, or None when every job is ok."""
+    failed = df[df["status"] != "ok"]
+    if failed.empty:
+        return None
+    first = failed.iloc[0]
+    return (f"[lrd_exp] {len(failed)} of {len(df)} jobs failed (status column of results.md); first: "
+            f"{first.get('output_dir')}: {first.get('error')}")
 
 
 class AggregateResults(Callback):
@@ -60,6 +71,9 @@ class AggregateResults(Callback):
             print(f"\n[lrd_exp] sweep results ({len(df)} jobs, {n_ok} ok): {csv_path}")
             print(markdown_table(df))
             print(f"[lrd_exp] markdown: {md_path}\n")
+        note = failed_jobs_line(df)
+        if note:
+            print(note, file=sys.stderr)
         log.info("aggregated %d rows into %s and %s", len(df), csv_path, md_path)
 
         if not (self.wandb and bool(OmegaConf.select(config, "logger.wandb.enabled", default=False))):

@@ -26,14 +26,13 @@ from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import schedule_states
 from lrd_exp.sweep.guard import warn_parallel_throughput
 from lrd_exp.tasks.common import (
-    bench_channels_last,
-    bench_optimizer,
+    bench_precision,
     build_model,
     freeze_total_units,
     identity_row,
     rank_search_context,
 )
-from lrd_exp.tasks.measure import compare, comparison_fields
+from lrd_exp.tasks.measure import measure
 
 log = logging.getLogger("lrd_exp")
 
@@ -63,7 +62,7 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
     parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
     b, d = cfg.bench, cfg.dataset
     batch = b.batch_size or cfg.trainer.batch_size
-    precision = str(b.precision or cfg.trainer.precision)
+    precision = bench_precision(cfg)
     torch.manual_seed(cfg.seed)
     original = build_model(cfg, num_classes=d.num_classes, in_chans=d.in_chans, image_size=d.image_size)
     size = cfg.model.image_size or d.image_size
@@ -91,13 +90,9 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
                 log.info("benchmark %s: freeze.importance=%s is measured during training, so these states freeze "
                          "in depth order (a training job's own benchmark follows its real order; "
                          "freeze.importance=cost is the same here and in training)", label, importance)
-            orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
-                                precision=precision, channels_last=bench_channels_last(cfg), compile=b.compile,
-                                device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup,
-                                optimizer_factory=bench_optimizer(vcfg), desc=f"timing {label}")
-            row.update(comparison_fields(original, decomposed, orig, dec, x))
+            row.update(measure(vcfg, device, original, decomposed, states, x, y, desc=f"timing {label}"))
             row["status"] = "ok"
-            for st in dec.stages:
+            for st in row["freeze_stages"]:
                 stage_rows.append({"variant": label, **{k: v for k, v in st.items()}})
         except Exception as exc:
             log.exception("benchmark variant %s failed", label)
@@ -119,6 +114,9 @@ def print_benchmark(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
             "train_ips_decomposed": "train ips LRD", "train_speedup": "train speedup",
             "flops_speedup_train": "FLOP-pred. train", "infer_ips_original": "infer ips orig",
             "infer_ips_decomposed": "infer ips LRD", "infer_speedup": "infer speedup",
+            "infer_speedup_deployed": "infer speedup deployed", "latency_ms_original": "latency ms orig",
+            "latency_ms_deployed": "latency ms deployed", "train_mem_mb_original": "train MiB orig",
+            "train_mem_mb_decomposed": "train MiB LRD",
             "flops_speedup_infer": "FLOP-pred. infer", "status": "status"}
     df = pd.DataFrame(rows)
     df = df[[c for c in cols if c in df.columns]].rename(columns=cols)
@@ -131,7 +129,7 @@ def print_benchmark(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
         if note:
             print(f"{row.get('variant')}: {note}")
     if stage_rows:
-        st = pd.DataFrame(stage_rows)[["variant", "label", "weight", "n_frozen", "train_ips", "train_flops"]]
+        st = pd.DataFrame(stage_rows)[["variant", "label", "weight", "n_frozen", "train_ips", "train_flops", "train_mem_mb"]]
         st["train_flops"] = st["train_flops"] / 1e9
         print("\nFreeze states (time-weighted into the rows above):")
         print(st.rename(columns={"train_flops": "train GFLOP/step"}).to_string(

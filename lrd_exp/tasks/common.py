@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrd_exp import results
+from lrd_exp.config.schema import canonical_precision
 from lrd_exp.config.schema import enum_value as _v
-from lrd_exp.config.validate import ConfigError
+from lrd_exp.config.validate import ConfigError, read_checkpoint
+from lrd_exp.deploy import model_file
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.training.classifier import make_optimizer
@@ -80,7 +82,7 @@ def identity_row(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
         "rank_policy": rank["policy"], "rank_ratio": rank["ratio"], "rank_energy": rank["energy"],
         "rank_multiple": rank["multiple"], "rank_params": json.dumps(rank, sort_keys=True),
         "freeze": freeze["schedule"], "freeze_params": json.dumps(freeze, sort_keys=True),
-        "device": _v(cfg.device.accelerator), "precision": str(cfg.bench.precision or cfg.trainer.precision),
+        "device": _v(cfg.device.accelerator), "precision": bench_precision(cfg),
         "batch_size": cfg.bench.batch_size or cfg.trainer.batch_size, "channels_last": bench_channels_last(cfg),
         "malloc": malloc_mode(), "seed": cfg.seed,
         "git_commit": git_commit(), "overrides": overrides_string(),
@@ -88,7 +90,10 @@ def identity_row(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: DictConfig, *, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+def build_model(cfg: DictConfig, *, num_classes: int, in_chans: int, image_size: int,
+                load: bool = True) -> nn.Module:
+    """The timm model of ``cfg.model`` for the dataset's shape; ``load``: with ``model.checkpoint``'s weights (a
+    state_dict or Lightning checkpoint; an lrd-exp model file is loaded by :func:`load_model_file` instead)."""
     m = cfg.model
     kwargs = dict(OmegaConf.to_container(m.kwargs, resolve=True) or {})
     kwargs.update(num_classes=num_classes, in_chans=in_chans, drop_rate=m.drop_rate)
@@ -103,17 +108,26 @@ def build_model(cfg: DictConfig, *, num_classes: int, in_chans: int, image_size:
             raise RuntimeError(f"model.pretrained=true: could not load timm weights for {m.name!r} "
                                f"(they are downloaded from the internet on first use): {exc}") from exc
         raise
-    if m.checkpoint:
-        load_checkpoint(model, m.checkpoint)
+    if load and m.checkpoint and not is_model_file(m.checkpoint):
+        load_checkpoint(model, m.checkpoint, trust=bool(m.trust_checkpoint))
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
+def is_model_file(path: str | None) -> bool:
+    """``model.checkpoint`` is an lrd-exp model file (a decomposed model to keep training or to evaluate)."""
+    return bool(path) and model_file.is_model_file(path)
+
+
+def load_model_file(cfg: DictConfig, **shape: int) -> nn.Module:
+    """The decomposed model saved at ``model.checkpoint``, rebuilt on a fresh ``cfg.model`` (no SVD)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ConfigError(f"model.checkpoint={path!r} could not be read ({type(exc).__name__}): "
-                          "is it a torch state_dict or Lightning checkpoint?") from None
+        return model_file.load_decomposed(cfg.model.checkpoint, model=build_model(cfg, **shape, load=False))
+    except model_file.ModelFileError as exc:
+        raise ConfigError(f"model.checkpoint: {exc}") from None
+
+
+def load_checkpoint(model: nn.Module, path: str, *, trust: bool = False) -> None:
+    state = read_checkpoint(path, trust=trust)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -130,9 +144,14 @@ def rank_search_context(cfg: DictConfig, device: DeviceInfo, dm: Any) -> dict[st
     """What rank.policy=optimized needs to time candidates like the run will execute them."""
     b = cfg.bench
     return {"batch_size": b.batch_size or cfg.trainer.batch_size, "device": device,
-            "precision": str(b.precision or cfg.trainer.precision), "channels_last": bench_channels_last(cfg),
+            "precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg),
             "cache_dir": os.path.join(cfg.paths.cache_dir, "rank_timings"), "warmup": b.warmup,
-            "steps": b.steps, "output_dir": output_dir(cfg)}
+            "steps": b.steps, "compile": b.compile, "output_dir": output_dir(cfg)}
+
+
+def bench_precision(cfg: DictConfig) -> str:
+    """The benchmark's precision: ``bench.precision``, or the training loop's when that is null (long form)."""
+    return canonical_precision(cfg.bench.precision if cfg.bench.precision is not None else cfg.trainer.precision)
 
 
 def bench_channels_last(cfg: DictConfig) -> bool:
@@ -143,7 +162,7 @@ def bench_channels_last(cfg: DictConfig) -> bool:
 
 def bench_optimizer(cfg: DictConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
     """The fine-tuning loop's optimizer (SGD or AdamW, with its momentum and weight decay), for the benchmark."""
-    optim = OmegaConf.to_container(cfg.trainer.finetune_optim, resolve=True)
+    optim = OmegaConf.to_container(cfg.trainer.finetune_optim, resolve=True, enum_to_str=True)
     return functools.partial(make_optimizer, optim=optim)
 
 

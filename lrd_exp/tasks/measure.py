@@ -6,6 +6,7 @@ a noisy machine. A freeze schedule is measured state by state and averaged by th
 
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrd_exp.config.schema import enum_value as _v
+from lrd_exp.deploy.merge import merge_for_inference
 from lrd_exp.devices.resolve import DeviceInfo
-from lrd_exp.freezing.factors import Factor, collect_factors, set_frozen
+from lrd_exp.freezing.factors import Factor, collect_factors, frozen_parameters, set_frozen
 from lrd_exp.freezing.schedule import FreezeState, schedule_states
-from lrd_exp.tasks.common import bench_channels_last, bench_optimizer, freeze_total_units
+from lrd_exp.tasks.common import bench_channels_last, bench_optimizer, bench_precision, freeze_total_units
 from lrd_exp.timing.flops import count_flops, count_params
+from lrd_exp.timing.memory import training_memory
 from lrd_exp.timing.steps import OptimizerFactory, Timing, prepare_inference, prepare_train_step
 
 log = logging.getLogger("lrd_exp")
@@ -34,6 +37,11 @@ class Measured:
     train_flops: int
     stages: list[dict[str, Any]] = field(default_factory=list)
     round_spread: float | None = None  # the original's drift during the benchmark (see round_spread)
+    latency: Timing | None = None  # inference of one image
+    memory_mb: float | None = None  # one training step (the largest freeze state for a schedule)
+    memory_kind: str | None = None  # "allocator peak" | "counted"
+    deployed_infer: Timing | None = None  # the deployed form (decomposed side only)
+    deployed_latency: Timing | None = None
 
 
 def round_spread(rounds: list[Timing], block: int = 4, max_blocks: int = 12) -> float | None:
@@ -70,8 +78,14 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
             y: torch.Tensor, *, warmup: int = 3, steps: int = 10, rounds: int | None = None,
             precision: str = "32-true", channels_last: bool = False, compile: bool = False,
             device: DeviceInfo | None = None, inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 0,
-            optimizer_factory: OptimizerFactory | None = None, desc: str = "timing") -> tuple[Measured, Measured]:
+            optimizer_factory: OptimizerFactory | None = None, desc: str = "timing",
+            deployed: nn.Module | None = None, latency: bool = False, memory: bool = False
+            ) -> tuple[Measured, Measured]:
     """Measure both models' training step (every freeze state of the decomposed one) and inference.
+
+    ``deployed`` (the decomposed model with each layer in its faster form) is timed for inference beside them;
+    ``latency`` adds the inference of one image of each model; ``memory`` the memory of one training step of the
+    original and of every freeze state (:func:`lrd_exp.timing.memory.training_memory`).
 
     Each model / freeze state gets its own prepared copy once; the rounds then time them in turn (``warmup``
     untimed steps in the first round, ``switch_warmup`` in later ones, after the switch from another model),
@@ -92,19 +106,27 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     round_steps = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     min_round_s = min_time_s / rounds
     saved = {id(p): p.requires_grad for p in decomposed.parameters()}
+    user_frozen = frozen_parameters(factors)  # what was frozen before the benchmark stays frozen in every state
+
+    def apply(state: FreezeState) -> None:
+        set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key], state.freeze_bias,
+                   keep_frozen=user_frozen)
+
     try:
         orig_step = prepare_train_step(original, x, y, **train_kw)
         dec_steps = []
         for state in states:
-            set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
+            apply(state)
             dec_steps.append(prepare_train_step(decomposed, x, y, **train_kw))
         for p in decomposed.parameters():
             p.requires_grad_(saved[id(p)])
-        infer_steps = [prepare_inference(original, x, **kw), prepare_inference(decomposed, x, **kw)] if inference else []
+        inferred = [original, decomposed] + ([deployed] if deployed is not None else [])
+        infer_steps = [prepare_inference(m, x, **kw) for m in inferred] if inference else []
+        latency_steps = [prepare_inference(m, x[:1], **kw) for m in inferred] if latency else []
         orig_train: list[Timing] = []
         dec_train: list[list[Timing]] = [[] for _ in states]
-        orig_infer: list[Timing] = []
-        dec_infer: list[Timing] = []
+        infer: list[list[Timing]] = [[] for _ in infer_steps]
+        lat: list[list[Timing]] = [[] for _ in latency_steps]
         # a progress bar on a terminal only (stderr, cleared at the end), updated between timed steps
         for r in tqdm(range(rounds), desc=desc, unit="round", disable=None, leave=False, mininterval=0.5):
             w = warmup if r == 0 else switch_warmup
@@ -112,27 +134,34 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
             orig_train.append(orig_step.time(warmup=w, **per_round))
             for i, step in enumerate(dec_steps):
                 dec_train[i].append(step.time(warmup=w, **per_round))
-            if inference:
-                orig_infer.append(infer_steps[0].time(warmup=w, **per_round))
-                dec_infer.append(infer_steps[1].time(warmup=w, **per_round))
-        del orig_step, dec_steps, infer_steps
-        stage_flops = []
+            for timings, step in zip(infer + lat, infer_steps + latency_steps):
+                timings.append(step.time(warmup=w, **per_round))
+        del orig_step, dec_steps, infer_steps, latency_steps
+        mem_kw = dict(optimizer_factory=optimizer_factory, precision=precision, channels_last=channels_last,
+                      device=device)
+        orig_mem = training_memory(original, x, y, **mem_kw) if memory else (None, None)
+        stage_flops, stage_mem = [], []
         for state in states:
-            set_frozen(factors, [by_key[k] for k in state.frozen if k in by_key])
+            apply(state)
             stage_flops.append(count_flops(decomposed, x, y=y, train=True))
+            stage_mem.append(training_memory(decomposed, x, y, **mem_kw)[0] if memory else None)
     finally:
         for p in decomposed.parameters():
             p.requires_grad_(saved[id(p)])
     weights = [s.weight for s in states]
     merged = [_merge(t) for t in dec_train]
     stages = [{"label": s.label, "weight": s.weight, "n_frozen": len(s.frozen),
-               "train_ips": m.ips, "train_ips_min": m.ips_min, "train_ips_max": m.ips_max, "train_flops": f}
-              for s, m, f in zip(states, merged, stage_flops)]
+               "train_ips": m.ips, "train_ips_min": m.ips_min, "train_ips_max": m.ips_max, "train_flops": f,
+               "train_mem_mb": mb}
+              for s, m, f, mb in zip(states, merged, stage_flops, stage_mem)]
     spread = round_spread(orig_train)  # judged where the run reports (results.unstable_note)
-    orig = Measured(_merge(orig_train), _merge(orig_infer) if inference else None,
-                    count_flops(original, x, y=y, train=True), round_spread=spread)
-    dec = Measured(_weighted(merged, weights), _merge(dec_infer) if inference else None,
-                   round(sum(w * f for w, f in zip(weights, stage_flops))), stages)
+    infer_t = [_merge(t) for t in infer] + [None] * (3 - len(infer))
+    lat_t = [_merge(t) for t in lat] + [None] * (3 - len(lat))
+    orig = Measured(_merge(orig_train), infer_t[0], count_flops(original, x, y=y, train=True), round_spread=spread,
+                    latency=lat_t[0], memory_mb=orig_mem[0], memory_kind=orig_mem[1])
+    dec = Measured(_weighted(merged, weights), infer_t[1], round(sum(w * f for w, f in zip(weights, stage_flops))),
+                   stages, latency=lat_t[1], memory_mb=max(stage_mem) if memory and stage_mem else None,
+                   memory_kind=orig_mem[1], deployed_infer=infer_t[2], deployed_latency=lat_t[2])
     return orig, dec
 
 
@@ -153,7 +182,26 @@ def comparison_fields(original: nn.Module, decomposed: nn.Module, orig: Measured
         row[f"{kind}_ips_original"], row[f"{kind}_ips_decomposed"] = a.ips, b.ips
         row[f"{kind}_ips_original_min"], row[f"{kind}_ips_original_max"] = a.ips_min, a.ips_max
         row[f"{kind}_ips_decomposed_min"], row[f"{kind}_ips_decomposed_max"] = b.ips_min, b.ips_max
+    if dec.deployed_infer is not None:
+        row["infer_ips_deployed"] = dec.deployed_infer.ips
+    for side, timing in (("original", orig.latency), ("decomposed", dec.latency), ("deployed", dec.deployed_latency)):
+        if timing is not None:
+            row[f"latency_ms_{side}"] = timing.median_s * 1e3
+            row[f"latency_ms_{side}_p90"] = timing.quantile_s(0.9) * 1e3
+    if orig.memory_mb is not None:
+        row.update(train_mem_mb_original=orig.memory_mb, train_mem_mb_decomposed=dec.memory_mb,
+                   train_mem_kind=orig.memory_kind)
     return row
+
+
+def deploy(decomposed: nn.Module, x: torch.Tensor, *, device: DeviceInfo | None, precision: str,
+           channels_last: bool, warmup: int, steps: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The deployed form (each layer factored or merged, whichever infers faster here) and its row fields."""
+    deployed = copy.deepcopy(decomposed).eval()
+    report = merge_for_inference(deployed, x, device=device, precision=precision, channels_last=channels_last,
+                                 warmup=warmup, steps=max(steps // 4, 5))
+    log.info("%s", report.summary())
+    return deployed, {"layers_merged": report.layers_merged, "merge_report": report.layers}
 
 
 def measure_pair(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decomposed: nn.Module, dm: Any,
@@ -171,8 +219,21 @@ def measure_pair(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decom
                             example_input=x[:1])
     log.info("measuring throughput: batch %d, %d freeze state(s), %d warm-up + %d timed steps", batch,
              len(states), b.warmup, b.steps)
+    return measure(cfg, device, original, decomposed, states, x, y)
+
+
+def measure(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decomposed: nn.Module,
+            states: list[FreezeState], x: torch.Tensor, y: torch.Tensor, desc: str = "timing") -> dict[str, Any]:
+    """Everything the row says about speed, size and memory, with the run's ``bench`` settings."""
+    b = cfg.bench
+    fields: dict[str, Any] = {}
+    deployed = None
+    if b.deploy:
+        deployed, fields = deploy(decomposed, x, device=device, precision=bench_precision(cfg),
+                                  channels_last=bench_channels_last(cfg), warmup=b.warmup, steps=b.steps)
     orig, dec = compare(original, decomposed, states, x, y, warmup=b.warmup, steps=b.steps, rounds=b.rounds,
-                        precision=str(b.precision or cfg.trainer.precision), channels_last=bench_channels_last(cfg),
+                        precision=bench_precision(cfg), channels_last=bench_channels_last(cfg),
                         compile=b.compile, device=device, min_time_s=b.min_time_s, switch_warmup=b.switch_warmup,
-                        optimizer_factory=bench_optimizer(cfg))
-    return comparison_fields(original, decomposed, orig, dec, x)
+                        optimizer_factory=bench_optimizer(cfg), desc=desc, deployed=deployed, latency=b.latency,
+                        memory=b.memory)
+    return {**comparison_fields(original, decomposed, orig, dec, x), **fields}

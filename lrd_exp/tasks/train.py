@@ -7,6 +7,7 @@ lost); :func:`train_job` is the job itself and reads top to bottom like the pipe
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import time
@@ -14,11 +15,13 @@ from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrd_exp import results
+from lrd_exp.config.schema import canonical_precision
 from lrd_exp.decompose import decompose_model
+from lrd_exp.deploy.model_file import read_model_file, save_decomposed, structure
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.callback import FreezingCallback
@@ -27,6 +30,8 @@ from lrd_exp.tasks.common import (
     bench_optimizer,
     build_model,
     identity_row,
+    is_model_file,
+    load_model_file,
     objective_value,
     rank_search_context,
 )
@@ -81,18 +86,22 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
                           data_dir=cfg.paths.data_dir)
     row: dict[str, Any] = {}
 
-    # 1. baseline: trained once per defining config, cached for every job of a sweep
-    original, curves, cache = baseline(cfg, device, dm, out_dir)
-    row.update(cache)
-    row["top1_original"] = evaluate(cfg, device, original, dm, out_dir)
+    if is_model_file(cfg.model.checkpoint):  # a saved decomposed model: fine-tune it further, no SVD again
+        original, decomposed, curves = from_model_file(cfg, dm, out_dir)
+    else:
+        # 1. baseline: trained once per defining config, cached for every job of a sweep
+        original, curves, cache = baseline(cfg, device, dm, out_dir)
+        row.update(cache)
+        row["top1_original"] = evaluate(cfg, device, original, dm, out_dir)
 
-    # 2. decompose
-    decomposed = decompose(cfg, device, dm, original, out_dir)
+        # 2. decompose
+        decomposed = decompose(cfg, device, dm, original, out_dir)
     row["top1_decomposed_pre"] = evaluate(cfg, device, decomposed, dm, out_dir)
 
     # 3. fine-tune with the freeze schedule
     history, speed, probe, finetune_curve = finetune(cfg, device, dm, decomposed, out_dir, wandb_logger)
     row["top1_decomposed"] = evaluate(cfg, device, decomposed, dm, out_dir)
+    save_model(cfg, decomposed, dm, out_dir, top1=row["top1_decomposed"])
     results.write_json_atomic(os.path.join(out_dir, "freeze_history.json"), history)
     curves += finetune_curve
     if curves:
@@ -128,6 +137,34 @@ def baseline(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str
     return original, curves, {"baseline_cache_hit": hit, "baseline_path": path}
 
 
+def from_model_file(cfg: DictConfig, dm: Any, out_dir: str) -> tuple[nn.Module, nn.Module, list[dict[str, Any]]]:
+    """(original, decomposed, curves) of a job that starts from a saved model: the original is the architecture
+    before decomposition (for the side-by-side speed; its accuracy is unknown here), the decomposed the file's."""
+    shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
+    decomposed = load_model_file(cfg, **shape).train()
+    layers = structure(decomposed)
+    log.info("loaded %s: %d factorized layers, no decomposition", cfg.model.checkpoint, len(layers))
+    results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"),
+                              f"loaded from {cfg.model.checkpoint}\n" + pd.DataFrame(layers).to_string(index=False)
+                              + "\n")
+    return build_model(cfg, **shape, load=False), decomposed, []
+
+
+def save_model(cfg: DictConfig, model: nn.Module, dm: Any, out_dir: str, **row: Any) -> str:
+    """``model.pt``: the fine-tuned decomposed model, self-describing (lrd_exp.load_decomposed rebuilds it)."""
+    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True) or {})
+    kwargs.update(num_classes=dm.num_classes, in_chans=dm.in_chans, drop_rate=cfg.model.drop_rate)
+    if "img_size" in inspect.signature(type(model).__init__).parameters:
+        kwargs["img_size"] = cfg.model.image_size or dm.image_size
+    path = os.path.join(out_dir, "model.pt")
+    rank = OmegaConf.to_container(cfg.rank, resolve=True, enum_to_str=True)
+    if is_model_file(cfg.model.checkpoint):  # its ranks came from the run that decomposed it
+        rank = read_model_file(cfg.model.checkpoint)["meta"].get("rank")
+    save_decomposed(model, path, model_name=cfg.model.name, model_kwargs=kwargs, rank=rank,
+                    row={**identity_row(cfg, out_dir), **row})
+    return path
+
+
 def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, out_dir: str) -> nn.Module:
     """A decomposed copy of ``original`` by the run's rank policy; the per-layer report goes to the output dir."""
     x, _ = dm.example_batch(1)
@@ -150,11 +187,12 @@ def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module
     if t.finetune_epochs <= 0:
         return [], speed, probe, []
     loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
+    before = [p.requires_grad for p in decomposed.parameters()]
     module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=t.finetune_optim, out_dir=out_dir,
                  stage="finetune", callbacks=[freezer, speed] + ([probe] if probe else []), loggers=loggers,
                  resume=cfg.resume)
-    for p in decomposed.parameters():  # measurement applies each freeze state itself
-        p.requires_grad_(True)
+    for p, flag in zip(decomposed.parameters(), before):  # as before the fit: measurement applies each state
+        p.requires_grad_(flag)
     return freezer.history, speed, probe, [dict(c, stage="finetune") for c in module.curve]
 
 
@@ -182,5 +220,5 @@ def make_probe(cfg: DictConfig, device: DeviceInfo, dm: Any, loop: StepThroughpu
         return None  # DDP: each rank would time alone (the callback would skip it anyway; nothing to pickle)
     x, y = dm.example_batch(t.batch_size)  # kept on the CPU: each probe moves its own copy to the device
     return BenchProbe(x, y, steps=b.probe_steps, warmup=b.warmup,
-                      precision=str(t.precision), channels_last=bool(t.channels_last), device=device,
+                      precision=canonical_precision(t.precision), channels_last=bool(t.channels_last), device=device,
                       optimizer_factory=bench_optimizer(cfg), loop=loop)

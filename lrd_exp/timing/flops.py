@@ -6,6 +6,9 @@ weight-gradient FLOPs, exactly as autograd skips it.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,23 +17,53 @@ from torch.utils.flop_counter import FlopCounterMode
 from lrd_exp.timing.steps import logits_of
 
 
+def _conv_flops(x_shape: Any, w_shape: Any, out_shape: Any, transposed: bool) -> int:
+    """One convolution: 2 x (output positions, or input positions when transposed) x weight elements per sample.
+
+    The weight is (out, in / groups, k...) or, transposed, (in, out / groups, k...), so groups are already in it.
+    """
+    positions = (x_shape if transposed else out_shape)[2:]
+    return 2 * int(x_shape[0]) * math.prod(positions) * math.prod(w_shape)
+
+
+def conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: Any, _stride: Any, _padding: Any,
+                        _dilation: Any, transposed: bool, _output_padding: Any, _groups: Any, output_mask: Any,
+                        out_shape: Any = None, **kwargs: Any) -> int:
+    """``aten.convolution_backward``: grad-input and grad-weight each cost one forward, each only when computed.
+
+    torch's own formula counts a grouped convolution's weight gradient as if it were dense (groups times too
+    much: a depthwise conv's backward dozens of forwards).
+    """
+    fwd = _conv_flops(x_shape, w_shape, grad_out_shape, transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+FLOP_FORMULAS = {torch.ops.aten.convolution_backward: conv_backward_flops}
+
+
 def count_flops(model: nn.Module, x: torch.Tensor, *, train: bool, y: torch.Tensor | None = None) -> int:
     """FLOPs of one forward (``train=False``) or one training step's forward + backward (``train=True``).
 
     Counts the real execution under ``FlopCounterMode`` (a multiply-add is 2 FLOPs): with ``train=True``
-    backward computes only the gradients autograd needs, so a frozen weight adds no weight-gradient FLOPs
-    and an input that needs no grad adds no input-gradient FLOPs for the first layer. The optimizer step
-    is not counted. The model is left as it was: grads and buffers (BatchNorm statistics) are restored,
-    and for ``train=False`` the forward runs in eval mode without autograd.
+    backward computes only the gradients ``loss.backward()`` would, so a frozen weight adds no weight-gradient
+    FLOPs and an input that needs no grad adds no input-gradient FLOPs for the first layer (one that does, does).
+    Convolution backward is counted by :func:`conv_backward_flops`: torch's own count is wrong for grouped and
+    depthwise convs. The optimizer step is not counted. The model is left as it was: grads, buffers (BatchNorm
+    statistics) and every module's own mode are restored, and for ``train=False`` the forward runs in eval mode
+    without autograd. The random state is not: a caller inside a training run forks it (dropout draws from it
+    in a ``train=True`` count).
     """
     saved_grads = {p: p.grad for p in model.parameters()}
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    was_training = model.training
-    counter = FlopCounterMode(display=False)
+    modes = {m: m.training for m in model.modules()}
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     try:
         if train:
+            # an input that needs grad enters as a view: the counter's module hooks fail on a leaf that
+            # autograd.grad() is asked for
+            x_in = x.view_as(x) if x.requires_grad else x
             with counter:
-                logits = logits_of(model(x))
+                logits = logits_of(model(x_in))
                 target = (
                     y
                     if y is not None
@@ -38,15 +71,18 @@ def count_flops(model: nn.Module, x: torch.Tensor, *, train: bool, y: torch.Tens
                 )
                 loss = F.cross_entropy(logits, target)
                 if loss.requires_grad:
-                    # gradients go to fresh tensors, not into .grad of the caller's parameters
-                    params = [p for p in model.parameters() if p.requires_grad]
-                    torch.autograd.grad(loss, params, allow_unused=True)
+                    # gradients go to fresh tensors, not into .grad of the caller's parameters (or input)
+                    wanted = [p for p in model.parameters() if p.requires_grad]
+                    if x.requires_grad:  # backward() would compute the input's gradient too
+                        wanted.append(x)
+                    torch.autograd.grad(loss, wanted, allow_unused=True)
         else:
             model.eval()
             with torch.no_grad(), counter:
                 model(x)
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():  # each module its own mode (a BatchNorm kept in eval stays there)
+            m.train(mode)
         with torch.no_grad():
             for b, v in saved_buffers:
                 b.copy_(v)

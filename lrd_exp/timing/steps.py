@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrd_exp.config.schema import canonical_precision
 from lrd_exp.devices.resolve import DeviceInfo, synchronize
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
-# precision flag -> (autocast dtype, cast dtype): Lightning's names plus their short aliases
+# precision flag -> (autocast dtype, cast dtype); the flags and their aliases are lrd_exp.config.schema's
 _PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
     "32-true": (None, None),
     "bf16-mixed": (torch.bfloat16, None),
@@ -34,7 +35,6 @@ _PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
     "16-true": (None, torch.float16),
     "64-true": (None, torch.float64),
 }
-_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "64": "64-true"}
 
 
 @dataclass
@@ -61,6 +61,13 @@ class Timing:
     def ips_max(self) -> float:
         """Images per second of the fastest step (upper end of the spread)."""
         return self.batch_size / self.min_s if self.min_s > 0 else math.inf
+
+    def quantile_s(self, q: float) -> float:
+        """A quantile of the step times (0.5: the median, 0.9: the 90th percentile), linear interpolation."""
+        times = sorted(self.times_s) or [self.median_s]
+        pos = q * (len(times) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return times[lo] + (times[hi] - times[lo]) * (pos - lo)
 
     def images_per_s(self, batch_size: int | None = None) -> float:
         """Throughput at the median for a given batch size (default: the measured one)."""
@@ -122,10 +129,25 @@ def time_fn(
 
 def normalize_precision(precision: Any) -> str:
     """Lightning precision flag in its long form; ValueError naming the allowed values otherwise."""
-    p = _ALIASES.get(str(precision), str(precision))
-    if p not in _PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported; allowed: {', '.join(_PRECISIONS)}")
-    return p
+    return canonical_precision(precision)
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """One forward in eval mode without autograd (e.g. to record shapes with hooks); every module's own mode is
+    restored afterwards, and no BatchNorm statistic or random number of the caller's run is touched."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def cast_dtype(precision: Any) -> torch.dtype | None:
+    """The dtype a ``*-true`` precision casts model and inputs to; None keeps float32 (autocast or not)."""
+    return _PRECISIONS[normalize_precision(precision)][1]
 
 
 def _sync_for(device: DeviceInfo | None, torch_device: torch.device) -> Callable[[], None]:
@@ -134,7 +156,7 @@ def _sync_for(device: DeviceInfo | None, torch_device: torch.device) -> Callable
     return lambda: synchronize(torch_device)
 
 
-def _prepare(
+def prepared_copy(
     model: nn.Module,
     tensors: Iterable[torch.Tensor | None],
     *,
@@ -263,7 +285,7 @@ def prepare_train_step(
     ``torch.compile``; warm-up steps absorb the compilation.
     """
     precision = normalize_precision(precision)
-    work, (xw, yw), torch_device = _prepare(
+    work, (xw, yw), torch_device = prepared_copy(
         model, (x, y), precision=precision, channels_last=channels_last, device=device
     )
     work.train()
@@ -283,7 +305,7 @@ def prepare_inference(
 ) -> PreparedStep:
     """A forward pass of a deep copy of ``model`` in eval mode under ``torch.inference_mode``."""
     precision = normalize_precision(precision)
-    work, (xw,), torch_device = _prepare(
+    work, (xw,), torch_device = prepared_copy(
         model, (x,), precision=precision, channels_last=channels_last, device=device
     )
     work.eval()

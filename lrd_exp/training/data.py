@@ -8,17 +8,18 @@ The validation loader is the evaluation split top-1 is reported on (the test set
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.utils import check_integrity
+from torchvision.transforms import v2
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -48,57 +49,44 @@ def _stats(value: Any, default: Sequence[float], channels: int, key: str) -> tup
     return values
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of a (C, H, W) or (N, C, H, W) float tensor to ``size`` x ``size`` (antialiased when shrinking)."""
-    if x.shape[-2:] == (size, size):
-        return x
-    batched = x if x.dim() == 4 else x.unsqueeze(0)
-    out = F.interpolate(
-        batched, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]
-    )
-    return out if x.dim() == 4 else out.squeeze(0)
+def _resize(size: int) -> v2.Resize:
+    """Bilinear resize of (..., H, W) float tensors to ``size`` x ``size`` (antialiased, which matters when shrinking)."""
+    return v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
-class _ImageTransform:
-    """Per-sample tensor pipeline: to float in [0, 1], random shift (zero pad + crop) and flip, resize, channels, normalise.
+def _repeat_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """One gray channel repeated to ``channels`` (a view: normalising makes the copy)."""
+    return x if x.shape[-3] == channels else x.expand(*x.shape[:-3], channels, *x.shape[-2:])
 
-    Written on plain tensors so in-memory datasets (digits, CIFAR) need no PIL round trip; the random numbers come
-    from torch's global generator, which Lightning's ``seed_everything(workers=True)`` seeds in every worker.
+
+def _image_transform(
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    size: int | None = None,
+    channels: int | None = None,
+    pad: int = 0,
+    crop: int | None = None,
+    flip: bool = False,
+) -> v2.Compose:
+    """Per-sample pipeline on (C, H, W) tensors: to float in [0, 1], random shift (zero ``pad``, random ``crop``
+    back to the stored size) and flip, resize, gray repeated to ``channels``, normalise.
+
+    On plain tensors, so in-memory datasets (digits, CIFAR) need no PIL round trip; the random numbers come from
+    torch's global generator, which Lightning's ``seed_everything(workers=True)`` seeds in every worker. Without
+    the random steps it also takes a whole (N, C, H, W) batch.
     """
-
-    def __init__(
-        self,
-        mean,
-        std,
-        *,
-        size: int | None = None,
-        channels: int | None = None,
-        pad: int = 0,
-        flip: bool = False,
-    ):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.size, self.channels, self.pad, self.flip = size, channels, pad, flip
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-        if self.pad:
-            h, w = x.shape[-2:]
-            padded = F.pad(x, (self.pad,) * 4)
-            i, j = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
-            x = padded[:, i : i + h, j : j + w]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        if self.size is not None:
-            x = _resize(x, self.size)
-        if self.channels is not None and x.shape[0] != self.channels:
-            x = x.expand(self.channels, -1, -1)
-        return (x - self.mean) / self.std
-
-
-def _transform_all(transform: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """A deterministic per-sample transform applied to every image once (contiguous result)."""
-    return torch.stack([transform(img) for img in images]).contiguous()
+    steps: list[Callable] = [v2.ToDtype(torch.float32, scale=True)]  # uint8 / 255; float passes unchanged
+    if pad:
+        steps += [v2.Pad(pad, fill=0), v2.RandomCrop(crop)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if size is not None:
+        steps.append(_resize(size))
+    if channels is not None:
+        steps.append(v2.Lambda(partial(_repeat_channels, channels=channels)))  # partial pickles into workers
+    steps.append(v2.Normalize(mean, std))
+    return v2.Compose(steps)
 
 
 class _TransformTensorDataset(TensorDataset):
@@ -225,7 +213,7 @@ class DigitsDataModule(_BaseDataModule):
         data = load_digits()
         labels = torch.as_tensor(data.target, dtype=torch.long)
         images = torch.as_tensor(data.images, dtype=torch.float32).div(16.0).unsqueeze(1)  # N x 1 x 8 x 8
-        images = _resize(images, self.image_size)
+        images = _resize(self.image_size)(images)
         idx = np.arange(len(labels))
         train_idx, val_idx = train_test_split(
             idx, test_size=self.val_fraction, random_state=self.seed, stratify=data.target
@@ -234,15 +222,17 @@ class DigitsDataModule(_BaseDataModule):
         train_images = images[self.train_indices]
         self.mean = _stats(self.cfg_mean, [train_images.mean().item()], self.in_chans, "mean")
         self.std = _stats(self.cfg_std, [train_images.std().item()], self.in_chans, "std")
-        val_tf = _ImageTransform(self.mean, self.std, channels=self.in_chans)
-        # without augmentation the transform is fixed: apply it once, so a batch is a slice (the loader adds no
-        # per-sample Python work to the measured training loop)
+        val_tf = _image_transform(self.mean, self.std, channels=self.in_chans)
+        # without augmentation the transform is fixed: apply it once to the whole split, so a batch is a slice (the
+        # loader adds no per-sample Python work to the measured training loop)
         if self.augment:
-            train_tf = _ImageTransform(self.mean, self.std, channels=self.in_chans, pad=max(1, self.image_size // 8))
+            train_tf = _image_transform(
+                self.mean, self.std, channels=self.in_chans, pad=max(1, self.image_size // 8), crop=self.image_size
+            )
             self.train_dataset = _TransformTensorDataset(train_images, labels[self.train_indices], train_tf)
         else:
-            self.train_dataset = TensorDataset(_transform_all(val_tf, train_images), labels[self.train_indices])
-        self.val_dataset = TensorDataset(_transform_all(val_tf, images[self.val_indices]), labels[self.val_indices])
+            self.train_dataset = TensorDataset(val_tf(train_images).contiguous(), labels[self.train_indices])
+        self.val_dataset = TensorDataset(val_tf(images[self.val_indices]).contiguous(), labels[self.val_indices])
 
 
 class _SyntheticImages(Dataset):
@@ -281,44 +271,62 @@ class SyntheticDataModule(_BaseDataModule):
         return self._dataset(self.val_size, 1)
 
 
+class _CIFAR10Files(CIFAR10):
+    """torchvision's CIFAR-10 reader on the folder that holds the batch files (``root`` itself, whatever its name),
+    checking that the files exist instead of their md5.
+
+    torchvision's checksums reject anything but the official files (a tiny file in the same format, a re-pickled
+    copy); the user's files are checked by reading them (a bad pickle or a wrong size fails there). A download
+    goes through torchvision's own class, which does check the archive and the files it extracts.
+    """
+
+    base_folder = ""
+    meta = {**CIFAR10.meta, "md5": None}  # check_integrity(path, md5=None): the file exists
+
+    def _check_integrity(self) -> bool:
+        return all(check_integrity(os.path.join(self.root, name)) for name, _ in self.train_list + self.test_list)
+
+
+class _CIFAR100Files(_CIFAR10Files, CIFAR100):
+    """CIFAR-100 read like :class:`_CIFAR10Files` (CIFAR-100's file list, fine labels)."""
+
+    meta = {**CIFAR100.meta, "md5": None}
+
+
 class CIFARDataModule(_BaseDataModule):
-    """CIFAR-10/100 read straight from the python batch pickles (not via torchvision, whose md5 checks reject
-    anything but the official files); torchvision only downloads, and only when ``dataset.download=true``.
+    """CIFAR-10/100 read from the python batch files with torchvision (existence checked instead of md5, see
+    :class:`_CIFAR10Files`); downloaded by torchvision only when ``dataset.download=true``.
 
     ``root`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that folder itself). Images stay in memory
     as uint8; val is the official test set. ``augment``: random crop (pad 4) + horizontal flip.
     """
 
-    FILES = {
-        "cifar10": (
-            "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)],
-            ["test_batch"],
-            "labels",
-        ),
-        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+    # name: (torchvision's class, which downloads; the reader; mean; std)
+    SOURCES = {
+        "cifar10": (CIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD),
+        "cifar100": (CIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD),
     }
-    STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 
     def __init__(self, cfg: Any, *, name: str, **kwargs):
         self.name = name
         super().__init__(cfg, **kwargs)
-        self.base_folder, self.train_files, self.val_files, self.label_key = self.FILES[name]
+        official, self.reader, mean, std = self.SOURCES[name]
+        self.base_folder = official.base_folder
+        self.files = [f for f, _ in official.train_list + official.test_list] + [official.meta["filename"]]
         self._fix("num_classes", 10 if name == "cifar10" else 100, self.num_classes)
         self._fix("in_chans", 3, self.in_chans)
-        mean, std = self.STATS[name]
         self.mean = _stats(self.cfg_mean, mean, 3, "mean")
         self.std = _stats(self.cfg_std, std, 3, "std")
 
     def _folder(self) -> str | None:
         """The folder holding the batch files, or None when they are missing."""
         for folder in (os.path.join(self.root, self.base_folder), self.root):
-            if all(os.path.isfile(os.path.join(folder, f)) for f in self.train_files + self.val_files):
+            if all(os.path.isfile(os.path.join(folder, f)) for f in self.files):
                 return folder
         return None
 
     def _download(self) -> None:
-        from torchvision import datasets
+        from torchvision import datasets  # looked up at call time: tests replace the class
 
         cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
         try:
@@ -340,9 +348,7 @@ class CIFARDataModule(_BaseDataModule):
             folder = self._folder()
         if folder is None:
             expected = os.path.join(self.root, self.base_folder)
-            missing = [
-                f for f in self.train_files + self.val_files if not os.path.isfile(os.path.join(expected, f))
-            ]
+            missing = [f for f in self.files if not os.path.isfile(os.path.join(expected, f))]
             raise FileNotFoundError(
                 f"dataset.root={self.root!r}: {self.name} files not found in {expected!r} "
                 f"(missing {', '.join(missing)}); set dataset.download=true or point dataset.root "
@@ -353,28 +359,24 @@ class CIFARDataModule(_BaseDataModule):
     def prepare_data(self) -> None:
         self._ensure_files()
 
-    def _read(self, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        folder = self._ensure_files()
-        data, labels = [], []
-        for f in files:
-            with open(os.path.join(folder, f), "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(entry[self.label_key])
-        images = torch.from_numpy(np.concatenate(data))
-        return images, torch.as_tensor(labels, dtype=torch.long)
-
-    def _transform(self, train: bool) -> _ImageTransform:
+    def _dataset(self, train: bool) -> Dataset:
+        """One split as uint8 (N, 3, 32, 32) in memory, the transform applied per sample (no PIL image per sample,
+        as torchvision's ``__getitem__`` would make)."""
+        split = self.reader(self._ensure_files(), train=train)
+        images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps H x W x C
+        labels = torch.as_tensor(split.targets, dtype=torch.long)
         augment = train and self.augment
-        return _ImageTransform(
-            self.mean, self.std, size=self.image_size, pad=4 if augment else 0, flip=augment
+        transform = _image_transform(
+            self.mean, self.std, size=self.image_size if self.image_size != 32 else None,
+            pad=4 if augment else 0, crop=32, flip=augment,
         )
+        return _TransformTensorDataset(images, labels, transform)
 
     def _build_train(self) -> Dataset:
-        return _TransformTensorDataset(*self._read(self.train_files), self._transform(train=True))
+        return self._dataset(train=True)
 
     def _build_val(self) -> Dataset:
-        return _TransformTensorDataset(*self._read(self.val_files), self._transform(train=False))
+        return self._dataset(train=False)
 
 
 class _ClassMapImageFolder(ImageFolder):
@@ -422,8 +424,6 @@ class ImageFolderDataModule(_BaseDataModule):
         self.std = _stats(self.cfg_std, IMAGENET_STD, 3, "std")
 
     def _transform(self, train: bool):
-        from torchvision.transforms import v2
-
         size = self.image_size
         if train and self.augment:
             geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lrd_exp.config.schema import canonical_precision
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.devices.npu import trainer_device_kwargs
 from lrd_exp.devices.resolve import DeviceInfo
@@ -33,7 +34,7 @@ def make_trainer(cfg: DictConfig, device: DeviceInfo, *, epochs: int, out_dir: s
         devices, num_nodes, strategy = 1, 1, "auto"
     else:  # several devices: DDP in spawned workers, re-wrapped at each freeze stage (lrd_exp.distributed)
         strategy = ddp_strategy(device, devices, cfg.device.strategy, num_nodes=num_nodes)
-    kwargs = trainer_device_kwargs(device, devices, str(t.precision), strategy)
+    kwargs = trainer_device_kwargs(device, devices, canonical_precision(t.precision), strategy)
     if kwargs.get("plugins") is None:
         kwargs.pop("plugins", None)
     # a step cap spreads over the epochs, so smoke runs still validate, log curves and change freeze stages
@@ -58,7 +59,7 @@ def evaluate(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.Light
 def fit(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningDataModule, *, epochs: int,
         optim: Any, out_dir: str, stage: str, callbacks: list[pl.Callback] | None = None,
         loggers: list[Any] | None = None, resume: bool = False) -> Classifier:
-    module = Classifier(model, dm.num_classes, optim=OmegaConf.to_container(optim, resolve=True),
+    module = Classifier(model, dm.num_classes, optim=OmegaConf.to_container(optim, resolve=True, enum_to_str=True),
                         max_steps=cfg.trainer.max_steps, channels_last=cfg.trainer.channels_last)
     trainer = make_trainer(cfg, device, epochs=epochs, out_dir=out_dir, stage=stage, callbacks=callbacks,
                            loggers=loggers, checkpoint=True)

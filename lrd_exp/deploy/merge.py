@@ -1,0 +1,118 @@
+"""Deployment takes the faster form of each decomposed layer: its factors, or their product as one dense layer.
+
+Training keeps the factors (freezing needs them). For inference a factorized layer is the same function as the
+dense layer whose weight is the product of its factors (not the original weights), and on some devices and
+shapes the dense layer is faster (a thin factor is memory-bound, three small kernels cost three launches).
+:func:`merge_for_inference` times both forms of every decomposed layer at its real input shape, on the run's
+device and precision, and keeps the faster, so the deployed model infers at least as fast as the factored one.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, reconstruct_weight
+from lrd_exp.devices.resolve import DeviceInfo, synchronize
+from lrd_exp.timing.steps import autocast, cast_dtype, eval_forward, normalize_precision, time_fn
+
+
+def merged_layer(layer: FactorizedLayer) -> nn.Module:
+    """The dense layer computing the same function as ``layer``: weight = the product of its factors."""
+    weight = reconstruct_weight(layer)
+    last = layer.factors()["last"]
+    bias = last.bias.detach() if last.bias is not None else None
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(layer, SVDLinear):
+        dense: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
+    else:
+        geometry = layer.first if isinstance(layer, SVDConv1x1) else layer.core  # where stride & padding live
+        dense = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], stride=geometry.stride,
+                          padding=geometry.padding, dilation=geometry.dilation, bias=bias is not None,
+                          padding_mode=geometry.padding_mode, **factory)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
+@dataclass
+class MergeReport:
+    """Per decomposed layer: the inference time of both forms and which one the deployed model keeps."""
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def layers_merged(self) -> int:
+        return sum(1 for layer in self.layers if layer["merged"])
+
+    def summary(self) -> str:
+        return f"deployed: {self.layers_merged} of {len(self.layers)} decomposed layers merged (faster dense)"
+
+
+def _inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each factorized layer sees in one eval forward of ``example_input``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0].detach()))
+             for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
+    try:
+        eval_forward(model, example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def merge_for_inference(model: nn.Module, example_input: torch.Tensor, *, device: DeviceInfo | None = None,
+                        precision: str = "32-true", channels_last: bool = False, warmup: int = 3,
+                        steps: int = 20) -> MergeReport:
+    """Replace, in place, every factorized layer whose merged dense form infers faster; return what was chosen.
+
+    Each layer is timed alone at the input it sees for ``example_input`` (its batch, shape and layout), in
+    ``precision`` (cast for ``*-true``, autocast for ``*-mixed``), under ``torch.inference_mode``. A layer that no
+    forward of ``example_input`` reaches keeps its factors. Ties keep the factors (fewer parameters).
+    """
+    precision = normalize_precision(precision)
+    dev = device.torch_device if device is not None else example_input.device
+    cast = cast_dtype(precision)
+    inputs = _inputs(model, example_input)
+    report = MergeReport()
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedLayer)]:
+        if name not in inputs:
+            report.layers.append({"name": name, "kind": type(layer).__name__, "factored_ms": None,
+                                  "merged_ms": None, "merged": False})
+            continue
+        dense = merged_layer(layer)
+        x = inputs[name].to(dev, dtype=cast or inputs[name].dtype)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        times = {}
+        for form, module in (("factored", layer), ("merged", dense)):
+            work = copy.deepcopy(module).to(dev).eval()
+            if cast is not None:
+                work = work.to(cast)
+            if channels_last and x.dim() == 4:
+                work = work.to(memory_format=torch.channels_last)
+
+            def forward(work: nn.Module = work, x: torch.Tensor = x) -> None:
+                with torch.inference_mode(), autocast(precision, dev.type):
+                    work(x)
+
+            sync = device.synchronize if device is not None else (lambda: synchronize(dev))
+            times[form] = time_fn(forward, warmup=warmup, steps=steps, sync=sync).median_s
+        merge = times["merged"] < times["factored"]
+        if merge:
+            _set(model, name, dense.to(layer.factors()["first"].weight.device))
+        report.layers.append({"name": name, "kind": type(layer).__name__, "factored_ms": times["factored"] * 1e3,
+                              "merged_ms": times["merged"] * 1e3, "merged": merge})
+    return report

@@ -1,0 +1,78 @@
+"""Replicates: jobs that differ only in ``seed`` become one row per configuration, with the mean and the 95 %
+confidence interval (Student t) of what a user compares: accuracy, its drop, and the speedups.
+
+One seed cannot tell two variants apart when they differ by a validation image or two; the interval says how
+far apart they must be before a table can.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import pandas as pd
+
+from lrd_exp.results.row import STATUS_OK
+from lrd_exp.results.tables import split_overrides
+
+#: the metrics summarised over seeds (``<metric>_mean`` and ``<metric>_ci95`` columns)
+METRICS = ("top1_original", "top1_decomposed", "top1_drop", "train_speedup", "infer_speedup", "params_ratio",
+           "flops_speedup_train")
+#: what makes two rows the same configuration besides their overrides (the seed and run-specific columns excluded)
+CONFIG_COLUMNS = ("model", "dataset", "task", "variant", "rank_policy", "rank_ratio", "rank_multiple", "rank_params",
+                  "freeze", "freeze_params", "device", "precision", "batch_size", "channels_last")
+
+
+def split_seed(overrides: str) -> tuple[str, str | None]:
+    """A row's overrides without its ``seed=`` (the configuration), and that seed (None when not given)."""
+    tokens = split_overrides(overrides)
+    seeds = [t.split("=", 1)[1] for t in tokens if t.lstrip("+~").startswith("seed=")]
+    return " ".join(t for t in tokens if not t.lstrip("+~").startswith("seed=")), (seeds[-1] if seeds else None)
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """The ``p`` quantile of Student's t with ``dof`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, dof))
+
+
+def mean_ci95(values: Iterable[float]) -> tuple[float | None, float | None, int]:
+    """(mean, half-width of the 95 % interval, n): ``t_{0.975, n-1} * s / sqrt(n)``; no interval below n = 2."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    n = len(xs)
+    if n == 0:
+        return None, None, 0
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, None, n
+    s = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, t_quantile(0.975, n - 1) * s / math.sqrt(n), n
+
+
+def aggregate_replicates(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration of the ok rows: its identity, ``n_seeds``, ``seeds`` and the mean and 95 % CI of
+    every metric in :data:`METRICS`. Empty when no configuration has two seeds (nothing to aggregate)."""
+    if df.empty or "seed" not in df.columns:
+        return pd.DataFrame()
+    ok = df[df["status"] == STATUS_OK].copy()
+    if ok.empty:
+        return pd.DataFrame()
+    ok["_config"] = [split_seed(o)[0] if isinstance(o, str) else "" for o in ok.get("overrides", [""] * len(ok))]
+    keys = [c for c in CONFIG_COLUMNS if c in ok.columns] + ["_config"]
+    rows = []
+    for _, group in ok.groupby([ok[k].astype(str) for k in keys], sort=False, dropna=False):
+        first = group.iloc[0]
+        row = {k: first[k] for k in keys if k != "_config"}
+        row["overrides"] = first["_config"]
+        seeds = sorted({int(s) for s in group["seed"].dropna()})
+        row.update(n_seeds=len(seeds), seeds=" ".join(map(str, seeds)))
+        for metric in METRICS:
+            if metric in group.columns:
+                mean, ci, _ = mean_ci95(pd.to_numeric(group[metric], errors="coerce").tolist())
+                row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean, ci
+        if "val_images" in group.columns:
+            row["val_images"] = first.get("val_images")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out if (out["n_seeds"] > 1).any() else pd.DataFrame()

@@ -1,0 +1,71 @@
+"""``task=evaluate``: a saved model (a job's ``model.pt``, a state_dict or a Lightning checkpoint) on the
+configured dataset: top-1, inference speed and the latency of one image, in one row."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lrd_exp import results
+from lrd_exp.decompose.layers import FactorizedLayer
+from lrd_exp.devices.resolve import DeviceInfo
+from lrd_exp.tasks.common import (
+    bench_channels_last,
+    bench_precision,
+    build_model,
+    identity_row,
+    is_model_file,
+    load_model_file,
+)
+from lrd_exp.timing.flops import count_flops, count_params
+from lrd_exp.timing.steps import prepare_inference
+from lrd_exp.training.data import build_datamodule
+from lrd_exp.training.trainer import evaluate as top1_of
+
+log = logging.getLogger("lrd_exp")
+
+
+def evaluate(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
+    """Top-1 and speed of the model at ``model.checkpoint``; returns its top-1 (the sweep objective)."""
+    row: dict[str, Any] = identity_row(cfg, out_dir)
+    row.update(device=device.accelerator, device_name=device.name, status="running")
+    started = time.perf_counter()
+    try:
+        row.update(measure_model(cfg, device, out_dir))
+        row["status"] = "ok"
+    except Exception as exc:
+        log.exception("evaluation failed")
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    row["duration_s"] = round(time.perf_counter() - started, 2)
+    final = results.make_row(**row)
+    results.write_result(out_dir, final)
+    print(results.format_summary(final))
+    print(f"result row: {os.path.join(out_dir, results.RESULT_FILENAME)}")
+    side = "decomposed" if final.get("top1_decomposed") is not None else "original"
+    return final.get(f"top1_{side}") if final["status"] == "ok" else None
+
+
+def measure_model(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> dict[str, Any]:
+    """The row fields of the loaded model: the decomposed columns for a decomposed model, else the original's."""
+    b = cfg.bench
+    batch = b.batch_size or cfg.trainer.batch_size
+    dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
+    shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
+    model = load_model_file(cfg, **shape) if is_model_file(cfg.model.checkpoint) else build_model(cfg, **shape)
+    side = "decomposed" if any(isinstance(m, FactorizedLayer) for m in model.modules()) else "original"
+    fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg, device, model, dm, out_dir)}
+    x, _ = dm.example_batch(batch)
+    kw = {"precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg), "compile": b.compile,
+          "device": device}
+    speed = prepare_inference(model, x, **kw).time(warmup=b.warmup, steps=b.steps)
+    latency = prepare_inference(model, x[:1], **kw).time(warmup=b.warmup, steps=b.steps)
+    fields.update({
+        f"params_{side}": count_params(model), f"flops_{side}": count_flops(model.cpu(), x[:1], train=False),
+        f"infer_ips_{side}": speed.ips, f"infer_ips_{side}_min": speed.ips_min, f"infer_ips_{side}_max": speed.ips_max,
+        f"latency_ms_{side}": latency.median_s * 1e3, f"latency_ms_{side}_p90": latency.quantile_s(0.9) * 1e3,
+    })
+    return fields
