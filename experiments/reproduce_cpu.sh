@@ -9,6 +9,7 @@ PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order bench resnet50 fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
+TIMING=(device.malloc=tuned)  # careful timing on a noisy host (docs/measurement.md): the allocator keeps its buffers
 
 provenance() {  # provenance DIR COMMAND...
   local dir=$1; shift
@@ -25,7 +26,7 @@ provenance() {  # provenance DIR COMMAND...
 
 sweep() {  # sweep NAME RESULT_DIR overrides...
   local name=$1 dest=$2; shift 2
-  local cmd=("$PY" run.py "experiment=$name" "hydra.sweep.dir=$RUNS/$name" "$@")
+  local cmd=("$PY" run.py "experiment=$name" "hydra.sweep.dir=$RUNS/$name" "${TIMING[@]}" "$@")
   rm -rf "${RUNS:?}/$name"  # a complete job's result.json would be kept (resume), not re-measured
   "${cmd[@]}"
   provenance "$dest" "${cmd[*]}"
@@ -44,7 +45,7 @@ for step in "${steps[@]}"; do
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
       dest=results/benchmark_cpu; mkdir -p "$dest"
       for i in 1 2 3; do
-        cmd=("$PY" run.py task=benchmark logger=csv "hydra.run.dir=$RUNS/bench_default_$i")
+        cmd=("$PY" run.py task=benchmark logger=csv "${TIMING[@]}" "hydra.run.dir=$RUNS/bench_default_$i")
         rm -rf "${RUNS:?}/bench_default_$i"
         "${cmd[@]}"
         cp "$RUNS/bench_default_$i/result.json" "$dest/default_run$i.json"
@@ -54,7 +55,7 @@ for step in "${steps[@]}"; do
       $PY experiments/timing_studies/machine_drift.py --seconds 60 > "$dest/machine_drift.md" ;;
     resnet50)  # resnet50, batch 16, 128 px: original vs quantized/optimized LRD (ratio 2) with sequential freezing
       dest=results/benchmark_cpu
-      cmd=("$PY" run.py task=benchmark logger=csv model=resnet50 dataset=synthetic dataset.image_size=128
+      cmd=("$PY" run.py task=benchmark logger=csv "${TIMING[@]}" model=resnet50 dataset=synthetic dataset.image_size=128
            dataset.num_classes=1000 bench.batch_size=16 trainer.channels_last=true rank.policy=quantized freeze=sequential
            "bench.variants=[{label: quantized+sequential-cost, freeze: {importance: cost}}, {label: quantized+sequential-size-all, freeze: {importance: size, final_fraction: 1.0}}, {label: quantized-m16+sequential, rank: {multiple: 16}}, {label: optimized+sequential, rank: {policy: optimized}}, {label: optimized+sequential-cost, rank: {policy: optimized}, freeze: {importance: cost}}, {label: quantized, freeze: {schedule: none}}, {label: optimized, rank: {policy: optimized}, freeze: {schedule: none}}, {label: ratio-unquantized, rank: {policy: ratio}, freeze: {schedule: none}}]"
            "hydra.run.dir=$RUNS/bench_resnet50")
