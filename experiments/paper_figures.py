@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         F.speedup_bars(results, out / "speedup_bars.png"),
         F.convergence(curves, out / "convergence.png"),
         F.rank_saw_tooth(timings, out / "rank_saw_tooth.png", layer=args.layer),
+        F.versus_compression(results, out / "accuracy_drop_vs_compression.png", "top1_drop",
+                             "top-1 drop against the same seed's original (points)", baseline=0.0),
+        F.versus_compression(results, out / "train_speedup_vs_compression.png", "train_speedup",
+                             "training speedup (decomposed / original)", baseline=1.0),
     ]
     written = [p for p in written if p is not None]
     for p in written:

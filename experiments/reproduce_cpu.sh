@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Regenerates everything under results/ that this CPU can produce (about 55 min on 2 cores).
+# Regenerates everything under results/ that this CPU can produce (about 2 hours on 2 cores, half of it the compression sweep).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
-#   bash experiments/reproduce_cpu.sh [step ...]   steps: paper vit convergence freeze_order bench resnet50 fidelity figures
+#   bash experiments/reproduce_cpu.sh [step ...]
+#   steps: paper vit convergence freeze_order compression bench resnet50 fidelity figures
 # (bench: three default benchmark invocations + 60 s of timing_studies/machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order bench resnet50 fidelity figures)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression bench resnet50 fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 TIMING=(device.malloc=tuned)  # careful timing on a noisy host (docs/measurement.md): the allocator keeps its buffers
 
@@ -42,6 +43,9 @@ for step in "${steps[@]}"; do
       find "$RUNS/digits_convergence" -name curves.csv | while read -r f; do
         v=$(basename "$(dirname "$f")"); cp "$f" "results/digits_convergence/curves_${v//[^A-Za-z0-9_=.-]/_}.csv"; done ;;
     freeze_order) sweep digits_freeze_order results/digits_freeze_order ;;
+    compression)  # 90 jobs, 3 seeds each: accuracy and speed against compression (results.md: mean +- 95 % CI)
+      sweep digits_compression results/digits_compression
+      cp "$RUNS/digits_compression/replicates.csv" results/digits_compression/ ;;
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
       dest=results/benchmark_cpu; mkdir -p "$dest"
       for i in 1 2 3; do
@@ -73,6 +77,7 @@ for step in "${steps[@]}"; do
       cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/benchmark_cpu/resnet50/results.csv
            "$RUNS/digits_convergence" results/benchmark_cpu/resnet50/rank_timings.csv)
       [ -f results/digits_vit/results.csv ] && cmd+=(results/digits_vit/results.csv)
+      [ -f results/digits_compression/results.csv ] && cmd+=(results/digits_compression/results.csv)
       cmd+=(--out results/figures)
       "${cmd[@]}"
       provenance results/figures "${cmd[*]}" ;;

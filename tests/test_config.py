@@ -15,7 +15,7 @@ from lrd_exp.config.validate import ConfigError, validate
 from lrd_exp.decompose import FactorizedLayer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("model", "dataset", "freeze", "device", "trainer", "logger", "experiment")
+GROUPS = ("model", "dataset", "freeze", "device", "trainer", "logger", "arch", "experiment")
 
 
 def _options() -> list[tuple[str, str]]:
@@ -62,7 +62,7 @@ def test_every_option_composes(cfg_factory, group, name):
     assert OmegaConf.select(cfg, "rank.policy") is not None
     raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"), resolve=False)
     raw.pop("defaults", None)
-    if group == "experiment":  # global package: its keys land at the top level
+    if group in ("experiment", "arch"):  # global package: its keys land at the top level
         raw.pop("hydra", None)  # not part of the job config
         target = _plain(cfg)
         where = ""

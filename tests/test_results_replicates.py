@@ -58,3 +58,47 @@ def test_a_seed_sweep_becomes_one_row_per_configuration():
 def test_without_replicates_there_is_nothing_to_aggregate():
     single = rows().groupby("rank_ratio").head(1)
     assert aggregate_replicates(single).empty
+
+
+def test_a_seed_sweeps_tables_show_mean_and_interval_and_the_resolution(tmp_path):
+    from lrd_exp.results import write_tables
+
+    df = rows()
+    write_tables(df, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "Mean ± 95 % confidence interval over seeds" in md
+    assert f"98.00 ± {4.302652729749464 / math.sqrt(3):.2f}" in md  # ratio 2: top-1 dec
+    assert "898 validation images, so one image is worth 0.11 points" in md
+    agg = pd.read_csv(tmp_path / "replicates.csv")
+    assert list(agg.n_seeds) == [3, 3]
+    # a table without replicates looks as before: no interval section, no replicates.csv
+    write_tables(df.groupby("rank_ratio").head(1), tmp_path / "single")
+    assert "confidence interval" not in (tmp_path / "single" / "results.md").read_text()
+    assert not (tmp_path / "single" / "replicates.csv").exists()
+
+
+def test_the_figures_draw_the_intervals_as_error_bars(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from lrd_exp.results import figures
+
+    bars = []
+    real = Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        bars.append((list(x), list(y), kwargs.get("yerr"), kwargs.get("xerr")))
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    df = rows()
+    assert figures.versus_compression(df, tmp_path / "drop.png", "top1_drop", "drop").is_file()
+    (x, y, yerr, _), = bars
+    assert x == [2, 4] and y == pytest.approx([1.0, 5.0])  # one line (sequential): drop at ratio 2 and 4
+    assert list(yerr) == pytest.approx([4.302652729749464 / math.sqrt(3)] * 2)
+    bars.clear()
+    assert figures.throughput_vs_accuracy(df, tmp_path / "tva.png").is_file()
+    assert len(bars) == 2 and all(b[2][0] > 0 and b[3][0] > 0 for b in bars)  # each variant: both intervals
+    assert figures.versus_compression(df.head(3), tmp_path / "none.png", "top1_drop", "drop") is None  # one ratio

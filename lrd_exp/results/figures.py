@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lrd_exp.results.io import collect_rows, read_result
+from lrd_exp.results.replicates import aggregate_replicates, mean_ci95
 from lrd_exp.results.row import finite_number
 
 DPI = 150
@@ -173,6 +174,11 @@ def throughput_vs_accuracy(df: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
         sub = data[data["model"].astype(str) == model]
         for variant, grp in sub.groupby("_variant", sort=False):
             color, marker = style[variant]
+            if grp["seed"].nunique() > 1 if "seed" in grp else False:  # replicates: mean and 95 % intervals
+                (mx, cx, _), (my, cy, _) = mean_ci95(grp["_x"]), mean_ci95(grp["_y"])
+                ax.errorbar([mx], [my], xerr=[cx or 0], yerr=[cy or 0], color=color, marker=marker, markersize=7,
+                            markeredgecolor="black", capsize=3, linestyle="", zorder=3)
+                continue
             ax.scatter(grp["_x"], grp["_y"], color=color, marker=marker, s=55, edgecolor="black",
                        linewidth=0.5, zorder=3)
         ox = pd.to_numeric(sub.get("train_ips_original"), errors="coerce").dropna()
@@ -191,6 +197,38 @@ def throughput_vs_accuracy(df: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
                           label="original (not decomposed)"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.suptitle(_title("Training throughput vs accuracy", data), fontsize=11)
+    return _save(fig, path)
+
+
+def versus_compression(df: pd.DataFrame, path: str | os.PathLike[str], metric: str, ylabel: str,
+                       baseline: float | None = None) -> Path | None:
+    """Per model: ``metric`` (mean over seeds, 95 % interval as error bars) against the rank compression ratio,
+    one line per freeze schedule: where accuracy starts to drop, and what freezing adds, at each compression."""
+    name = f"{metric}_vs_compression"
+    agg = aggregate_replicates(df) if df is not None and not df.empty else pd.DataFrame()
+    if agg.empty or f"{metric}_mean" not in agg or agg["rank_ratio"].nunique() < 2:
+        _skip(name, "needs a sweep over seed and rank.ratio")
+        return None
+    agg = agg.assign(_x=pd.to_numeric(agg["rank_ratio"], errors="coerce"),
+                     _y=pd.to_numeric(agg[f"{metric}_mean"], errors="coerce"),
+                     _e=pd.to_numeric(agg[f"{metric}_ci95"], errors="coerce").fillna(0.0))
+    agg = agg[agg["_x"].notna() & agg["_y"].notna()]
+    models = list(dict.fromkeys(agg["model"].astype(str)))
+    fig, axes = _grid(len(models))
+    for ax, model in zip(axes, models):
+        sub = agg[agg["model"].astype(str) == model]
+        for i, (freeze, grp) in enumerate(sub.groupby(sub["freeze"].astype(str), sort=False)):
+            grp = grp.sort_values("_x")
+            ax.errorbar(grp["_x"], grp["_y"], yerr=grp["_e"], marker=_MARKERS[i % len(_MARKERS)], capsize=3,
+                        label=_FREEZE_ABBREV.get(freeze, freeze))
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"{model} (n = {int(sub['n_seeds'].min())} seeds)", fontsize=10)
+        ax.set_xlabel("parameter compression of each decomposed layer (rank.ratio)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(f"{ylabel} vs compression (mean, 95 % CI)", agg), fontsize=11)
     return _save(fig, path)
 
 

@@ -12,8 +12,7 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from lrd_exp.results.row import STATUS_OK
-from lrd_exp.results.tables import split_overrides
+from lrd_exp.results.row import STATUS_OK, finite_number, split_overrides
 
 #: the metrics summarised over seeds (``<metric>_mean`` and ``<metric>_ci95`` columns)
 METRICS = ("top1_original", "top1_decomposed", "top1_drop", "train_speedup", "infer_speedup", "params_ratio",
@@ -76,3 +75,31 @@ def aggregate_replicates(df: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     return out if (out["n_seeds"] > 1).any() else pd.DataFrame()
+
+
+#: (mean column base, header) of the replicate table
+TABLE: list[tuple[str, str]] = [("top1_decomposed", "top-1 dec"), ("top1_drop", "top-1 drop"),
+                                 ("train_speedup", "train speedup"), ("infer_speedup", "infer speedup"),
+                                 ("params_ratio", "params ratio")]
+
+
+def mean_pm_ci(row: dict, metric: str, digits: int = 2) -> str:
+    """``mean +- half-width`` of one metric of an aggregated row ('-' when not measured)."""
+    mean, ci = finite_number(row.get(f"{metric}_mean")), finite_number(row.get(f"{metric}_ci95"))
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
+
+
+def replicates_markdown(agg: pd.DataFrame) -> str:
+    """The aggregated rows as Markdown: each metric as mean ± the half-width of its 95 % interval."""
+    ident = [c for c in ("model", "rank_policy", "rank_ratio", "rank_multiple", "freeze", "overrides") if c in agg]
+    body = []
+    for row in agg.to_dict("records"):
+        cells = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                 for v in (row.get(c) for c in ident)]
+        cells.append(str(row["n_seeds"]))
+        cells += [mean_pm_ci(row, m) for m, _ in TABLE]
+        body.append([c.replace("|", "\\|") for c in cells])
+    headers = [c.replace("_", " ") for c in ident] + ["seeds"] + [h for _, h in TABLE]
+    return pd.DataFrame(body, columns=headers).to_markdown(index=False, disable_numparse=True)

@@ -97,6 +97,7 @@ QUALITY_COLUMNS: list[str] = [
     "top1_decomposed_pre",  # before fine-tuning
     "top1_decomposed",  # after fine-tuning
     "top1_drop",  # original - decomposed (after fine-tune), in points
+    "val_images",  # validation images every top-1 rests on: one image = 100 / val_images points
 ]
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
@@ -269,3 +270,28 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
             helper[k] = df[k].map(lambda v: None if is_missing(v) else str(v))
     order = helper.sort_values(keys, na_position="last", kind="stable").index
     return df.loc[order].reset_index(drop=True)
+
+
+def split_overrides(text: str) -> list[str]:
+    """A row's space-joined ``overrides`` back into overrides: spaces inside brackets or quotes do not split."""
+    out: list[str] = []
+    cur: list[str] = []
+    depth, quote = 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(depth - 1, 0)
+        elif ch.isspace() and depth == 0:
+            if cur:
+                out.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return out

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from lrd_exp.results.io import write_text_atomic
-from lrd_exp.results.row import STATUS_OK, UNSTABLE_ROUND_SPREAD, finite_number, is_missing
+from lrd_exp.results.row import STATUS_OK, UNSTABLE_ROUND_SPREAD, finite_number, is_missing, split_overrides
 
 # (column, header, kind) of the readable Markdown subset
 MARKDOWN_COLUMNS: list[tuple[str, str, str]] = [
@@ -132,31 +132,6 @@ COLUMN_OVERRIDES = {"variant", "model", "rank.policy", "rank.ratio", "rank.multi
                     "device", "device.accelerator"}
 
 
-def split_overrides(text: str) -> list[str]:
-    """A row's space-joined ``overrides`` back into overrides: spaces inside brackets or quotes do not split."""
-    out: list[str] = []
-    cur: list[str] = []
-    depth, quote = 0, None
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth = max(depth - 1, 0)
-        elif ch.isspace() and depth == 0:
-            if cur:
-                out.append("".join(cur))
-                cur = []
-            continue
-        cur.append(ch)
-    if cur:
-        out.append("".join(cur))
-    return out
-
-
 def own_overrides(df: pd.DataFrame) -> list[str] | None:
     """Each row's overrides that not every row shares, less those with a column of their own (variant, rank
     policy, ...): a sweep over ``freeze.importance`` or ``trainer.batch_size`` would otherwise give rows that
@@ -194,17 +169,35 @@ def markdown_table(df: pd.DataFrame) -> str:
     return body.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
+def resolution_line(df: pd.DataFrame) -> str | None:
+    """What one validation image is worth in points, so a reader knows which differences a table can resolve."""
+    counts = sorted({int(v) for v in pd.to_numeric(df.get("val_images", pd.Series(dtype=float)), errors="coerce")
+                     .dropna()})
+    if not counts:
+        return None
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    worth = f"{100 / counts[-1]:.2f}" + ("" if len(counts) == 1 else f"-{100 / counts[0]:.2f}")
+    return (f"_Resolution: every top-1 rests on {n} validation images, so one image is worth {worth} points; a "
+            "difference smaller than that, or inside the 95 % intervals, does not tell variants apart._")
+
+
 def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``results.csv`` (every column) and ``results.md`` (readable subset + provenance) atomically."""
+    """Write ``results.csv`` (every column) and ``results.md`` (readable subset + provenance) atomically; a sweep
+    over ``seed`` also gets ``replicates.csv`` and a table of means with their 95 % intervals."""
+    from lrd_exp.results.replicates import aggregate_replicates, replicates_markdown
+
     out_dir = Path(out_dir)
     csv_path = write_text_atomic(out_dir / "results.csv", df.to_csv(index=False))
-    md = "\n\n".join(
-        [
-            f"# Results: {out_dir.resolve().name}",
-            provenance_line(df),
-            markdown_table(df),
-            MARKDOWN_LEGEND,
-        ]
-    )
+    parts = [f"# Results: {out_dir.resolve().name}", provenance_line(df)]
+    agg = aggregate_replicates(df)
+    if not agg.empty:
+        write_text_atomic(out_dir / "replicates.csv", agg.to_csv(index=False))
+        parts += ["## Mean ± 95 % confidence interval over seeds (Student t)", replicates_markdown(agg),
+                  "## Every job"]
+    parts += [markdown_table(df), MARKDOWN_LEGEND]
+    resolution = resolution_line(df)
+    if resolution:
+        parts.append(resolution)
+    md = "\n\n".join(parts)
     md_path = write_text_atomic(out_dir / "results.md", md + "\n")
     return csv_path, md_path

@@ -25,6 +25,7 @@ from lrd_exp.timing.flops import count_flops, count_params
 from lrd_exp.timing.steps import prepare_inference
 from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.trainer import evaluate as top1_of
+from lrd_exp.training.trainer import validation_images
 
 log = logging.getLogger("lrd_exp")
 
@@ -57,7 +58,8 @@ def measure_model(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> dict[str
     shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
     model = load_model_file(cfg, **shape) if is_model_file(cfg.model.checkpoint) else build_model(cfg, **shape)
     side = "decomposed" if any(isinstance(m, FactorizedLayer) for m in model.modules()) else "original"
-    fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg, device, model, dm, out_dir)}
+    fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg, device, model, dm, out_dir),
+                              "val_images": validation_images(cfg, dm)}
     x, _ = dm.example_batch(batch)
     kw = {"precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg), "compile": b.compile,
           "device": device}

@@ -39,7 +39,7 @@ from lrd_exp.tasks.measure import measure_pair
 from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
 from lrd_exp.training.baseline import get_or_train
 from lrd_exp.training.data import build_datamodule
-from lrd_exp.training.trainer import evaluate, finish_wandb, fit, make_loggers, make_wandb
+from lrd_exp.training.trainer import evaluate, finish_wandb, fit, make_loggers, make_wandb, validation_images
 
 log = logging.getLogger("lrd_exp")
 
@@ -101,6 +101,7 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     # 3. fine-tune with the freeze schedule
     history, speed, probe, finetune_curve = finetune(cfg, device, dm, decomposed, out_dir, wandb_logger)
     row["top1_decomposed"] = evaluate(cfg, device, decomposed, dm, out_dir)
+    row["val_images"] = validation_images(cfg, dm)
     save_model(cfg, decomposed, dm, out_dir, top1=row["top1_decomposed"])
     results.write_json_atomic(os.path.join(out_dir, "freeze_history.json"), history)
     curves += finetune_curve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 from typing import Any
 
@@ -54,6 +55,21 @@ def evaluate(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.Light
     module = Classifier(model, dm.num_classes, channels_last=cfg.trainer.channels_last)
     metrics = trainer.validate(module, datamodule=dm, verbose=False)
     return 100.0 * float(metrics[0]["val/acc"])
+
+
+def validation_images(cfg: DictConfig, dm: pl.LightningDataModule) -> int:
+    """How many validation images a top-1 rests on (``trainer.limit_val_batches`` as Lightning applies it): one
+    image is worth 100 / that many points, the resolution of every accuracy in the row."""
+    dm.setup("validate")
+    n = len(dm.val_dataloader().dataset)
+    batch = dm.batch_size
+    batches = math.ceil(n / batch)
+    limit = cfg.trainer.limit_val_batches
+    if isinstance(limit, float) and limit <= 1.0:
+        batches = batches if limit == 1.0 else max(int(batches * limit), 1)
+    else:
+        batches = min(int(limit), batches)
+    return min(n, batches * batch)
 
 
 def fit(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningDataModule, *, epochs: int,
