@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lrd_exp.config.schema import register_configs
@@ -66,7 +68,4 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

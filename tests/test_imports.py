@@ -105,9 +105,17 @@ def test_subpackages_import_each_other_one_way():
 
 
 def test_help_does_not_import_the_job():
-    """``python run.py --help`` stays fast: Lightning-heavy job modules load only when a job runs."""
+    """``python run.py --help`` stays fast: torch, Lightning and the job's modules load only when a job runs."""
     code = ("import runpy, sys; sys.argv = ['run.py', '--help']\n"
             "try:\n    runpy.run_path('run.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', 'lrd_exp.tasks' in sys.modules, 'lrd_exp.training.trainer' in sys.modules)")
+            "print('LOADED', 'lrd_exp.tasks' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "LOADED False False" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_the_public_api_is_importable_by_name():
+    import lrd_exp
+
+    for name in lrd_exp.__all__:
+        assert getattr(lrd_exp, name) is not None, name
+    from lrd_exp import FreezingCallback, decompose_model, load_decomposed  # noqa: F401

@@ -107,7 +107,7 @@ def freeze_values(node: Any) -> dict[str, Any]:
 
 
 def check_model_name(name: str) -> None:
-    import timm
+    import timm  # here, not at the top: `run.py --help` loads this module
 
     if name in timm.list_models():
         return

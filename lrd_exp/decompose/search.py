@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -433,7 +434,5 @@ def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | No
                          "estimate": ranks == tuple(est)})
     log.info("rank search: %d timings measured, %d from cache", cache.misses, cache.hits)
     if output_dir and rows:
-        import pandas as pd
-
         write_text_atomic(os.path.join(output_dir, "rank_timings.csv"), pd.DataFrame(rows).to_csv(index=False))
     return chosen, reasons, {"timings_measured": cache.misses, "timings_cached": cache.hits}

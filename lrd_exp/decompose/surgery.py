@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from lrd_exp.config.schema import enum_value
@@ -85,13 +86,8 @@ class LayerPlan:
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers and enums -> plain Python, so ``decompose_model(model, **cfg.rank)`` works."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
     return enum_value(value)
 
 

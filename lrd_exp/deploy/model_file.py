@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
@@ -135,8 +136,6 @@ def load_decomposed(path: str | os.PathLike[str], model: nn.Module | None = None
         if not spec.get("name"):
             raise ModelFileError(f"model file {os.fspath(path)!r} names no timm model: build the original yourself "
                                  "and pass it as load_decomposed(path, model=...)")
-        import timm
-
         model = timm.create_model(spec["name"], pretrained=False, **(spec.get("kwargs") or {}))
     apply_structure(model, payload["layers"], source=f"model file {os.fspath(path)!r}")
     try:

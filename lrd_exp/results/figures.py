@@ -246,13 +246,18 @@ def speedup_bars(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path | None:
     data = data.assign(_variant=[variant_label(r) for r in data.to_dict("records")])
     models = list(dict.fromkeys(data["model"].astype(str)))
     fig, axes = _grid(len(models))
-    width = 0.38
+    series = [("train_speedup", "training", "C0"), ("infer_speedup", "inference", "C1")]
+    deployed = pd.to_numeric(data.get("infer_speedup_deployed", pd.Series(dtype=float)), errors="coerce")
+    if deployed.notna().any():  # the deployed form (each layer factored or merged, whichever infers faster)
+        data = data.assign(infer_speedup_deployed=deployed)
+        series.append(("infer_speedup_deployed", "inference, deployed", "C2"))
+    width = 0.76 / len(series)
     for ax, model in zip(axes, models):
         sub = data[data["model"].astype(str) == model]
-        agg = sub.groupby("_variant", sort=False)[["train_speedup", "infer_speedup"]].median()
+        agg = sub.groupby("_variant", sort=False)[[col for col, _, _ in series]].median()
         xs = list(range(len(agg)))
-        for off, col, label, color in ((-width / 2, "train_speedup", "training", "C0"),
-                                       (width / 2, "infer_speedup", "inference", "C1")):
+        for i, (col, label, color) in enumerate(series):
+            off = (i - (len(series) - 1) / 2) * width
             vals = agg[col].fillna(0.0).tolist()
             bars = ax.bar([x + off for x in xs], vals, width=width, label=label, color=color, zorder=2)
             for bar, v, missing in zip(bars, vals, agg[col].isna().tolist()):
@@ -267,7 +272,7 @@ def speedup_bars(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path | None:
         top = float(agg.max().max()) if agg.notna().any().any() else 1.0
         ax.set_ylim(0, max(1.2, top) * 1.35)  # headroom for the value labels and the legend
         ax.grid(True, axis="y", alpha=0.3, zorder=0)
-        ax.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
+        ax.legend(fontsize=8, loc="upper left", ncol=len(series), frameon=False)
     fig.suptitle(_title("Measured speedup per variant (dashed: original = 1.0)", data), fontsize=11)
     return _save(fig, path)
 

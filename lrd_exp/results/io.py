@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from lrd_exp.results.row import (
     RESULT_FILENAME,
@@ -52,8 +53,6 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 def write_torch_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """``torch.save(obj)`` so that readers see the old file or the whole new one, never a truncated one."""
-    import torch
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable
 
 import pandas as pd
+from scipy.stats import t as student_t
 
 from lrd_exp.results.row import STATUS_OK, finite_number, split_overrides
 
@@ -31,9 +32,7 @@ def split_seed(overrides: str) -> tuple[str, str | None]:
 
 def t_quantile(p: float, dof: int) -> float:
     """The ``p`` quantile of Student's t with ``dof`` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(p, dof))
+    return float(student_t.ppf(p, dof))
 
 
 def mean_ci95(values: Iterable[float]) -> tuple[float | None, float | None, int]:

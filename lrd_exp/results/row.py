@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 RESULT_FILENAME = "result.json"
 
@@ -194,13 +195,8 @@ def _json_string(value: Any) -> Any:
     """Nested config (dict / list / DictConfig) -> compact JSON string; strings and None pass through."""
     if value is None or isinstance(value, str):
         return value
-    try:  # OmegaConf containers without importing omegaconf at module import
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, (Mapping, list, tuple)):
         return json.dumps(_jsonable(value), sort_keys=True, default=_json_default)
     return value

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from lrd_exp.results.io import write_text_atomic
+from lrd_exp.results.replicates import aggregate_replicates, replicates_markdown
 from lrd_exp.results.row import STATUS_OK, UNSTABLE_ROUND_SPREAD, finite_number, is_missing, split_overrides
 
 # (column, header, kind) of the readable Markdown subset
@@ -184,8 +185,6 @@ def resolution_line(df: pd.DataFrame) -> str | None:
 def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write ``results.csv`` (every column) and ``results.md`` (readable subset + provenance) atomically; a sweep
     over ``seed`` also gets ``replicates.csv`` and a table of means with their 95 % intervals."""
-    from lrd_exp.results.replicates import aggregate_replicates, replicates_markdown
-
     out_dir = Path(out_dir)
     csv_path = write_text_atomic(out_dir / "results.csv", df.to_csv(index=False))
     parts = [f"# Results: {out_dir.resolve().name}", provenance_line(df)]

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lrd_exp.config.schema import enum_value as _v
@@ -35,8 +38,6 @@ def measures_throughput(cfg: Any) -> bool:
 
 def sweep_size(overrides: Iterable[str], params: dict[str, Any] | None = None) -> int | None:
     """Jobs in a basic sweep (product of the discrete sweep overrides and ``hydra.sweeper.params``); None if not countable."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     items = list(overrides) + [f"{k}={v}" for k, v in (params or {}).items()]
     try:
         parsed = OverridesParser.create().parse_overrides(items)
@@ -162,9 +163,6 @@ class ParallelThroughputGuard:
 def parallel_jobs() -> int | None:
     """How many jobs of the current sweep may run at once next to this one (1: alone; None: unknown)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hydra = HydraConfig.get() if HydraConfig.initialized() else None
     except Exception:  # pragma: no cover
         hydra = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import timm
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -32,8 +33,6 @@ log = logging.getLogger("lrd_exp")
 def output_dir(cfg: DictConfig) -> str:
     out = cfg.paths.get("output_dir") if "output_dir" in cfg.paths else None
     if not out:
-        from hydra.core.hydra_config import HydraConfig
-
         out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.getcwd()
     os.makedirs(out, exist_ok=True)
     return out
@@ -57,8 +56,6 @@ def git_commit(root: str | None = None) -> str | None:
 
 
 def overrides_string() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return ""
     return " ".join(HydraConfig.get().overrides.task)
@@ -66,8 +63,6 @@ def overrides_string() -> str:
 
 def variant_choice() -> str | None:
     """The ``variant=`` config group this job was composed with (the paper's variant names), if any."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return None
     choice = HydraConfig.get().runtime.choices.get("variant")

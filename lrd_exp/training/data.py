@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.utils import check_integrity
@@ -207,9 +209,6 @@ class DigitsDataModule(_BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         data = load_digits()
         labels = torch.as_tensor(data.target, dtype=torch.long)
         images = torch.as_tensor(data.images, dtype=torch.float32).div(16.0).unsqueeze(1)  # N x 1 x 8 x 8

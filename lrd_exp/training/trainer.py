@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch import nn
 
 from lrd_exp.config.schema import canonical_precision
@@ -87,8 +88,6 @@ def fit(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningD
 
 
 def make_loggers(cfg: DictConfig, out_dir: str, stage: str) -> list[Any]:
-    from pytorch_lightning.loggers import CSVLogger
-
     loggers: list[Any] = []
     if cfg.logger.csv:
         version = stage
@@ -102,8 +101,6 @@ def make_wandb(cfg: DictConfig, out_dir: str, row: dict[str, Any]) -> Any | None
     w = cfg.logger.wandb
     if not w.enabled or w.mode == "disabled":
         return None
-    from pytorch_lightning.loggers import WandbLogger
-
     sweep = os.path.basename(os.path.dirname(out_dir)) if "multirun" in out_dir else "single"
     return WandbLogger(project=w.project, entity=w.entity, save_dir=out_dir, offline=w.mode == "offline",
                        group=sweep, job_type=_v(cfg.task), tags=list(w.tags),
