@@ -43,9 +43,17 @@ for step in "${steps[@]}"; do
       find "$RUNS/digits_convergence" -name curves.csv | while read -r f; do
         v=$(basename "$(dirname "$f")"); cp "$f" "results/digits_convergence/curves_${v//[^A-Za-z0-9_=.-]/_}.csv"; done ;;
     freeze_order) sweep digits_freeze_order results/digits_freeze_order ;;
-    compression)  # 90 jobs, 3 seeds each: accuracy and speed against compression (results.md: mean +- 95 % CI)
-      sweep digits_compression results/digits_compression
-      cp "$RUNS/digits_compression/replicates.csv" results/digits_compression/ ;;
+    compression)  # 90 jobs, 3 seeds each: accuracy and speed against compression (results.md: mean +- 95 % CI),
+      # in two single-threaded halves side by side, one per core (resnet18 | the digits ViT), then one table
+      dest=results/digits_compression; rm -rf "${RUNS:?}/digits_compression"; mkdir -p "$RUNS/digits_compression"
+      for arch in resnet18 vit_tiny_digits; do
+        OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run.py experiment=digits_compression "${TIMING[@]}" \
+          "hydra.sweeper.params.arch=$arch" "hydra.sweep.dir=$RUNS/digits_compression/$arch" \
+          > "$RUNS/digits_compression/$arch.log" 2>&1 &
+      done
+      wait
+      provenance "$dest" "OMP_NUM_THREADS=1 $PY run.py experiment=digits_compression ${TIMING[*]} hydra.sweeper.params.arch={resnet18|vit_tiny_digits} (the two in parallel)"
+      $PY -c "import sys; from lrd_exp.results import collect_rows, write_tables; write_tables(collect_rows(sys.argv[1]), sys.argv[2])" "$RUNS/digits_compression" "$dest" ;;
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
       dest=results/benchmark_cpu; mkdir -p "$dest"
       for i in 1 2 3; do
