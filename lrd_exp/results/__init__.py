@@ -21,17 +21,13 @@ from lrd_exp.results.row import (
     is_complete,
     is_missing,
     make_row,
+    own_overrides,
     rows_to_frame,
     sort_rows,
+    split_overrides,
 )
 from lrd_exp.results.summary import drift_fidelity_note, format_summary, unstable_note
-from lrd_exp.results.tables import (
-    markdown_table,
-    own_overrides,
-    provenance_line,
-    split_overrides,
-    write_tables,
-)
+from lrd_exp.results.tables import markdown_table, provenance_line, write_tables
 from lrd_exp.results.wandb import find_wandb_table_files, log_wandb_table
 
 __all__ = [

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import pandas as pd
 from scipy.stats import t as student_t
 
-from lrd_exp.results.row import STATUS_OK, finite_number, split_overrides
+from lrd_exp.results.row import STATUS_OK, finite_number, own_overrides, split_overrides
 
 #: the metrics summarised over seeds (``<metric>_mean`` and ``<metric>_ci95`` columns)
 METRICS = ("top1_original", "top1_decomposed", "top1_drop", "train_speedup", "infer_speedup", "params_ratio",
@@ -92,7 +92,10 @@ def mean_pm_ci(row: dict, metric: str, digits: int = 2) -> str:
 
 def replicates_markdown(agg: pd.DataFrame) -> str:
     """The aggregated rows as Markdown: each metric as mean ± the half-width of its 95 % interval."""
-    ident = [c for c in ("model", "rank_policy", "rank_ratio", "rank_multiple", "freeze", "overrides") if c in agg]
+    own = own_overrides(agg)  # only what tells configurations apart and has no column of its own
+    agg = agg.assign(overrides=own if own is not None else None)
+    ident = [c for c in ("model", "rank_policy", "rank_ratio", "rank_multiple", "freeze") if c in agg]
+    ident += ["overrides"] if own is not None else []
     body = []
     for row in agg.to_dict("records"):
         cells = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)

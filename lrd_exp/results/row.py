@@ -291,3 +291,26 @@ def split_overrides(text: str) -> list[str]:
     if cur:
         out.append("".join(cur))
     return out
+
+
+# override keys the Markdown table already shows in a column of their own
+COLUMN_OVERRIDES = {"variant", "model", "rank.policy", "rank.ratio", "rank.multiple", "freeze", "freeze.schedule",
+                    "device", "device.accelerator"}
+
+
+def own_overrides(df: pd.DataFrame) -> list[str] | None:
+    """Each row's overrides that not every row shares, less those with a column of their own (variant, rank
+    policy, ...): a sweep over ``freeze.importance`` or ``trainer.batch_size`` would otherwise give rows that
+    look alike. None when no row has one.
+    """
+    if "overrides" not in df.columns or len(df) < 2:
+        return None
+    tokens = [split_overrides(o) if isinstance(o, str) else [] for o in df["overrides"]]
+    given = [set(t) for t in tokens if t]
+    common = set.intersection(*given) if given else set()
+
+    def shown(token: str) -> bool:
+        return token not in common and token.split("=", 1)[0].lstrip("+~") not in COLUMN_OVERRIDES
+
+    own = [" ".join(t for t in ts if shown(t)) for ts in tokens]
+    return own if any(own) else None

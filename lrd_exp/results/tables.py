@@ -12,7 +12,7 @@ import pandas as pd
 
 from lrd_exp.results.io import write_text_atomic
 from lrd_exp.results.replicates import aggregate_replicates, replicates_markdown
-from lrd_exp.results.row import STATUS_OK, UNSTABLE_ROUND_SPREAD, finite_number, is_missing, split_overrides
+from lrd_exp.results.row import STATUS_OK, UNSTABLE_ROUND_SPREAD, finite_number, is_missing, own_overrides
 
 # (column, header, kind) of the readable Markdown subset
 MARKDOWN_COLUMNS: list[tuple[str, str, str]] = [
@@ -126,29 +126,6 @@ def provenance_line(df: pd.DataFrame) -> str:
         f"_Provenance: device(s): {', '.join(devices)}; run date(s): {date_txt}; "
         f"git commit(s): {', '.join(commits)}; rows: {len(df)} ({n_ok} ok); generated {now}._"
     )
-
-
-# override keys the Markdown table already shows in a column of their own
-COLUMN_OVERRIDES = {"variant", "model", "rank.policy", "rank.ratio", "rank.multiple", "freeze", "freeze.schedule",
-                    "device", "device.accelerator"}
-
-
-def own_overrides(df: pd.DataFrame) -> list[str] | None:
-    """Each row's overrides that not every row shares, less those with a column of their own (variant, rank
-    policy, ...): a sweep over ``freeze.importance`` or ``trainer.batch_size`` would otherwise give rows that
-    look alike. None when no row has one.
-    """
-    if "overrides" not in df.columns or len(df) < 2:
-        return None
-    tokens = [split_overrides(o) if isinstance(o, str) else [] for o in df["overrides"]]
-    given = [set(t) for t in tokens if t]
-    common = set.intersection(*given) if given else set()
-
-    def shown(token: str) -> bool:
-        return token not in common and token.split("=", 1)[0].lstrip("+~") not in COLUMN_OVERRIDES
-
-    own = [" ".join(t for t in ts if shown(t)) for ts in tokens]
-    return own if any(own) else None
 
 
 def markdown_table(df: pd.DataFrame) -> str:
