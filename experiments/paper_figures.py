@@ -26,6 +26,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lrd_exp.results import figures as F  # noqa: E402
+from lrd_exp.results.replicates import replicated  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     results, curves, timings = load_inputs(args.inputs, args.stage)
+    # seed sweeps get their own figures (against compression); the per-variant figures show the single runs
+    single = results[~replicated(results)] if not results.empty else results
+    if single.empty:
+        single = results
     written = [
-        F.throughput_vs_accuracy(results, out / "throughput_vs_accuracy.png"),
-        F.speedup_bars(results, out / "speedup_bars.png"),
+        F.throughput_vs_accuracy(single, out / "throughput_vs_accuracy.png"),
+        F.speedup_bars(single, out / "speedup_bars.png"),
         F.convergence(curves, out / "convergence.png"),
         F.rank_saw_tooth(timings, out / "rank_saw_tooth.png", layer=args.layer),
         F.versus_compression(results, out / "accuracy_drop_vs_compression.png", "top1_drop",

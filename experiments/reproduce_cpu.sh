@@ -53,6 +53,7 @@ for step in "${steps[@]}"; do
       done
       wait
       provenance "$dest" "OMP_NUM_THREADS=1 $PY run.py experiment=digits_compression ${TIMING[*]} hydra.sweeper.params.arch={resnet18|vit_tiny_digits} (the two in parallel)"
+      echo "- threads: 1 per half (OMP_NUM_THREADS=1), the two halves side by side, one per core" >> "$dest/PROVENANCE.md"
       $PY -c "import sys; from lrd_exp.results import collect_rows, write_tables; write_tables(collect_rows(sys.argv[1]), sys.argv[2])" "$RUNS/digits_compression" "$dest" ;;
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
       dest=results/benchmark_cpu; mkdir -p "$dest"

@@ -206,6 +206,7 @@ def versus_compression(df: pd.DataFrame, path: str | os.PathLike[str], metric: s
     one line per freeze schedule: where accuracy starts to drop, and what freezing adds, at each compression."""
     name = f"{metric}_vs_compression"
     agg = aggregate_replicates(df) if df is not None and not df.empty else pd.DataFrame()
+    agg = agg[agg["n_seeds"] > 1] if not agg.empty else agg  # single runs of other tables do not belong here
     if agg.empty or f"{metric}_mean" not in agg or agg["rank_ratio"].nunique() < 2:
         _skip(name, "needs a sweep over seed and rank.ratio")
         return None

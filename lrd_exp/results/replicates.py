@@ -48,6 +48,24 @@ def mean_ci95(values: Iterable[float]) -> tuple[float | None, float | None, int]
     return mean, t_quantile(0.975, n - 1) * s / math.sqrt(n), n
 
 
+def config_keys(df: pd.DataFrame) -> pd.Series:
+    """One string per row naming its configuration: the identity columns and the overrides without ``seed``."""
+    overrides = df["overrides"] if "overrides" in df.columns else pd.Series([""] * len(df), index=df.index)
+    cols = [c for c in CONFIG_COLUMNS if c in df.columns]
+    configs = [split_seed(o)[0] if isinstance(o, str) else "" for o in overrides]
+    return pd.Series(["|".join(map(str, vals)) + "|" + cfg
+                      for vals, cfg in zip(df[cols].itertuples(index=False, name=None), configs)], index=df.index)
+
+
+def replicated(df: pd.DataFrame) -> pd.Series:
+    """True for the rows whose configuration was run with more than one seed."""
+    if df.empty or "seed" not in df.columns:
+        return pd.Series(False, index=df.index)
+    keys = config_keys(df)
+    seeds = df.groupby(keys)["seed"].transform("nunique")
+    return seeds > 1
+
+
 def aggregate_replicates(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration of the ok rows: its identity, ``n_seeds``, ``seeds`` and the mean and 95 % CI of
     every metric in :data:`METRICS`. Empty when no configuration has two seeds (nothing to aggregate)."""
