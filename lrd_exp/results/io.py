@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +27,20 @@ from lrd_exp.results.row import (
 )
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` so that readers see either the old file or the whole new one, never a torn write."""
+def _write_atomic(path: str | os.PathLike[str], mode: str, write: Callable[[Any], None]) -> Path:
+    """Write through ``write(file)`` so that readers see either the old file or the whole new one, never a torn
+    write: a temp file in the same dir, fsync, ``os.replace``, fsync of the dir."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         try:  # mkstemp creates 0600; keep the old file's mode, else a normal 0644
-            mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-            os.chmod(tmp, mode)
+            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         except OSError:
             pass
         os.replace(tmp, path)
@@ -51,22 +51,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` so that readers see either the old file or the whole new one, never a torn write."""
+    return _write_atomic(path, "w", lambda fh: fh.write(text))
+
+
 def write_torch_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """``torch.save(obj)`` so that readers see the old file or the whole new one, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _write_atomic(path, "wb", lambda fh: torch.save(obj, fh))
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:

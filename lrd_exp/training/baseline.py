@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
@@ -87,10 +86,6 @@ def file_lock(path: str, timeout: float | None = None) -> Iterator[None]:
         lock.release()
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    write_torch_atomic(path, obj)
-
-
 def load_entry(path: str) -> dict | None:
     """A complete cache entry, or None when missing, partial or corrupt."""
     if not os.path.isfile(path):
@@ -121,7 +116,7 @@ def get_or_train(cfg: DictConfig, train_fn: Callable[[], dict]) -> tuple[dict, b
         entry = dict(train_fn())
         entry["complete"] = True
         entry["key"] = key
-        save_atomic(entry, path)
+        write_torch_atomic(path, entry)
         with open(os.path.join(directory, f"{cfg.model.name}-{key}.json"), "w") as fh:
             json.dump({"key": key, "top1": entry.get("top1"), "config": OmegaConf.to_container(cfg.model)}, fh)
     return entry, False, path
