@@ -77,6 +77,12 @@ class Task(str, Enum):
     train = "train"
     benchmark = "benchmark"
     evaluate = "evaluate"
+    advise = "advise"
+
+
+class AdviseSpeed(str, Enum):
+    train = "train"
+    infer = "infer"
 
 
 class Accelerator(str, Enum):
@@ -142,6 +148,7 @@ ACCELERATORS = _values(Accelerator)
 MALLOC_MODES = _values(MallocMode)
 OPTIMIZERS = _values(OptimizerName)
 LR_SCHEDULES = _values(LRSchedule)
+ADVISE_SPEEDS = _values(AdviseSpeed)
 FACTOR_POSITIONS = ("first", "core", "last")  # a factorized layer's factors, in order
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")  # lrd_exp.training.data builds each
 
@@ -270,6 +277,18 @@ class BenchConfig:
 
 
 @dataclass
+class AdviseConfig:
+    """``task=advise``: every configuration of ``grid`` measured without fine-tuning (docs/advise.md)."""
+
+    grid: dict[str, Any] = field(default_factory=dict)  # rank.* / freeze.* keys -> values (config.yaml's default)
+    steps: int = 6  # timed steps per model / freeze state (the other timing settings are bench.*'s)
+    warmup: int = 1  # untimed steps before the first round
+    speed: AdviseSpeed = AdviseSpeed.train  # the frontier's speed axis: train | infer (the deployed form)
+    max_error: float | None = None  # recommend the fastest frontier row under this proxy error; None: the knee
+    val_images: int = 512  # top-1 before fine-tuning on this many validation images (a labelled dataset); 0: off
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     mode: str = "offline"  # offline | online | disabled
@@ -311,6 +330,7 @@ class LrdConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    advise: AdviseConfig = field(default_factory=AdviseConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -126,7 +126,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _validate(cfg: DictConfig) -> None:
+def validate_rank_freeze(cfg: DictConfig) -> None:
+    """The checks of ``rank`` and ``freeze``: what defines one decomposed configuration."""
     rank = cfg.rank
     policy = _v(rank.policy)
     if policy in ("ratio", "quantized", "optimized"):
@@ -146,6 +147,9 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"rank.step={rank.step} is not allowed: an integer >= 1")
     check_freeze(**freeze_values(cfg.freeze))
 
+
+def _validate(cfg: DictConfig) -> None:
+    validate_rank_freeze(cfg)
     t = cfg.trainer
     for key in ("baseline_epochs", "finetune_epochs"):
         if t[key] < 0:
@@ -165,6 +169,13 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.bench.steps < 1 or cfg.bench.warmup < 0:
         raise ConfigError(f"bench.steps={cfg.bench.steps} / bench.warmup={cfg.bench.warmup} are not allowed: "
                           "steps >= 1, warmup >= 0")
+    a = cfg.advise
+    if a.steps < 1 or a.warmup < 0:
+        raise ConfigError(f"advise.steps={a.steps} / advise.warmup={a.warmup} are not allowed: steps >= 1, warmup >= 0")
+    if a.val_images < 0:
+        raise ConfigError(f"advise.val_images={a.val_images} is not allowed: 0 (no top-1) or a number of images")
+    if a.max_error is not None and not a.max_error > 0:
+        raise ConfigError(f"advise.max_error={a.max_error} is not allowed: null (the frontier's knee) or an error > 0")
     for key in ("baseline_optim", "finetune_optim"):
         o = t[key]
         if o.name not in OPTIMIZERS:
@@ -204,7 +215,11 @@ def _validate(cfg: DictConfig) -> None:
     check_model_name(cfg.model.name)
     ckpt = cfg.model.checkpoint
     if ckpt is not None:
-        check_checkpoint(ckpt, trust=bool(cfg.model.get("trust_checkpoint", False)), model_name=cfg.model.name)
+        decomposed = check_checkpoint(ckpt, trust=bool(cfg.model.get("trust_checkpoint", False)),
+                                      model_name=cfg.model.name)
+        if decomposed and _v(cfg.task) == "advise":
+            raise ConfigError(f"model.checkpoint={ckpt!r} is a decomposed model (an lrd-exp model file): task=advise "
+                              "decomposes the original, so give its weights (a state_dict or .ckpt) or none")
     elif _v(cfg.task) == "evaluate":
         raise ConfigError("model.checkpoint=None is not allowed with task=evaluate: give the model file to evaluate "
                           "(a job's model.pt, a state_dict or a Lightning .ckpt)")
@@ -244,17 +259,19 @@ def is_model_file_payload(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == MODEL_FILE_FORMAT
 
 
-def check_checkpoint(path: str, *, trust: bool = False, model_name: str | None = None) -> None:
-    """A checkpoint that cannot be read fails here, before a baseline is trained or a file written."""
+def check_checkpoint(path: str, *, trust: bool = False, model_name: str | None = None) -> bool:
+    """A checkpoint that cannot be read fails here, before a baseline is trained or a file written; returns whether
+    it is an lrd-exp model file (a decomposed model)."""
     state = read_checkpoint(path, trust=trust)
     if is_model_file_payload(state):
         saved = (state.get("model") or {}).get("name")
         if model_name is not None and saved and saved != model_name:
             raise ConfigError(f"model.checkpoint={path!r} holds a decomposed {saved}, but model.name={model_name}: "
                               f"run with model.name={saved}")
-        return
+        return True
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise ConfigError(f"model.checkpoint={path!r} holds no state_dict of tensors: expected a state_dict, "
                           "a Lightning .ckpt or an lrd-exp model.pt")
+    return False

@@ -56,6 +56,15 @@ class DecompositionReport:
             return None
         return self.flops_before / self.flops_after
 
+    @property
+    def approx_error(self) -> float:
+        """Mean relative error ||W - W_hat||_F / ||W||_F over the candidate layers (a kept layer counts 0).
+
+        The accuracy proxy of ``task=advise``: how far the decomposed model is from the original before
+        fine-tuning, comparable between configurations of one model (results/advise_digits checks it against top-1).
+        """
+        return sum(layer.rel_error for layer in self.layers) / len(self.layers) if self.layers else 0.0
+
     def to_frame(self) -> pd.DataFrame:
         rows = []
         for layer in self.layers:

@@ -361,6 +361,38 @@ def rank_saw_tooth(timings_df: pd.DataFrame, path: str | os.PathLike[str], layer
     return _save(fig, path)
 
 
+def advice_frontier(df: pd.DataFrame, path: str | os.PathLike[str], speed: str = "train_speedup",
+                    error: str = "approx_error") -> Path | None:
+    """``task=advise``'s table: every configuration's speedup against its accuracy proxy, the frontier joined
+    (``frontier``), the recommended one starred (``recommended``)."""
+    data = _numeric_table("advice frontier", "advice", df, {speed, error, "frontier", "configuration"},
+                          (speed, error))
+    if data is None or data.empty:
+        return None
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.add_subplot(1, 1, 1)
+    front = data[data["frontier"].astype(bool)].sort_values(error)
+    rest = data[~data["frontier"].astype(bool)]
+    ax.scatter(rest[error], rest[speed], color="0.65", s=22, label="dominated")
+    ax.plot(front[error], front[speed], "-o", color="C0", markersize=5, label="frontier (Pareto-optimal)")
+    for _, r in front.iterrows():
+        ax.annotate(_wrap(str(r["configuration"]), 22), (r[error], r[speed]), fontsize=6, xytext=(4, 3),
+                    textcoords="offset points")
+    if "recommended" in data.columns and data["recommended"].astype(bool).any():
+        rec = data[data["recommended"].astype(bool)]
+        ax.scatter(rec[error], rec[speed], marker="*", s=220, color="C3", zorder=5, label="recommended")
+    ax.axhline(1.0, color="0.4", linewidth=0.8, linestyle=":")
+    kind = "training (time-weighted over the schedule)" if speed.startswith("train") else "inference"
+    ax.set_xlabel("accuracy proxy: mean relative approximation error per layer (lower is better)")
+    ax.set_ylabel(f"{kind} speedup vs original")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    model = ", ".join(sorted({str(m) for m in data.get("model", pd.Series(dtype=str)).dropna()}))
+    ax.set_title(_title(f"Which configuration to train: {model}" if model else "Which configuration to train", data),
+                 fontsize=10)
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------------------------------- loading
 
 

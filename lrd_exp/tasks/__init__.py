@@ -16,16 +16,13 @@ from lrd_exp.devices.allocator import tune_malloc
 from lrd_exp.devices.resolve import resolve_device
 from lrd_exp.results.io import read_result
 from lrd_exp.results.row import RESULT_FILENAME, STATUS_OK
+from lrd_exp.tasks.advise import advise
 from lrd_exp.tasks.benchmark import benchmark
-from lrd_exp.tasks.common import output_dir
+from lrd_exp.tasks.common import JobFailed, output_dir
 from lrd_exp.tasks.evaluate import evaluate
 from lrd_exp.tasks.train import train
 
-TASKS = {"train": train, "benchmark": benchmark, "evaluate": evaluate}
-
-
-class JobFailed(RuntimeError):
-    """A job ran but failed (its row says ``status: failed`` and why): the command must not look successful."""
+TASKS = {"train": train, "benchmark": benchmark, "evaluate": evaluate, "advise": advise}
 
 
 def job_rows(out_dir: str) -> list[dict]:
@@ -51,4 +48,4 @@ def run(cfg: DictConfig) -> float | None:
     return value
 
 
-__all__ = ["TASKS", "JobFailed", "benchmark", "evaluate", "run", "train"]
+__all__ = ["TASKS", "JobFailed", "advise", "benchmark", "evaluate", "run", "train"]

@@ -30,6 +30,10 @@ from lrd_exp.training.classifier import make_optimizer
 log = logging.getLogger("lrd_exp")
 
 
+class JobFailed(RuntimeError):
+    """A job ran but failed (its row says ``status: failed`` and why): the command must not look successful."""
+
+
 def output_dir(cfg: DictConfig) -> str:
     out = cfg.paths.get("output_dir") if "output_dir" in cfg.paths else None
     if not out:

@@ -1,0 +1,96 @@
+"""A grid of configurations (``advise.grid``): config keys and the values to try, their product in order.
+
+``{"rank": {"ratio": [2, 4]}, "freeze": {"schedule": ["none", "sequential"]}}`` gives four configurations, each
+a flat ``{"rank.ratio": 2, "freeze.schedule": "none"}`` that :func:`apply` sets on a copy of the run's config.
+Only ``rank.*`` and ``freeze.*`` vary: they are what a decomposed configuration is, measurable without training.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lrd_exp.config.validate import ConfigError, validate_rank_freeze
+
+GRID_SECTIONS = ("rank", "freeze")
+
+
+def axes(grid: Mapping[str, Any] | DictConfig, cfg: DictConfig | None = None) -> dict[str, list[Any]]:
+    """The grid's axes, ``{"rank.ratio": [values], ...}`` in the order given; a scalar is a one-value axis.
+
+    With ``cfg``, every key must exist in it (a typo fails here, naming the key and what it may be).
+    """
+    if isinstance(grid, DictConfig):
+        grid = OmegaConf.to_container(grid, resolve=True, enum_to_str=True)
+    out: dict[str, list[Any]] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, Mapping) and path != "rank.rank":  # rank.rank's values are themselves mappings
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+            return
+        values = list(node) if isinstance(node, (list, tuple, ListConfig)) else [node]
+        if not values:
+            raise ConfigError(f"advise.grid.{path}=[] is not allowed: give at least one value")
+        out[path] = values
+
+    for section, node in (grid or {}).items():
+        if section not in GRID_SECTIONS:
+            raise ConfigError(f"advise.grid.{section} is not allowed: the grid varies {' and '.join(GRID_SECTIONS)} "
+                              "keys (what a configuration is; everything else is the run's own config)")
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"advise.grid.{section}={node!r} is not allowed: a mapping of {section} keys to values")
+        walk(node, section)
+    if cfg is not None:
+        for key in out:
+            section, _, name = key.partition(".")
+            if name.split(".")[0] not in cfg[section]:
+                allowed = ", ".join(str(k) for k in cfg[section])
+                raise ConfigError(f"advise.grid.{key} is not allowed: {section} has no key {name!r} "
+                                  f"(its keys: {allowed})")
+    return out
+
+
+def expand(grid: Mapping[str, Any] | DictConfig, cfg: DictConfig | None = None) -> list[dict[str, Any]]:
+    """Every configuration of the grid: flat ``{key: value}`` dicts, the last axis varying fastest."""
+    ax = axes(grid, cfg)
+    return [dict(zip(ax, combo)) for combo in itertools.product(*ax.values())]
+
+
+def apply(cfg: DictConfig, config: Mapping[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` with one configuration's keys set, checked as a run would be (ConfigError otherwise)."""
+    out = copy.deepcopy(cfg)
+    for key, value in config.items():
+        try:
+            OmegaConf.update(out, key, value, merge=False)
+        except OmegaConfBaseException as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"advise.grid.{key}={value!r} is not allowed: {first}") from None
+    try:
+        validate_rank_freeze(out)
+    except ValueError as exc:  # ConfigError included: the message names the key and the allowed values
+        raise ConfigError(f"advise.grid: {exc}") from None
+    return out
+
+
+def label(config: Mapping[str, Any]) -> str:
+    """``ratio=2 policy=quantized multiple=8 schedule=sequential``: a configuration, short and readable."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={_text(value)}" for key, value in config.items())
+
+
+def overrides(config: Mapping[str, Any]) -> list[str]:
+    """The configuration as command-line overrides (``rank.ratio=2``)."""
+    return [f"{key}={_text(value)}" for key, value in config.items()]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_text(v) for v in value) + "]"
+    return str(getattr(value, "value", value))

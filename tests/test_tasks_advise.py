@@ -1,0 +1,197 @@
+"""``task=advise``: a small grid end to end, the frontier, the recommendation and the grid's errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import run_cli
+
+from lrd_exp.config import grid
+from lrd_exp.config.validate import ConfigError, validate
+from lrd_exp.freezing.schedule import FreezeState
+from lrd_exp.results.pareto import pareto_mask, recommend
+from lrd_exp.tasks.advise import group_by_decomposition, union_states
+
+# a timm test model on synthetic data: seconds per configuration on one CPU thread
+TINY = ["task=advise", "model.name=test_resnet", "dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=10",
+        "dataset.train_size=64", "dataset.val_size=32", "device=cpu", "logger=csv", "trainer.batch_size=8",
+        "advise.steps=2", "advise.warmup=0", "bench.latency=true", "bench.memory=true", "bench.deploy=true"]
+GRID = ["advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]", "advise.grid.rank.multiple=[8,16]",
+        "advise.grid.freeze.schedule=[none,sequential]"]
+
+
+def dominated(row: pd.Series, table: pd.DataFrame, speed: str) -> bool:
+    at_least = (table[speed] >= row[speed]) & (table["approx_error"] <= row["approx_error"])
+    better = (table[speed] > row[speed]) | (table["approx_error"] < row["approx_error"])
+    return bool((at_least & better).any())
+
+
+def test_a_small_grid_end_to_end_marks_only_non_dominated_rows(cfg_factory, single_thread, tmp_path):
+    """The user's own weights (model.checkpoint), a 2 x 1 x 2 x 2 grid: every configuration measured, the frontier
+    exactly the non-dominated rows, the proxy and the size ratios those of a fresh decomposition of those weights."""
+    from lrd_exp import decompose_model
+    from lrd_exp.tasks import run
+    from lrd_exp.tasks.common import build_model
+
+    shape = {"num_classes": 10, "in_chans": 3, "image_size": 32}
+    weights = build_model(cfg_factory(TINY), **shape).state_dict()
+    torch.save(weights, tmp_path / "weights.pt")
+    cfg = cfg_factory([*TINY, *GRID, f"model.checkpoint={tmp_path / 'weights.pt'}"])
+    run(cfg)
+    out = cfg.paths.output_dir
+    table = pd.read_csv(f"{out}/advice.csv")
+    assert len(table) == 1 + 8  # the original (reference) and every configuration of the 2 x 1 x 2 x 2 grid
+    assert (table["status"] == "ok").all()
+    assert table["configuration"].iloc[0] == "original" and table["train_speedup"].iloc[0] == 1.0
+    configs = table.iloc[1:]
+    assert sorted(zip(configs["rank.ratio"], configs["rank.multiple"], configs["freeze.schedule"])) == sorted(
+        (r, m, f) for r in (2, 4) for m in (8, 16) for f in ("none", "sequential"))
+    for col in ("params_ratio", "flops_ratio", "train_speedup", "infer_speedup_deployed", "train_mem_mb",
+                "latency_ms", "latency_ms_p90", "approx_error"):
+        assert configs[col].notna().all() and (configs[col] > 0).all(), col
+    assert table["top1_pre"].isna().all()  # synthetic data: no top-1
+
+    # the frontier: exactly the rows no other row dominates
+    for _, row in table.iterrows():
+        assert bool(row["frontier"]) == (not dominated(row, table, "train_speedup")), row["configuration"]
+    rec = table[table["recommended"]]
+    assert len(rec) <= 1
+    if len(rec):
+        assert bool(rec["frontier"].iloc[0]) and rec["train_speedup"].iloc[0] > 1
+        command = open(f"{out}/advice.md").read()
+        r = rec.iloc[0]
+        want = f"rank.ratio={r['rank.ratio']:g} rank.policy=quantized rank.multiple={r['rank.multiple']:g} " \
+               f"freeze.schedule={r['freeze.schedule']}"
+        assert want in command
+    assert (table.loc[table["frontier"], "configuration"] == "original").any()  # error 0: nothing beats it there
+
+    # numbers a second decomposition reproduces: the proxy, the parameter ratio, the schedules' shared layers
+    x = torch.randn(1, 3, 32, 32)
+    for (ratio, multiple), rows in configs.groupby(["rank.ratio", "rank.multiple"]):
+        original = build_model(cfg, **shape)  # loads model.checkpoint
+        assert all(torch.equal(v, weights[k]) for k, v in original.state_dict().items())
+        model = copy.deepcopy(original)
+        report = decompose_model(model, **grid.apply(cfg, {"rank.ratio": float(ratio), "rank.multiple": int(multiple)}
+                                                     ).rank, example_input=x)
+        assert rows["approx_error"].tolist() == pytest.approx([report.approx_error] * 2, rel=1e-6)
+        n = sum(p.numel() for p in original.parameters()) / sum(p.numel() for p in model.parameters())
+        assert rows["params_ratio"].tolist() == pytest.approx([n] * 2, rel=1e-9)
+        assert rows["infer_speedup_deployed"].nunique() == 1  # one decomposition, timed once for both schedules
+    assert (configs.groupby("rank.ratio")["approx_error"].mean().diff().dropna() > 0).all()  # more compression
+    assert open(f"{out}/advice_frontier.png", "rb").read(8).startswith(b"\x89PNG")
+
+
+def test_configurations_with_the_same_ranks_are_measured_once(cfg_factory, single_thread, caplog):
+    """rank.policy=ratio ignores rank.multiple: its two configurations are one decomposition, timed once."""
+    from lrd_exp.tasks import run
+
+    cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[ratio]",
+                       "advise.grid.rank.multiple=[8,16]", "advise.grid.freeze.schedule=[none]"])
+    with caplog.at_level("INFO", logger="lrd_exp"):
+        run(cfg)
+    table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv")
+    assert "same ranks as an earlier configuration" in caplog.text
+    first, second = table.iloc[1], table.iloc[2]
+    assert (first["rank.multiple"], second["rank.multiple"]) == (8, 16)
+    for col in ("params_ratio", "approx_error", "train_speedup", "infer_speedup_deployed", "latency_ms"):
+        assert first[col] == second[col], col
+
+
+def test_a_labelled_dataset_gives_top1_before_fine_tuning(cfg_factory, single_thread):
+    """digits: the training job's baseline (trained here, briefly), then each decomposition's top-1 untrained."""
+    from lrd_exp.tasks import run
+
+    cfg = cfg_factory(["task=advise", "trainer=smoke", "device=cpu", "logger=csv", "advise.steps=1",
+                       "advise.warmup=0", "advise.val_images=64", "bench.batch_size=4", "bench.memory=false",
+                       "bench.latency=false", "bench.deploy=false", "advise.grid.rank.ratio=[2,8]",
+                       "advise.grid.rank.policy=[quantized]", "advise.grid.rank.multiple=[8]",
+                       "advise.grid.freeze.schedule=[none]"])
+    run(cfg)
+    table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv")
+    assert table["top1_pre"].notna().all()
+    assert table["top1_pre"].between(0, 100).all()
+    # 64 images: every top-1 is a multiple of 100/64 points
+    assert all(math.isclose(v * 64 / 100, round(v * 64 / 100), abs_tol=1e-6) for v in table["top1_pre"])
+    assert "first 64 validation images" in open(f"{cfg.paths.output_dir}/advice.md").read()
+
+
+# ------------------------------------------------------------------------------------------- the frontier
+def test_pareto_mask_keeps_exactly_the_non_dominated_rows():
+    df = pd.DataFrame({"speed": [1.0, 1.5, 1.4, 2.0, 2.0, 1.2, math.nan],
+                       "error": [0.0, 0.3, 0.4, 0.6, 0.6, 0.1, 0.0]})
+    # 1.4 @ 0.4 is dominated by 1.5 @ 0.3; the two equal rows (2.0 @ 0.6) tie and both stay; NaN never counts
+    assert pareto_mask(df, "speed", "error").tolist() == [True, True, False, True, True, True, False]
+
+
+def test_recommend_takes_the_knee_or_the_fastest_under_a_bound():
+    df = pd.DataFrame({"speed": [1.0, 1.6, 1.7, 1.75, 0.9], "error": [0.0, 0.2, 0.5, 0.9, 0.1]})
+    candidates = pd.Series([False, True, True, True, True])
+    # scaled over the frontier: 1.6 @ 0.2 gains the most speed per error
+    assert recommend(df, "speed", "error", candidates=candidates) == 1
+    assert recommend(df, "speed", "error", candidates=candidates, max_error=0.6) == 2
+    assert recommend(df, "speed", "error", candidates=candidates, max_error=0.05) is None
+    assert recommend(df[[True, False, False, False, True]], "speed", "error",
+                     candidates=candidates[[True, False, False, False, True]]) is None  # 0.9x: dominated
+
+
+# ------------------------------------------------------------------------------------------- the grid
+def test_union_states_times_each_frozen_set_once_and_keeps_each_schedules_weights():
+    none = [FreezeState(1.0, [], "epoch>=0")]
+    seq = [FreezeState(0.25, [], "epoch>=0"), FreezeState(0.25, ["a"], "epoch>=1"), FreezeState(0.5, ["a", "b"], "x")]
+    union, plans = union_states([none, seq])
+    assert [s.frozen for s in union] == [[], ["a"], ["a", "b"]]
+    assert plans == [[(0, 1.0)], [(0, 0.25), (1, 0.25), (2, 0.5)]]
+
+
+def test_group_by_decomposition_shares_the_rank_keys():
+    configs = grid.expand({"rank": {"ratio": [2, 4]}, "freeze": {"schedule": ["none", "sequential"]}})
+    assert [[c["freeze.schedule"] for c in g] for g in group_by_decomposition(configs)] == [["none", "sequential"]] * 2
+
+
+def test_grid_expands_in_order_and_names_bad_keys_and_values(cfg_factory):
+    cfg = cfg_factory(["task=advise"])
+    configs = grid.expand(cfg.advise.grid, cfg)
+    assert len(configs) == 4 * 2 * 2 * 2  # the documented default grid
+    assert configs[0] == {"rank.ratio": 1.5, "rank.policy": "quantized", "rank.multiple": 8, "freeze.schedule": "none"}
+    assert grid.expand({"rank": {"ratio": 3}}) == [{"rank.ratio": 3}]  # a scalar is a one-value axis
+    assert grid.overrides({"rank.ratio": 2.0, "freeze.schedule": "none"}) == ["rank.ratio=2", "freeze.schedule=none"]
+    with pytest.raises(ConfigError, match=r"advise.grid.trainer is not allowed"):
+        grid.expand({"trainer": {"lr": [1]}}, cfg)
+    with pytest.raises(ConfigError, match=r"advise.grid.rank.ratoi is not allowed: rank has no key 'ratoi'"):
+        grid.expand({"rank": {"ratoi": [2]}}, cfg)
+    with pytest.raises(ConfigError, match=r"rank.ratio=0.5 is not allowed"):
+        grid.apply(cfg, {"rank.ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"advise.grid.rank.policy='fast' is not allowed"):
+        grid.apply(cfg, {"rank.policy": "fast"})
+    with pytest.raises(ConfigError, match=r"advise.grid.rank.ratio=\[\] is not allowed"):
+        grid.expand({"rank": {"ratio": []}})
+
+
+def test_advise_settings_are_checked_before_any_work(cfg_factory, tmp_path):
+    with pytest.raises(ConfigError, match="advise.steps=0"):
+        validate(cfg_factory(["task=advise", "advise.steps=0"]))
+    with pytest.raises(ConfigError, match="advise.max_error=-1"):
+        validate(cfg_factory(["task=advise", "advise.max_error=-1"]))
+    from lrd_exp import decompose_model, save_decomposed
+    from lrd_exp.tasks.common import build_model
+
+    cfg = cfg_factory(["task=advise"])
+    model = build_model(cfg, num_classes=10, in_chans=1, image_size=32)
+    decompose_model(model, policy="quantized", ratio=2.0, input_size=(1, 32, 32))
+    path = tmp_path / "model.pt"
+    save_decomposed(model, path, model_name="resnet18", model_kwargs={"num_classes": 10, "in_chans": 1})
+    with pytest.raises(ConfigError, match="is a decomposed model"):
+        validate(cfg_factory(["task=advise", f"model.checkpoint={path}"]))
+
+
+def test_a_bad_grid_value_is_one_line_and_exit_2(tmp_path):
+    proc = run_cli(["task=advise", "advise.grid.rank.ratio=[0.5,2]", f"hydra.run.dir={tmp_path / 'run'}"],
+                   timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: advise.grid: rank.ratio=0.5 is not allowed: the compression ratio must be a number > 1"]
+    assert not (tmp_path / "run" / "advice.csv").exists()
