@@ -2,13 +2,13 @@
 # Regenerates everything under results/ that this CPU can produce (about 2 hours on 2 cores, half of it the compression sweep).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
 #   bash experiments/reproduce_cpu.sh [step ...]
-#   steps: paper vit convergence freeze_order compression bench resnet50 fidelity figures
+#   steps: paper vit convergence freeze_order compression bench resnet50 advise advise_proxy fidelity figures
 # (bench: three default benchmark invocations + 60 s of timing_studies/machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression bench resnet50 fidelity figures)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression bench resnet50 advise advise_proxy fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 TIMING=(device.malloc=tuned)  # careful timing on a noisy host (docs/measurement.md): the allocator keeps its buffers
 
@@ -79,6 +79,23 @@ for step in "${steps[@]}"; do
       $PY -c "import sys; from lrd_exp.results import collect_rows, write_tables; write_tables(collect_rows(sys.argv[1]), sys.argv[2])" "$RUNS/bench_resnet50" "$dest/resnet50"
       cp "$RUNS/bench_resnet50/freeze_stages.csv" "$dest/resnet50/"
       find "$RUNS/bench_resnet50" -name rank_timings.csv -exec cp {} "$dest/resnet50/rank_timings.csv" \; ;;
+    advise)  # task=advise on resnet50 at 128 px, batch 16: the whole default grid, from a cold rank-timing cache
+      dest=results/advise_cpu
+      cmd=("$PY" run.py task=advise logger=csv "${TIMING[@]}" model=resnet50 dataset=synthetic dataset.image_size=128
+           dataset.num_classes=1000 bench.batch_size=16 trainer.channels_last=true "paths.cache_dir=$RUNS/advise_cache"
+           "hydra.run.dir=$RUNS/advise_resnet50")
+      rm -rf "${RUNS:?}/advise_resnet50" "${RUNS:?}/advise_cache"
+      "${cmd[@]}" | tee "$RUNS/advise_resnet50.log"
+      mkdir -p "$dest"
+      provenance "$dest" "${cmd[*]}"
+      cp "$RUNS/advise_resnet50/advice.csv" "$RUNS/advise_resnet50/advice.md" "$RUNS/advise_resnet50/advice_frontier.png" "$dest/" ;;
+    advise_proxy)  # the accuracy proxy against top-1 after fine-tuning: advise on digits_compression's configurations
+      dest=results/advise_digits
+      cmd=("$PY" run.py experiment=advise_digits "hydra.sweep.dir=$RUNS/advise_digits")
+      rm -rf "${RUNS:?}/advise_digits"
+      "${cmd[@]}"
+      provenance "$dest" "${cmd[*]}"
+      $PY experiments/advise_proxy_check.py "$RUNS/advise_digits" results/digits_compression/results.csv --out "$dest" ;;
     fidelity)  # the default training job 4 x, with and without the progress bar: loop vs benchmark, paired
       $PY experiments/timing_studies/fidelity_study.py --runs 4 --out results/fidelity_cpu/fidelity.md --setting default= \
         --setting no-progress-bar=trainer.enable_progress_bar=false ;;

@@ -141,3 +141,12 @@ def test_cli_no_input_exits_nonzero(tmp_path, missing):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "paper_figures.py"), str(tmp_path / missing),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "not found" in proc.stdout
+
+
+def test_advice_frontier_plots_the_table_and_skips_without_its_columns(tmp_path, capsys):
+    df = pd.DataFrame({"configuration": ["original", "ratio=2", "ratio=4"], "train_speedup": [1.0, 1.5, 1.4],
+                       "approx_error": [0.0, 0.3, 0.5], "frontier": [True, True, False],
+                       "recommended": [False, True, False], "model": "resnet50"})
+    assert _is_png(F.advice_frontier(df, tmp_path / "a.png"))
+    assert F.advice_frontier(df.drop(columns=["frontier"]), tmp_path / "b.png") is None
+    assert "advice frontier: skipped" in capsys.readouterr().out

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lrd_exp import results
 from lrd_exp.config import grid
+from lrd_exp.config.schema import MEASURED_IMPORTANCES as MEASURED
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices.resolve import DeviceInfo
@@ -68,8 +69,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Measure every configuration of the grid, write the advice; returns the recommended one's speedup."""
     started = time.perf_counter()
     configs = grid.expand(cfg.advise.grid, cfg)
-    for config in configs:  # every configuration is checked before any work (one line naming the bad key)
-        grid.apply(cfg, config)
+    applied = [grid.apply(cfg, c) for c in configs]  # every one checked before any work (one line, the bad key)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same original (and data) as a training job's
     dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
     original, top1_original = original_model(cfg, device, dm, out_dir)
@@ -84,9 +84,14 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     rows: list[dict[str, Any]] = []
     measured: dict[tuple, list[dict[str, Any]]] = {}  # decompositions with identical ranks are measured once
     reference: dict[str, Any] = {}
-    bar = tqdm(groups, desc="advise", unit="decomposition", disable=None)
-    for members in bar:
-        bar.set_postfix_str(grid.label({k: v for k, v in members[0].items() if k.startswith("rank.")}))
+    if any(_v(c.freeze.schedule) == "sequential" and _v(c.freeze.importance) in MEASURED for c in applied):
+        log.info("advise: freeze.importance=%s is measured during training, so sequential states freeze in depth "
+                 "order here (freeze.importance=cost is the same here and in training)", _v(cfg.freeze.importance))
+    bar = tqdm(groups, desc="advise", unit="decomposition", disable=None)  # a bar on a terminal; logs elsewhere
+    for i, members in enumerate(bar):
+        rank_label = grid.label({k: v for k, v in members[0].items() if k.startswith("rank.")})
+        bar.set_postfix_str(rank_label)
+        log.info("advise: decomposition %d/%d: %s", i + 1, len(groups), rank_label or "the run's rank config")
         try:
             rows += measure_decomposition(cfg, device, dm, original, x, y, members, out_dir, measured, reference)
         except Exception as exc:
@@ -262,7 +267,8 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
     pick = recommend(numeric, speed, "approx_error", max_error=cfg.advise.max_error,
                      candidates=(df["configuration"] != ORIGINAL) & (numeric[speed] > 1.0))
     df["recommended"] = df.index == pick if pick is not None else False
-    df.insert(0, "model", cfg.model.name)
+    for i, (col, value) in enumerate((("model", cfg.model.name), ("dataset", cfg.dataset.name), ("seed", cfg.seed))):
+        df.insert(i, col, value)
     return df
 
 
@@ -288,7 +294,7 @@ FORMATS = {"params_ratio": "{:.2f}", "flops_ratio": "{:.2f}", "train_speedup": "
 
 def markdown(table: pd.DataFrame) -> str:
     """The table as GitHub Markdown: numbers rounded, missing as '-', the frontier and the pick in words."""
-    shown = table.drop(columns=["model", "error"]).copy()
+    shown = table.drop(columns=["model", "dataset", "seed", "error"]).copy()  # the header says those
     for col, fmt in FORMATS.items():
         shown[col] = [fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
                       for v in pd.to_numeric(shown[col], errors="coerce")]
