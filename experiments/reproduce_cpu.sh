@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
+mkdir -p "$RUNS"  # a step run on its own (tee writes its log there) on a fresh clone
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression bench resnet50 advise advise_proxy fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 TIMING=(device.malloc=tuned)  # careful timing on a noisy host (docs/measurement.md): the allocator keeps its buffers

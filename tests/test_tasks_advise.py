@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
+import shlex
 
 import pandas as pd
 import pytest
@@ -97,8 +99,32 @@ def test_configurations_with_the_same_ranks_are_measured_once(cfg_factory, singl
     assert "same ranks as an earlier configuration" in caplog.text
     first, second = table.iloc[1], table.iloc[2]
     assert (first["rank.multiple"], second["rank.multiple"]) == (8, 16)
+    assert (first["configuration"], second["configuration"]) == (
+        "ratio=2 policy=ratio multiple=8 schedule=none", "ratio=2 policy=ratio multiple=16 schedule=none")
     for col in ("params_ratio", "approx_error", "train_speedup", "infer_speedup_deployed", "latency_ms"):
         assert first[col] == second[col], col
+
+
+def test_each_decomposition_is_timed_once_for_all_its_schedules(cfg_factory, single_thread, monkeypatch):
+    """Two schedules of one decomposition: one side-by-side comparison holding the union of their states."""
+    advise_module = importlib.import_module("lrd_exp.tasks.advise")  # the package exports a function of that name
+    from lrd_exp.devices import resolve_device
+
+    calls = []
+    real = advise_module.compare
+
+    def spy(original, decomposed, states, *args, **kwargs):
+        calls.append([sorted(s.frozen) for s in states])
+        return real(original, decomposed, states, *args, **kwargs)
+
+    monkeypatch.setattr(advise_module, "compare", spy)
+    cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[quantized]",
+                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none,sequential]",
+                       "bench.deploy=false", "bench.latency=false", "bench.memory=false"])
+    advise_module.advise(cfg, resolve_device("cpu"), cfg.paths.output_dir)
+    assert len(calls) == 1
+    states = calls[0]
+    assert states[0] == [] and len(states) == len({tuple(s) for s in states}) > 1  # all trainable first, no repeats
 
 
 def test_a_labelled_dataset_gives_top1_before_fine_tuning(cfg_factory, single_thread):
@@ -195,3 +221,76 @@ def test_a_bad_grid_value_is_one_line_and_exit_2(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: advise.grid: rank.ratio=0.5 is not allowed: the compression ratio must be a number > 1"]
     assert not (tmp_path / "run" / "advice.csv").exists()
+
+
+def test_a_failing_configuration_is_kept_with_its_error_and_the_run_fails(cfg_factory, single_thread, monkeypatch):
+    advise_module = importlib.import_module("lrd_exp.tasks.advise")  # the package exports a function of that name
+    from lrd_exp.tasks import JobFailed, run
+
+    real = advise_module.decompose_model
+
+    def flaky(model, **kw):
+        if kw["ratio"] == 4:
+            raise RuntimeError("no memory left for ratio 4")
+        return real(model, **kw)
+
+    monkeypatch.setattr(advise_module, "decompose_model", flaky)
+    cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]",
+                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]"])
+    with pytest.raises(JobFailed, match=r"1 of 2 configuration\(s\) failed .*no memory left for ratio 4"):
+        run(cfg)
+    table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv")
+    assert table["status"].tolist() == ["ok", "ok", "failed"]  # the original, ratio 2, ratio 4: nothing lost
+    assert "RuntimeError: no memory left for ratio 4" in table["error"].iloc[2]
+    assert not table["frontier"].iloc[2]
+
+    monkeypatch.setattr(advise_module, "decompose_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad")))
+    cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[quantized]",
+                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]",
+                       "paths.output_dir=" + str(cfg.paths.output_dir) + "_2"])
+    with pytest.raises(JobFailed, match=r"^1 of 1 configuration\(s\) failed .*ValueError: bad"):
+        run(cfg)
+
+
+def test_an_empty_grid_advises_on_the_runs_own_configuration_by_inference_speed(cfg_factory, single_thread):
+    """An empty grid (~advise.grid.rank ~advise.grid.freeze): one configuration, the run's rank / freeze config; advise.speed=infer without the deployed
+    form ranks by the factored form's inference speed."""
+    from lrd_exp.tasks import run
+
+    cfg = cfg_factory([*TINY, "~advise.grid.rank", "~advise.grid.freeze", "advise.speed=infer", "bench.deploy=false", "rank.ratio=3"])
+    run(cfg)
+    table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv")
+    assert table["configuration"].tolist() == ["original", "as configured"]
+    assert table["infer_speedup_deployed"].isna().all() and table["infer_speedup"].notna().all()
+    for _, row in table.iterrows():
+        assert bool(row["frontier"]) == (not dominated(row, table, "infer_speedup"))
+    assert "latency_ms is the factored form's" in open(f"{cfg.paths.output_dir}/advice.md").read()
+
+
+def test_the_recommended_command_composes_to_the_advised_configuration(cfg_factory, monkeypatch):
+    """The command's overrides, composed by Hydra, give the same rank and freeze config as the advised row, with
+    the run's own overrides kept, the advise keys dropped, and a sweep job's choices made a single run."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    import lrd_exp.tasks.advice as advice
+
+    own = ["task=advise", "model=resnet50", "dataset=synthetic", "dataset.image_size=64", "rank.ratio=3",
+           "advise.grid.rank.ratio=[2,4]", "+advise.grid.freeze.positions=[[first],[first,last]]", "seed=1"]
+    cfg = cfg_factory([o for o in own])
+    hydra = SimpleNamespace(overrides=SimpleNamespace(task=own), mode=RunMode.MULTIRUN)
+    monkeypatch.setattr(advice.HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(advice.HydraConfig, "get", staticmethod(lambda: hydra))
+    config = {"rank.ratio": 4, "rank.policy": "optimized", "rank.multiple": 64, "freeze.schedule": "sequential",
+              "freeze.positions": ["first", "last"]}
+    command = advice.recommended_command(cfg, pd.Series(config))
+    args = shlex.split(command)
+    assert args[:2] == ["python", "run.py"]
+    assert "task=train" in args and "hydra.mode=RUN" in args and "trainer.baseline_epochs=0" in args
+    assert not any(a.startswith(("advise.", "+advise.", "task=advise", "rank.ratio=3")) for a in args)
+    composed = cfg_factory([a for a in args[2:] if not a.startswith("hydra.")])
+    want = grid.apply(cfg, config)
+    assert composed.task.value == "train" and composed.model.name == "resnet50" and composed.seed == 1
+    assert composed.rank == want.rank and composed.freeze == want.freeze
+    assert composed.trainer.baseline_epochs == 0  # synthetic data: the advised weights are the model as built

@@ -47,12 +47,15 @@ def axes(grid: Mapping[str, Any] | DictConfig, cfg: DictConfig | None = None) ->
             raise ConfigError(f"advise.grid.{section}={node!r} is not allowed: a mapping of {section} keys to values")
         walk(node, section)
     if cfg is not None:
-        for key in out:
+        for key, values in out.items():
             section, _, name = key.partition(".")
             if name.split(".")[0] not in cfg[section]:
                 allowed = ", ".join(str(k) for k in cfg[section])
                 raise ConfigError(f"advise.grid.{key} is not allowed: {section} has no key {name!r} "
                                   f"(its keys: {allowed})")
+            if isinstance(OmegaConf.select(cfg, key), ListConfig) and not all(isinstance(v, list) for v in values):
+                raise ConfigError(f"advise.grid.{key}={_text(values)} is not allowed: {key} is itself a list, so "
+                                  f"the values to try are a list of lists (e.g. [{_text(values)}])")
     return out
 
 
@@ -89,6 +92,13 @@ def overrides(config: Mapping[str, Any]) -> list[str]:
 
 
 def _text(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, (list, tuple)):

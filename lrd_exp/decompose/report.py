@@ -58,7 +58,8 @@ class DecompositionReport:
 
     @property
     def approx_error(self) -> float:
-        """Mean relative error ||W - W_hat||_F / ||W||_F over the candidate layers (a kept layer counts 0).
+        """Mean relative error ||W - W_hat||_F / ||W||_F over the model's weight layers (Linear, Conv2d; a layer
+        left dense, skipped or excluded counts 0).
 
         The accuracy proxy of ``task=advise``: how far the decomposed model is from the original before
         fine-tuning, comparable between configurations of one model (results/advise_digits checks it against top-1).
