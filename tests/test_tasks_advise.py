@@ -181,8 +181,17 @@ def test_group_by_decomposition_shares_the_rank_keys():
 def test_grid_expands_in_order_and_names_bad_keys_and_values(cfg_factory):
     cfg = cfg_factory(["task=advise"])
     configs = grid.expand(cfg.advise.grid, cfg)
-    assert len(configs) == 4 * 2 * 2 * 2  # the documented default grid
+    assert len(configs) == 4 * 2 * 2 * 2  # the grid's product
     assert configs[0] == {"rank.ratio": 1.5, "rank.policy": "quantized", "rank.multiple": 8, "freeze.schedule": "none"}
+    # the documented default: optimized at multiple 64 left out (4 ratios x {quantized 8, quantized 64, optimized})
+    kept = grid.expand(cfg.advise.grid, cfg, exclude=cfg.advise.exclude)
+    assert len(kept) == 24
+    assert not any(c["rank.policy"] == "optimized" and c["rank.multiple"] == 64 for c in kept)
+    # a rule on a key that is not an axis compares the run's own value
+    narrowed = cfg_factory(["task=advise", "~advise.grid.rank.multiple", "rank.multiple=64"])
+    assert len(grid.expand(narrowed.advise.grid, narrowed, exclude=narrowed.advise.exclude)) == 8
+    with pytest.raises(ConfigError, match=r"advise.exclude\[0\]: rank.bogus is not allowed"):
+        grid.expand(cfg.advise.grid, cfg, exclude=[{"rank": {"bogus": 1}}])
     assert grid.expand({"rank": {"ratio": 3}}) == [{"rank.ratio": 3}]  # a scalar is a one-value axis
     assert grid.overrides({"rank.ratio": 2.0, "freeze.schedule": "none"}) == ["rank.ratio=2", "freeze.schedule=none"]
     with pytest.raises(ConfigError, match=r"advise.grid.trainer is not allowed"):

@@ -59,10 +59,35 @@ def axes(grid: Mapping[str, Any] | DictConfig, cfg: DictConfig | None = None) ->
     return out
 
 
-def expand(grid: Mapping[str, Any] | DictConfig, cfg: DictConfig | None = None) -> list[dict[str, Any]]:
-    """Every configuration of the grid: flat ``{key: value}`` dicts, the last axis varying fastest."""
+def expand(grid: Mapping[str, Any] | DictConfig, cfg: DictConfig | None = None,
+           exclude: Any = ()) -> list[dict[str, Any]]:
+    """Every configuration of the grid: flat ``{key: value}`` dicts, the last axis varying fastest, without those
+    matching an ``exclude`` entry (a partial grid-shaped mapping: ``{"rank": {"policy": "optimized",
+    "multiple": 64}}`` leaves out every optimized configuration at multiple 64)."""
     ax = axes(grid, cfg)
-    return [dict(zip(ax, combo)) for combo in itertools.product(*ax.values())]
+    if isinstance(exclude, (DictConfig, ListConfig)):
+        exclude = OmegaConf.to_container(exclude, resolve=True, enum_to_str=True)
+    rules = []
+    for i, entry in enumerate(exclude or ()):
+        try:
+            values = axes(entry, cfg) if isinstance(entry, Mapping) else {}
+        except ConfigError as exc:
+            raise ConfigError(f"advise.exclude[{i}]: {exc}".replace("advise.grid.", "")) from None
+        if not values or any(len(v) != 1 for v in values.values()) or (cfg is None and not set(values) <= set(ax)):
+            raise ConfigError(f"advise.exclude[{i}]={entry!r} is not allowed: a mapping of rank / freeze keys to one "
+                              "value each, e.g. {rank: {policy: optimized, multiple: 64}}")
+        rules.append({k: v[0] for k, v in values.items()})
+
+    def excluded(config: dict[str, Any]) -> bool:  # a key that is not an axis has the run's own value
+        return any(all(_same(config[k] if k in config else OmegaConf.select(cfg, k), v) for k, v in rule.items())
+                   for rule in rules)
+
+    configs = [dict(zip(ax, combo)) for combo in itertools.product(*ax.values())]
+    return [c for c in configs if not excluded(c)]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or _text(a) == _text(b)
 
 
 def apply(cfg: DictConfig, config: Mapping[str, Any]) -> DictConfig:

@@ -281,6 +281,7 @@ class AdviseConfig:
     """``task=advise``: every configuration of ``grid`` measured without fine-tuning (docs/advise.md)."""
 
     grid: dict[str, Any] = field(default_factory=dict)  # rank.* / freeze.* keys -> values (config.yaml's default)
+    exclude: list[Any] = field(default_factory=list)  # partial configurations (grid-shaped) left out of the grid
     steps: int = 6  # timed steps per model / freeze state (the other timing settings are bench.*'s)
     warmup: int = 1  # untimed steps before the first round
     speed: AdviseSpeed = AdviseSpeed.train  # the frontier's speed axis: train | infer (the deployed form)

@@ -56,7 +56,7 @@ log = logging.getLogger("lrd_exp")
 def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Measure every configuration of the grid, write the advice; returns the recommended one's speedup."""
     started = time.perf_counter()
-    configs = grid.expand(cfg.advise.grid, cfg)
+    configs = grid.expand(cfg.advise.grid, cfg, exclude=cfg.advise.exclude)
     applied = [grid.apply(cfg, c) for c in configs]  # every one checked before any work (one line, the bad key)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same original (and data) as a training job's
     dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
@@ -217,7 +217,7 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
     orig, dec = compare(original, decomposed, states, x, y, warmup=a.warmup, steps=a.steps, rounds=b.rounds,
                         min_time_s=b.min_time_s, switch_warmup=b.switch_warmup, compile=b.compile, device=device,
                         optimizer_factory=bench_optimizer(cfg), desc=f"timing {label}", deployed=deployed,
-                        latency=b.latency, memory=b.memory, **kw)
+                        latency=b.latency, memory=b.memory, flops=False, **kw)
     if not reference:  # the original's own numbers, from its first side-by-side measurement
         reference.update(train_ips=orig.train.ips, infer_ips=orig.infer.ips if orig.infer else None,
                          train_mem_mb=orig.memory_mb,

@@ -34,7 +34,7 @@ log = logging.getLogger("lrd_exp")
 class Measured:
     train: Timing
     infer: Timing | None
-    train_flops: int
+    train_flops: int | None
     stages: list[dict[str, Any]] = field(default_factory=list)
     round_spread: float | None = None  # the original's drift during the benchmark (see round_spread)
     latency: Timing | None = None  # inference of one image
@@ -79,13 +79,14 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
             precision: str = "32-true", channels_last: bool = False, compile: bool = False,
             device: DeviceInfo | None = None, inference: bool = True, min_time_s: float = 0.0, switch_warmup: int = 0,
             optimizer_factory: OptimizerFactory | None = None, desc: str = "timing",
-            deployed: nn.Module | None = None, latency: bool = False, memory: bool = False
+            deployed: nn.Module | None = None, latency: bool = False, memory: bool = False, flops: bool = True
             ) -> tuple[Measured, Measured]:
     """Measure both models' training step (every freeze state of the decomposed one) and inference.
 
     ``deployed`` (the decomposed model with each layer in its faster form) is timed for inference beside them;
     ``latency`` adds the inference of one image of each model; ``memory`` the memory of one training step of the
-    original and of every freeze state (:func:`lrd_exp.timing.memory.training_memory`).
+    original and of every freeze state (:func:`lrd_exp.timing.memory.training_memory`); ``flops=False`` skips
+    counting each state's training FLOPs (``train_flops`` is then None).
 
     Each model / freeze state gets its own prepared copy once; the rounds then time them in turn (``warmup``
     untimed steps in the first round, ``switch_warmup`` in later ones, after the switch from another model),
@@ -143,7 +144,7 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
         stage_flops, stage_mem = [], []
         for state in states:
             apply(state)
-            stage_flops.append(count_flops(decomposed, x, y=y, train=True))
+            stage_flops.append(count_flops(decomposed, x, y=y, train=True) if flops else None)
             stage_mem.append(training_memory(decomposed, x, y, **mem_kw)[0] if memory else None)
     finally:
         for p in decomposed.parameters():
@@ -157,9 +158,11 @@ def compare(original: nn.Module, decomposed: nn.Module, states: list[FreezeState
     spread = round_spread(orig_train)  # judged where the run reports (results.unstable_note)
     infer_t = [_merge(t) for t in infer] + [None] * (3 - len(infer))
     lat_t = [_merge(t) for t in lat] + [None] * (3 - len(lat))
-    orig = Measured(_merge(orig_train), infer_t[0], count_flops(original, x, y=y, train=True), round_spread=spread,
+    orig = Measured(_merge(orig_train), infer_t[0], count_flops(original, x, y=y, train=True) if flops else None,
+                    round_spread=spread,
                     latency=lat_t[0], memory_mb=orig_mem[0], memory_kind=orig_mem[1])
-    dec = Measured(_weighted(merged, weights), infer_t[1], round(sum(w * f for w, f in zip(weights, stage_flops))),
+    dec = Measured(_weighted(merged, weights), infer_t[1],
+                   round(sum(w * f for w, f in zip(weights, stage_flops))) if flops else None,
                    stages, latency=lat_t[1], memory_mb=max(stage_mem) if memory and stage_mem else None,
                    memory_kind=orig_mem[1], deployed_infer=infer_t[2], deployed_latency=lat_t[2])
     return orig, dec
