@@ -54,7 +54,8 @@ def check(advice: pd.DataFrame, tuned: pd.DataFrame) -> str:
     lines += ["| scope | points | rho(proxy, top-1 after FT) | rho(compression ratio, top-1 after FT) | "
               "rho(proxy, top-1 before FT) |", "|:--|:--|--:|--:|--:|"]
     scopes = [(m, joined[joined["model"] == m], means[means["model"] == m]) for m in sorted(joined["model"].unique())]
-    scopes.append(("both architectures pooled", joined, means))
+    if joined["model"].nunique() > 1:
+        scopes.append(("all architectures pooled", joined, means))
     for name, points, avg in scopes:
         for label, data in (("(ratio, seed)", points), ("ratio means", avg)):
             lines.append(f"| {name} | {label} | {rho(data['approx_error'], data['top1'])} | "
