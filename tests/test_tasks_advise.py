@@ -303,3 +303,18 @@ def test_the_recommended_command_composes_to_the_advised_configuration(cfg_facto
     assert composed.task.value == "train" and composed.model.name == "resnet50" and composed.seed == 1
     assert composed.rank == want.rank and composed.freeze == want.freeze
     assert composed.trainer.baseline_epochs == 0  # synthetic data: the advised weights are the model as built
+
+
+def test_a_configuration_that_decomposes_nothing_is_the_original_not_a_candidate(cfg_factory, single_thread):
+    """test_vit's layers are narrower than 64: at multiple 64 every rank rounds to a kept layer. That row is the
+    original itself: listed as unchanged, not timed, never on the frontier or recommended."""
+    from lrd_exp.tasks import run
+
+    cfg = cfg_factory([*TINY, "model.name=test_vit", "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[quantized]",
+                       "advise.grid.rank.multiple=[8,64]", "advise.grid.freeze.schedule=[none]", "rank.rounding=up"])
+    run(cfg)
+    table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv").set_index("rank.multiple", drop=False)
+    assert table.loc[64, "status"] == "unchanged" and table.loc[64, "layers_decomposed"] == 0
+    assert pd.isna(table.loc[64, "train_speedup"]) and not table.loc[64, "frontier"]
+    assert not table.loc[64, "recommended"]
+    assert table.loc[8, "status"] == "ok" and table.loc[8, "layers_decomposed"] > 0

@@ -25,6 +25,7 @@ from lrd_exp.results.pareto import pareto_mask, recommend
 from lrd_exp.tasks.common import bench_precision, git_commit
 
 ORIGINAL = "original"
+UNCHANGED = "unchanged"  # a configuration that decomposes no layer (it is the original): listed, not timed or ranked
 #: advice.csv's columns after the identity and the grid's keys, in order.
 COLUMNS = ["configuration", "params_ratio", "flops_ratio", "train_speedup", "infer_speedup",
            "infer_speedup_deployed", "train_mem_mb", "latency_ms", "latency_ms_p90", "approx_error", "top1_pre",
@@ -58,7 +59,7 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
             "train_ips": reference.get("train_ips"), "infer_ips_deployed": reference.get("infer_ips"),
             "train_mem_mb": reference.get("train_mem_mb"), "latency_ms": reference.get("latency_ms"),
             "latency_ms_p90": reference.get("latency_ms_p90"),
-            "status": "ok" if reference else "failed", "error": None if reference else "no configuration was measured"}
+            "status": "ok", "error": None}  # the reference point; its absolute numbers come from the first timing
     df = pd.DataFrame([base, *rows])
     for col in keys + COLUMNS:
         if col not in df.columns:

@@ -34,7 +34,14 @@ from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import FreezeState, schedule_states
-from lrd_exp.tasks.advice import advice_table, config_label, print_advice, speed_column, write_advice
+from lrd_exp.tasks.advice import (
+    UNCHANGED,
+    advice_table,
+    config_label,
+    print_advice,
+    speed_column,
+    write_advice,
+)
 from lrd_exp.tasks.common import (
     JobFailed,
     bench_channels_last,
@@ -195,6 +202,12 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
     report = decompose_model(decomposed, **cfgs[0].rank, example_input=x[:1],
                              rank_search=rank_search_context(cfgs[0], device, dm) | {"output_dir": cdir})
     results.write_text_atomic(os.path.join(cdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    if not report.decomposed:  # every layer kept dense: this configuration is the original, nothing to time
+        log.info("advise: %s decomposes no layer here: it is the original", label)
+        return [{**config, "configuration": config_label(config), "params_ratio": 1.0, "approx_error": 0.0,
+                 "layers_decomposed": 0, "status": UNCHANGED,
+                 "error": "no layer decomposed at these settings (see its decomposition.txt): the original"}
+                for config in members]
     signature = tuple((layer.name, tuple(layer.ranks)) for layer in report.decomposed)
     if signature in seen:  # the same ranks as an earlier decomposition: its measurements hold
         log.info("advise: %s has the same ranks as an earlier configuration; its measurements are reused", label)
