@@ -93,6 +93,8 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
             log.exception("advise: %s failed", rank_label)
             rows += [{**config, "configuration": config_label(config), "status": "failed",
                       "error": f"{type(exc).__name__}: {exc}"} for config in members]
+        partial = advice_table(cfg, rows, reference, top1_original)  # an interrupted grid keeps what it measured
+        results.write_text_atomic(os.path.join(out_dir, "advice.csv"), partial.to_csv(index=False))
     bar.close()
 
     table = advice_table(cfg, rows, reference, top1_original)
