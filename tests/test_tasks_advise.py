@@ -318,3 +318,25 @@ def test_a_configuration_that_decomposes_nothing_is_the_original_not_a_candidate
     assert pd.isna(table.loc[64, "train_speedup"]) and not table.loc[64, "frontier"]
     assert not table.loc[64, "recommended"]
     assert table.loc[8, "status"] == "ok" and table.loc[8, "layers_decomposed"] > 0
+
+
+def test_an_interrupted_grid_keeps_what_it_measured(cfg_factory, single_thread, monkeypatch):
+    from lrd_exp.devices import resolve_device
+
+    advise_module = importlib.import_module("lrd_exp.tasks.advise")
+    real = advise_module.decompose_model
+
+    def interrupted(model, **kw):
+        if kw["ratio"] == 4:
+            raise KeyboardInterrupt
+        return real(model, **kw)
+
+    monkeypatch.setattr(advise_module, "decompose_model", interrupted)
+    cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]",
+                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none,sequential]"])
+    with pytest.raises(KeyboardInterrupt):
+        advise_module.advise(cfg, resolve_device("cpu"), cfg.paths.output_dir)
+    table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv")
+    assert table["configuration"].tolist() == ["original", "ratio=2 policy=quantized multiple=8 schedule=none",
+                                               "ratio=2 policy=quantized multiple=8 schedule=sequential"]
+    assert (table["status"] == "ok").all() and table["train_speedup"].notna().all()
