@@ -41,6 +41,7 @@ for step in "${steps[@]}"; do
     vit) sweep digits_vit results/digits_vit ;;
     convergence)
       sweep digits_convergence results/digits_convergence
+      rm -f results/digits_convergence/curves_*.csv
       find "$RUNS/digits_convergence" -name curves.csv | while read -r f; do
         v=$(basename "$(dirname "$f")"); cp "$f" "results/digits_convergence/curves_${v//[^A-Za-z0-9_=.-]/_}.csv"; done ;;
     freeze_order) sweep digits_freeze_order results/digits_freeze_order ;;
@@ -98,8 +99,9 @@ for step in "${steps[@]}"; do
       provenance "$dest" "${cmd[*]}"
       $PY experiments/advise_proxy_check.py "$RUNS/advise_digits" results/digits_compression/results.csv --out "$dest" ;;
     fidelity)  # the default training job 4 x, with and without the progress bar: loop vs benchmark, paired
-      $PY experiments/timing_studies/fidelity_study.py --runs 4 --out results/fidelity_cpu/fidelity.md --setting default= \
-        --setting no-progress-bar=trainer.enable_progress_bar=false ;;
+      # (bench.probe_steps is opt-in since 2026-11-29: the paired loop / probe comparison needs it on)
+      $PY experiments/timing_studies/fidelity_study.py --runs 4 --out results/fidelity_cpu/fidelity.md \
+        --setting default=bench.probe_steps=8 --setting no-progress-bar=bench.probe_steps=8,trainer.enable_progress_bar=false ;;
     figures)
       cmd=("$PY" experiments/paper_figures.py results/digits_paper/results.csv results/benchmark_cpu/resnet50/results.csv
            "$RUNS/digits_convergence" results/benchmark_cpu/resnet50/rank_timings.csv)
