@@ -369,15 +369,17 @@ def advice_frontier(df: pd.DataFrame, path: str | os.PathLike[str], speed: str =
                           (speed, error))
     if data is None or data.empty:
         return None
-    fig = Figure(figsize=FIGSIZE)
+    fig = Figure(figsize=(FIGSIZE[0] * 1.25, FIGSIZE[1] * 1.1))
     ax = fig.add_subplot(1, 1, 1)
     front = data[data["frontier"].astype(bool)].sort_values(error)
     rest = data[~data["frontier"].astype(bool)]
     ax.scatter(rest[error], rest[speed], color="0.65", s=22, label="dominated")
     ax.plot(front[error], front[speed], "-o", color="C0", markersize=5, label="frontier (Pareto-optimal)")
-    for _, r in front.iterrows():
-        ax.annotate(_wrap(str(r["configuration"]), 22), (r[error], r[speed]), fontsize=6, xytext=(4, 3),
-                    textcoords="offset points")
+    keys = [str(k).split("=")[0] for k in str(front["configuration"].iloc[-1]).split()]
+    for i, (_, r) in enumerate(front.iterrows()):  # values only, the keys once in the legend; left / right in turn
+        text = " ".join(part.split("=", 1)[-1] for part in str(r["configuration"]).split())
+        ax.annotate(text, (r[error], r[speed]), fontsize=6.5, xytext=(6, -9) if i % 2 else (-6, 5),
+                    ha="left" if i % 2 else "right", textcoords="offset points")
     if "recommended" in data.columns and data["recommended"].astype(bool).any():
         rec = data[data["recommended"].astype(bool)]
         ax.scatter(rec[error], rec[speed], marker="*", s=220, color="C3", zorder=5, label="recommended")
@@ -386,7 +388,11 @@ def advice_frontier(df: pd.DataFrame, path: str | os.PathLike[str], speed: str =
     ax.set_xlabel("accuracy proxy: mean relative approximation error per layer (lower is better)")
     ax.set_ylabel(f"{kind} speedup vs original")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    handles, labels = ax.get_legend_handles_labels()
+    if len(keys) > 1:
+        handles.append(Line2D([], [], linestyle=""))
+        labels.append("labels: " + " ".join(keys))
+    ax.legend(handles, labels, fontsize=7, loc="lower right")
     model = ", ".join(sorted({str(m) for m in data.get("model", pd.Series(dtype=str)).dropna()}))
     ax.set_title(_title(f"Which configuration to train: {model}" if model else "Which configuration to train", data),
                  fontsize=10)

@@ -50,7 +50,7 @@ def speed_column(cfg: DictConfig) -> str:
 
 
 def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[str, Any],
-                 top1_original: float | None) -> pd.DataFrame:
+                 top1_original: float | None, device_name: str | None = None) -> pd.DataFrame:
     """The configurations and the original (the reference point: speedup 1, error 0), frontier and pick marked."""
     keys = list(grid.axes(cfg.advise.grid))
     base = {"configuration": ORIGINAL, "params_ratio": 1.0, "flops_ratio": 1.0, "train_speedup": 1.0,
@@ -64,6 +64,8 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
     for col in keys + COLUMNS:
         if col not in df.columns:
             df[col] = None
+    for col in keys:  # the values as given (2, not 2.0: the original's empty cell would make the column float)
+        df[col] = pd.Series([row.get(col) for row in [base, *rows]], index=df.index, dtype=object)
     df = df[keys + COLUMNS + [c for c in df.columns if c not in keys + COLUMNS]]
     speed = speed_column(cfg)
     numeric = df[[speed, "approx_error"]].apply(pd.to_numeric, errors="coerce").where(df["status"] == "ok")
@@ -71,7 +73,9 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
     pick = recommend(numeric, speed, "approx_error", max_error=cfg.advise.max_error,
                      candidates=(df["configuration"] != ORIGINAL) & (numeric[speed] > 1.0))
     df["recommended"] = df.index == pick if pick is not None else False
-    for i, (col, value) in enumerate((("model", cfg.model.name), ("dataset", cfg.dataset.name), ("seed", cfg.seed))):
+    identity = (("model", cfg.model.name), ("dataset", cfg.dataset.name), ("seed", cfg.seed),
+                ("device_name", device_name))
+    for i, (col, value) in enumerate(identity):
         df.insert(i, col, value)
     return df
 
@@ -98,7 +102,7 @@ def recommended_command(cfg: DictConfig, row: pd.Series) -> str:
 
 def markdown(table: pd.DataFrame) -> str:
     """The table as GitHub Markdown: numbers rounded, missing as '-', the frontier and the pick in words."""
-    shown = table.drop(columns=["model", "dataset", "seed", "error"]).copy()  # the header says those
+    shown = table.drop(columns=["model", "dataset", "seed", "device_name", "error"]).copy()  # the header says those
     for col, fmt in FORMATS.items():
         shown[col] = [fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
                       for v in pd.to_numeric(shown[col], errors="coerce")]
@@ -145,7 +149,7 @@ def write_advice(cfg: DictConfig, device: DeviceInfo, table: pd.DataFrame, out_d
     else:
         lines += [f"**No recommendation**: no frontier configuration is faster than the original here ({how}).", ""]
     results.write_text_atomic(os.path.join(out_dir, "advice.md"), "\n".join(lines))
-    advice_frontier(table.assign(device_name=device.name), os.path.join(out_dir, "advice_frontier.png"), speed=speed)
+    advice_frontier(table, os.path.join(out_dir, "advice_frontier.png"), speed=speed)
     return command
 
 

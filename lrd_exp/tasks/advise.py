@@ -93,11 +93,11 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
             log.exception("advise: %s failed", rank_label)
             rows += [{**config, "configuration": config_label(config), "status": "failed",
                       "error": f"{type(exc).__name__}: {exc}"} for config in members]
-        partial = advice_table(cfg, rows, reference, top1_original)  # an interrupted grid keeps what it measured
+        partial = advice_table(cfg, rows, reference, top1_original, device.name)  # an interrupted grid keeps what it measured
         results.write_text_atomic(os.path.join(out_dir, "advice.csv"), partial.to_csv(index=False))
     bar.close()
 
-    table = advice_table(cfg, rows, reference, top1_original)
+    table = advice_table(cfg, rows, reference, top1_original, device.name)
     val_images = validation_images(subset_config(cfg), dm) if wants_top1(cfg) else None
     command = write_advice(cfg, device, table, out_dir, val_images=val_images, notes=notes,
                            duration_s=time.perf_counter() - started)
