@@ -22,7 +22,7 @@ from lrd_exp.config import grid
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.results.pareto import pareto_mask, recommend
-from lrd_exp.tasks.common import bench_precision, git_commit
+from lrd_exp.tasks.common import bench_precision, git_commit, overrides_string
 
 ORIGINAL = "original"
 UNCHANGED = "unchanged"  # a configuration that decomposes no layer (it is the original): listed, not timed or ranked
@@ -129,7 +129,7 @@ def write_advice(cfg: DictConfig, device: DeviceInfo, table: pd.DataFrame, out_d
     lines = [
         f"# Advice: {cfg.model.name} on {device.name}",
         "",
-        f"- command: `{' '.join(['python run.py', *_overrides()])}`",
+        f"- command: `{' '.join(['python run.py', overrides_string()]).strip()}`",
         f"- date (UTC): {pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%dT%H:%M:%SZ')}; commit: {git_commit()}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); took {duration_s / 60:.1f} min",
         f"- measured without fine-tuning, side by side with the original: batch {batch}, {bench_precision(cfg)}, "
@@ -176,6 +176,3 @@ def print_advice(cfg: DictConfig, table: pd.DataFrame, command: str | None, out_
     print(f"advice: {os.path.join(out_dir, 'advice.md')} (table: advice.csv, figure: advice_frontier.png)")
     sys.stdout.flush()
 
-
-def _overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -50,6 +49,7 @@ from lrd_exp.tasks.common import (
     build_model,
     freeze_total_units,
     rank_search_context,
+    slug,
 )
 from lrd_exp.tasks.measure import compare, deploy
 from lrd_exp.tasks.train import baseline
@@ -72,6 +72,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     x, y = dm.example_batch(batch)
     x, y = x.to(device.torch_device), y.to(device.torch_device)
     original = original.to(device.torch_device)
+    size = (count_params(original), count_flops(original, x[:1], train=False))  # each ratio's numerator
     groups = group_by_decomposition(configs)
     log.info("advise: %d configuration(s), %d decomposition(s) of %s; batch %d, %s, %s", len(configs), len(groups),
              cfg.model.name, batch, bench_precision(cfg), device.name)
@@ -88,7 +89,8 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
         bar.set_postfix_str(rank_label)
         log.info("advise: decomposition %d/%d: %s", i + 1, len(groups), rank_label or "the run's rank config")
         try:
-            rows += measure_decomposition(cfg, device, dm, original, x, y, members, out_dir, seen, reference)
+            rows += measure_decomposition(cfg, device, dm, original, size, x, y, members, out_dir, seen,
+                                          reference)
         except Exception as exc:
             log.exception("advise: %s failed", rank_label)
             rows += [{**config, "configuration": config_label(config), "status": "failed",
@@ -190,11 +192,12 @@ def union_states(per_config: list[list[FreezeState]]) -> tuple[list[FreezeState]
     return union, plans
 
 
-def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, x: torch.Tensor,
-                          y: torch.Tensor, members: list[dict[str, Any]], out_dir: str,
+def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, size: tuple[int, int],
+                          x: torch.Tensor, y: torch.Tensor, members: list[dict[str, Any]], out_dir: str,
                           seen: dict[tuple, list[dict[str, Any]]], reference: dict[str, Any]
                           ) -> list[dict[str, Any]]:
-    """One decomposition (prepared once) and its freeze schedules, timed side by side with the original."""
+    """One decomposition (prepared once) and its freeze schedules, timed side by side with the original
+    (``size``: the original's parameters and forward FLOPs per sample)."""
     a, b = cfg.advise, cfg.bench
     cfgs = [grid.apply(cfg, config) for config in members]
     label = grid.label(rank_keys(members[0])) or "as configured"
@@ -215,9 +218,8 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
         log.info("advise: %s has the same ranks as an earlier configuration; its measurements are reused", label)
         return [{**row, **config, "configuration": config_label(config)} for config, row in zip(members, seen[signature])]
     log.info("advise: %s: %s", label, report.summary())
-    shared: dict[str, Any] = {"params_ratio": count_params(original) / max(count_params(decomposed), 1),
-                              "flops_ratio": count_flops(original, x[:1], train=False)
-                              / max(count_flops(decomposed, x[:1], train=False), 1),
+    shared: dict[str, Any] = {"params_ratio": size[0] / max(count_params(decomposed), 1),
+                              "flops_ratio": size[1] / max(count_flops(decomposed, x[:1], train=False), 1),
                               "approx_error": report.approx_error, "layers_decomposed": len(report.decomposed)}
     if wants_top1(cfg):
         shared["top1_pre"] = subset_top1(cfg, device, decomposed, dm, out_dir)
@@ -260,8 +262,7 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
 
 def folder_name(label: str) -> str:
     """``configs/<label>``, made safe, with a short hash so that two long labels never share a folder."""
-    digest = hashlib.sha1(label.encode()).hexdigest()[:6]
-    return f"{re.sub(r'[^A-Za-z0-9_.=+-]+', '_', label)[:60]}-{digest}"
+    return f"{slug(label)[:60]}-{hashlib.sha1(label.encode()).hexdigest()[:6]}"
 
 
 __all__ = ["advise", "group_by_decomposition", "measure_decomposition", "union_states"]

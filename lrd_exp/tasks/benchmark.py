@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ from lrd_exp.tasks.common import (
     freeze_total_units,
     identity_row,
     rank_search_context,
+    slug,
 )
 from lrd_exp.tasks.measure import measure
 
@@ -53,10 +53,6 @@ def variant_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return out
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label)[:80]
-
-
 def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Time the original and every variant; one row per variant, a printed table and ``freeze_stages.csv``."""
     parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
@@ -75,7 +71,7 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
         row = identity_row(vcfg, out_dir)
         row.update(device=device.accelerator, device_name=device.name, precision=precision, batch_size=batch,
                    variant=label, status="running", parallel_jobs=parallel)
-        vdir = out_dir if i == 0 else os.path.join(out_dir, "variants", _slug(label))
+        vdir = out_dir if i == 0 else os.path.join(out_dir, "variants", slug(label))
         row["output_dir"] = vdir
         try:
             decomposed = copy.deepcopy(original)

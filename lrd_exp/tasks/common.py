@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,11 @@ def git_commit(root: str | None = None) -> str | None:
         return sha + ("-dirty" if dirty else "")
     except Exception:
         return None
+
+
+def slug(label: str) -> str:
+    """A label as a folder name: safe characters only, at most 80 of them."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label)[:80]
 
 
 def overrides_string() -> str:
