@@ -44,6 +44,17 @@ class RankBudget(str, Enum):
     model = "model"
 
 
+class RankFit(str, Enum):
+    auto = "auto"  # activations wherever calibration inputs exist, weights otherwise
+    weights = "weights"  # the paper's: truncated SVD / HOSVD of the weights
+    activations = "activations"  # the least output error on the calibration inputs
+
+
+class Calibrate(str, Enum):
+    independent = "independent"  # every layer on the original model's inputs (one pass)
+    sequential = "sequential"  # each layer on the inputs of the already decomposed earlier layers
+
+
 class Objective(str, Enum):
     train = "train"
     inference = "inference"
@@ -141,6 +152,8 @@ POLICIES = _values(RankPolicy)
 ROUNDINGS = _values(Rounding)
 BASES = _values(RankBase)
 BUDGETS = _values(RankBudget)
+FITS = _values(RankFit)
+CALIBRATES = _values(Calibrate)
 SCHEDULES = _values(FreezeSchedule)
 IMPORTANCES = _values(Importance)
 MEASURED_IMPORTANCES = ("weight_change", "grad_norm")  # only a training run can measure these
@@ -173,6 +186,10 @@ class RankConfig:
     exclude: list[str] = field(default_factory=list)
     skip_stem: bool = True
     skip_head: bool = True
+    fit: RankFit = RankFit.auto  # what the factors are fitted to: weights | activations (auto: where data exists)
+    calibration_images: int = 256  # training images the activations are fitted on (and BatchNorm re-estimated)
+    calibrate: Calibrate = Calibrate.independent  # fit=activations: independent | sequential
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration images after decomposing
 
 
 @dataclass
@@ -241,6 +258,15 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``trainer.distill``: knowledge distillation from the original model while fine-tuning the decomposed one."""
+
+    enabled: bool = False
+    alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T); in [0, 1]
+    temperature: float = 2.0  # T > 0: softens both distributions
+
+
+@dataclass
 class TrainerConfig:
     baseline_epochs: int = 10
     finetune_epochs: int = 5
@@ -255,6 +281,8 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC activations and weights in training (and, by default, in the benchmark)
     baseline_optim: OptimConfig = field(default_factory=OptimConfig)
     finetune_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01))
+    target_drop: float | None = None  # points of top-1: stop fine-tuning once within this of the original; None: all
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass

@@ -11,8 +11,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lrd_exp.config.schema import (
+    CALIBRATES,
     DATASETS,
     FACTOR_POSITIONS,
+    FITS,
     IMPORTANCES,
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -57,6 +59,19 @@ def check_rank(rank: int, key: str = "rank.rank") -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"{key}={rank!r} is not allowed: a rank must be an integer >= 1")
     return rank
+
+
+def check_fit(fit: str, calibrate: str, calibration_images: int) -> tuple[str, str, int]:
+    """``rank.fit``, ``rank.calibrate`` and ``rank.calibration_images``: one ValueError naming the key."""
+    fit, calibrate = _v(fit), _v(calibrate)
+    if fit not in FITS:
+        raise ValueError(f"rank.fit={fit!r} is not allowed: choose one of {', '.join(FITS)}")
+    if calibrate not in CALIBRATES:
+        raise ValueError(f"rank.calibrate={calibrate!r} is not allowed: choose one of {', '.join(CALIBRATES)}")
+    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
+        raise ValueError(f"rank.calibration_images={calibration_images!r} is not allowed: a number of training "
+                         "images >= 1")
+    return fit, calibrate, calibration_images
 
 
 def check_freeze(*, schedule: str, unit: str, warmup: int, period: int, per_stage: float, final_fraction: float,
@@ -135,6 +150,7 @@ def validate_rank_freeze(cfg: DictConfig) -> None:
     if policy == "energy" or _v(rank.base) == "energy":
         check_energy(rank.energy)
     check_multiple(rank.multiple)
+    check_fit(rank.fit, rank.calibrate, rank.calibration_images)
     if policy == "fixed":
         if rank.rank is None:
             raise ConfigError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
@@ -187,6 +203,14 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}.lr={o.lr} is not allowed: a learning rate > 0")
         if o.warmup_epochs < 0:
             raise ConfigError(f"trainer.{key}.warmup_epochs={o.warmup_epochs} is not allowed: epochs >= 0")
+    drop = t.get("target_drop")
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not drop >= 0):
+        raise ConfigError(f"trainer.target_drop={drop!r} is not allowed: null (every epoch) or points of top-1 >= 0")
+    kd = t.get("distill") or {}
+    if not 0 <= kd.get("alpha", 0.5) <= 1:
+        raise ConfigError(f"trainer.distill.alpha={kd.get('alpha')} is not allowed: the distillation weight is in [0, 1]")
+    if not kd.get("temperature", 2.0) > 0:
+        raise ConfigError(f"trainer.distill.temperature={kd.get('temperature')} is not allowed: a temperature > 0")
     for key, value in (("trainer.precision", t.precision), ("bench.precision", cfg.bench.precision)):
         if value is not None:
             try:

@@ -95,3 +95,145 @@ def svd_reconstruct(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 def tucker2_reconstruct(first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """The k x k kernel of a Tucker-2 chain: ``last x core x first`` contracted over the ranks."""
     return torch.einsum("or,rskl,si->oikl", last.flatten(1), core, first.flatten(1))
+
+
+# ------------------------------------------------------------------ fitted to the layer's outputs (calibration)
+# ``H`` is the uncentred second moment of the layer's inputs over the calibration positions: in x in for a linear
+# layer or 1x1 conv, the im2col patch moment (in*k*k)^2 for a k x k conv. The output error of a weight W' is
+# tr((W - W') H (W - W')^T), which these closed forms minimise instead of ||W - W'||_F.
+
+
+def psd_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors and eigenvalues of a symmetric PSD matrix, largest first, values clamped at 0."""
+    evals, evecs = torch.linalg.eigh((a + a.T) / 2)
+    return evecs.flip(1), evals.flip(0).clamp_min(0)
+
+
+def psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for a symmetric PSD ``a`` by Cholesky, with jitter (a ridge relative to ``a``'s mean diagonal)
+    added until it factors: singular moments come from dead channels, all-zero inputs, or fewer calibration
+    positions than dimensions."""
+    n = a.shape[0]
+    scale = a.diagonal().abs().mean().clamp_min(1e-30).item()
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    for jitter in (0.0, 1e-6, 1e-3, 1e-1):
+        chol, info = torch.linalg.cholesky_ex(a + jitter * scale * eye if jitter else a)
+        if info.item() == 0:
+            return torch.cholesky_solve(b, chol)
+    return torch.linalg.pinv(a, hermitian=True) @ b
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, moment: torch.Tensor) -> float:
+    """Relative output error ``||(W - W') X||_F / ||W X||_F`` from the input moment ``X X^T`` (weights flattened to
+    out x in*k*k). Computed in the weight's precision (float32 unless it is float64): a report, not a fit."""
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    m = moment.to(dtype)
+    w, d = w.flatten(1).to(dtype), (w.to(dtype) - w_hat.to(dtype)).flatten(1)
+    both = torch.cat([w, d]) @ m
+    n = w.shape[0]
+    den = (both[:n] * w).sum().double().clamp_min(1e-300)
+    return (both[n:] * d).sum().double().clamp_min(0).div(den).sqrt().item()
+
+
+def whitened_spectrum(w: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values of ``W S`` (``S S^T = H``): the principal output subspace of the
+    layer on the calibration inputs. From the eigen-decomposition of the smaller of ``W H W^T`` (out x out) and
+    ``S^T W^T W S`` (in x in, with ``S = H^1/2``); no ``S^-1`` is ever formed."""
+    w = w.flatten(1).to(moment.dtype)
+    if w.shape[0] <= w.shape[1]:
+        u, evals = psd_eigh(w @ moment @ w.T)
+        return u, evals.sqrt()
+    q, lam = psd_eigh(moment)
+    ws = w @ ((q * lam.sqrt()[None, :]) @ q.T)
+    v, evals = psd_eigh(ws.T @ ws)
+    s = evals.sqrt()
+    u = (ws @ v) / s.clamp_min(1e-300)[None, :]
+    return torch.where(s[None, :] > s.max().clamp_min(1e-300) * 1e-12, u, torch.zeros_like(u)), s
+
+
+def whitened_svd_factors(w: torch.Tensor, rank: int, moment: torch.Tensor,
+                         spectrum: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM's closed form: the rank-``rank`` W' minimising ``||(W - W') X||_F``, as (first r x in, last out x r).
+
+    With ``W S = U E V^T``: last = ``U_r E_r^1/2`` and first = ``E_r^1/2 V_r^T S^-1`` = ``E_r^-1/2 U_r^T W``, so
+    ``W' = U_r U_r^T W`` projects the outputs onto their principal subspace; a zero singular value (a dead output)
+    gives a zero row, never inf or NaN.
+    """
+    u, s = spectrum if spectrum is not None else whitened_spectrum(w, moment)
+    wd = w.flatten(1).to(moment.dtype)
+    u_r, s_r = u[:, :rank], s[:rank]
+    live = s_r > s_r.max().clamp_min(1e-300) * 1e-12
+    root = torch.where(live, s_r.sqrt(), torch.zeros_like(s_r))
+    inv_root = torch.where(live, 1.0 / s_r.clamp_min(1e-300).sqrt(), torch.zeros_like(s_r))
+    first = inv_root[:, None] * (u_r.T @ wd)
+    last = u_r * root[None, :]
+    return first, last
+
+
+def channel_moment(patch_moment: torch.Tensor, n_in: int) -> torch.Tensor:
+    """The input-channel moment (in x in) of a conv, summed over the kernel positions of its patch moment."""
+    k2 = patch_moment.shape[0] // n_in
+    return patch_moment.reshape(n_in, k2, n_in, k2).diagonal(dim1=1, dim2=3).sum(-1)
+
+
+def tucker2_input_spectrum(w: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vectors and values of the stacked k x k slices ``M`` (out*k*k x in) times the channel whitening
+    ``S = C^1/2``: the input-channel subspace that keeps most of the output (and its spectrum, for energy ranks)."""
+    n_out, n_in = w.shape[:2]
+    m = w.to(moment.dtype).permute(0, 2, 3, 1).reshape(-1, n_in)
+    q, lam = psd_eigh(channel_moment(moment, n_in))
+    s_half = (q * lam.sqrt()[None, :]) @ q.T
+    ms = m @ s_half
+    v, evals = psd_eigh(ms.T @ ms)
+    return v, evals.sqrt()
+
+
+def tucker2_fitted_factors(w: torch.Tensor, rank_in: int, rank_out: int, moment: torch.Tensor,
+                           input_spectrum: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 of a k x k conv fitted to its outputs (patch moment ``moment``): (first, core, last) as
+    :func:`tucker2_factors`.
+
+    The input factor spans the top ``rank_in`` whitened input directions (:func:`tucker2_input_spectrum`): the row
+    space of ``V_r^T S^-1``, written ``V_r^T S M^T M`` so that no inverse is formed, orthonormalised. Given it, the
+    core and output factor are the exact minimisers of ``||(W - W~) X||_F``: the least-squares conv on the projected
+    inputs ``G = W Sigma F^T (F Sigma F^T)^-1``, whose outputs' principal ``rank_out`` subspace is the output factor.
+    """
+    n_out, n_in, kh, kw = w.shape
+    k2 = kh * kw
+    wd = w.to(moment.dtype)
+    v, _ = input_spectrum if input_spectrum is not None else tucker2_input_spectrum(w, moment)
+    m = wd.permute(0, 2, 3, 1).reshape(-1, n_in)
+    q, lam = psd_eigh(channel_moment(moment, n_in))
+    s_half = (q * lam.sqrt()[None, :]) @ q.T
+    basis = (m.T @ (m @ (s_half @ v[:, :rank_in])))  # in x r1, the row space of V_r^T S M^T M, transposed
+    first = torch.linalg.qr(basis)[0].T  # r1 x in, orthonormal rows
+    # Sigma F^T as in x k2 x r1 x k2, and F Sigma F^T: F acts on the channel index of each kernel position
+    sig = moment.reshape(n_in, k2, n_in, k2).permute(0, 1, 3, 2).reshape(-1, n_in)  # (i, p, q) x j
+    sig_f = (sig @ first.T).reshape(n_in, k2, k2, rank_in).permute(0, 1, 3, 2)  # i, p, r, q
+    a = (first @ sig_f.reshape(n_in, -1)).reshape(rank_in * k2, rank_in * k2)
+    b = wd.reshape(n_out, n_in * k2) @ sig_f.reshape(n_in * k2, rank_in * k2)  # W Sigma F^T
+    g = psd_solve(a, b.T).T  # out x r1*k2: the best conv on the projected inputs
+    u, _ = psd_eigh(g @ b.T)  # G (F Sigma F^T) G^T = G B^T: the covariance of its outputs
+    last = u[:, :rank_out]
+    core = (last.T @ g).reshape(rank_out, rank_in, kh, kw)
+    return first, core, last
+
+
+def least_squares_target(w: torch.Tensor, moment: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """Sequential ("asymmetric") calibration: the weight A with ``||W X - W' X^||^2 = const + ||(A - W') X^||^2``,
+    A = ``W (X X^T^) (X^ X^T^)^-1``, for the original inputs X and the decomposed model's X^ (``moment`` = X^ X^T^,
+    ``cross`` = X X^T^)."""
+    shape = w.shape
+    wd = w.flatten(1).to(moment.dtype)
+    return psd_solve(moment, (wd @ cross).T).T.reshape(shape)
+
+
+def paired_output_error(w: torch.Tensor, w_hat: torch.Tensor, original: torch.Tensor, cross: torch.Tensor,
+                        moment: torch.Tensor) -> float:
+    """Relative error ``||W X - W' X^||_F / ||W X||_F`` of sequential calibration, from X X^T, X X^T^ and X^ X^T^."""
+    w, v = w.flatten(1).to(moment.dtype), w_hat.flatten(1).to(moment.dtype)
+    ref = ((w @ original) * w).sum()
+    err = ref - 2 * ((w @ cross) * v).sum() + ((v @ moment) * v).sum()
+    return err.clamp_min(0).div(ref.clamp_min(1e-300)).sqrt().item()

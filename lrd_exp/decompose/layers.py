@@ -58,14 +58,19 @@ class SVDLinear(FactorizedLayer):
         return cls(layer.in_features, layer.out_features, rank, layer.bias is not None, **_factory(layer))
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, rank: int, *, basis: Fn.Basis | None = None) -> SVDLinear:
-        new = cls.like(layer, rank)
-        first, last = Fn.svd_factors(layer.weight.detach(), rank, basis)
-        with torch.no_grad():
-            new.first.weight.copy_(first)
-            new.last.weight.copy_(last)
-            if layer.bias is not None:
-                new.last.bias.copy_(layer.bias)
+    def from_linear(cls, layer: nn.Linear, rank: int, *, basis: Fn.Basis | None = None,
+                    moment: torch.Tensor | None = None) -> SVDLinear:
+        """Truncated SVD of the weight, or, given the input moment ``moment`` (X X^T of calibration inputs), the
+        rank-``rank`` layer with the least output error (:func:`~lrd_exp.decompose.functional.whitened_svd_factors`)."""
+        w = layer.weight.detach()
+        factors = Fn.svd_factors(w, rank, basis) if moment is None else Fn.whitened_svd_factors(w, rank, moment)
+        return cls.from_factors(layer, *factors)
+
+    @classmethod
+    def from_factors(cls, layer: nn.Linear, first: torch.Tensor, last: torch.Tensor) -> SVDLinear:
+        """The layer ``last @ first`` with ``layer``'s bias (first: r x in, last: out x r)."""
+        new = cls.like(layer, first.shape[0])
+        _load(new, layer, first=first, last=last)
         return new
 
 
@@ -91,14 +96,17 @@ class SVDConv1x1(FactorizedLayer):
                    bias=conv.bias is not None, padding_mode=conv.padding_mode, **_factory(conv))
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: int, *, basis: Fn.Basis | None = None) -> SVDConv1x1:
-        new = cls.like(conv, rank)
-        first, last = Fn.svd_factors(conv.weight.detach().flatten(1), rank, basis)  # out x in
-        with torch.no_grad():
-            new.first.weight.copy_(first[:, :, None, None])
-            new.last.weight.copy_(last[:, :, None, None])
-            if conv.bias is not None:
-                new.last.bias.copy_(conv.bias)
+    def from_conv(cls, conv: nn.Conv2d, rank: int, *, basis: Fn.Basis | None = None,
+                  moment: torch.Tensor | None = None) -> SVDConv1x1:
+        """As :meth:`SVDLinear.from_linear`, on the out x in matrix of the 1x1 kernel."""
+        w = conv.weight.detach().flatten(1)  # out x in
+        factors = Fn.svd_factors(w, rank, basis) if moment is None else Fn.whitened_svd_factors(w, rank, moment)
+        return cls.from_factors(conv, *factors)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, first: torch.Tensor, last: torch.Tensor) -> SVDConv1x1:
+        new = cls.like(conv, first.shape[0])
+        _load(new, conv, first=first[:, :, None, None], last=last[:, :, None, None])
         return new
 
 
@@ -127,17 +135,31 @@ class Tucker2Conv(FactorizedLayer):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank_in: int, rank_out: int, *,
-                  basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> Tucker2Conv:
-        """HOSVD init; ``basis`` = (out-mode, in-mode) singular vectors if the caller already has them."""
-        new = cls.like(conv, rank_in, rank_out)
-        first, core, last = Fn.tucker2_factors(conv.weight.detach(), rank_in, rank_out, basis)
-        with torch.no_grad():
-            new.first.weight.copy_(first[:, :, None, None])
-            new.core.weight.copy_(core)
-            new.last.weight.copy_(last[:, :, None, None])
-            if conv.bias is not None:
-                new.last.bias.copy_(conv.bias)
+                  basis: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  moment: torch.Tensor | None = None) -> Tucker2Conv:
+        """HOSVD init (``basis`` = (out-mode, in-mode) singular vectors if the caller already has them), or, given
+        the im2col patch moment ``moment`` of calibration inputs, the fit to the conv's outputs
+        (:func:`~lrd_exp.decompose.functional.tucker2_fitted_factors`)."""
+        w = conv.weight.detach()
+        factors = (Fn.tucker2_factors(w, rank_in, rank_out, basis) if moment is None
+                   else Fn.tucker2_fitted_factors(w, rank_in, rank_out, moment))
+        return cls.from_factors(conv, *factors)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, first: torch.Tensor, core: torch.Tensor, last: torch.Tensor
+                     ) -> Tucker2Conv:
+        """(first: r1 x in, core: r2 x r1 x k x k, last: out x r2) with ``conv``'s geometry and bias."""
+        new = cls.like(conv, first.shape[0], last.shape[1])
+        _load(new, conv, first=first[:, :, None, None], core=core, last=last[:, :, None, None])
         return new
+
+
+def _load(new: FactorizedLayer, layer: nn.Module, **factors: torch.Tensor) -> None:
+    with torch.no_grad():
+        for position, weight in factors.items():
+            getattr(new, position).weight.copy_(weight)
+        if layer.bias is not None:
+            new.last.bias.copy_(layer.bias)
 
 
 def reconstruct_weight(layer: FactorizedLayer) -> torch.Tensor:

@@ -20,8 +20,9 @@ class LayerReport:
     params_after: int = 0
     flops_before: int | None = None  # forward FLOPs per sample (2 per multiply-add)
     flops_after: int | None = None
-    rel_error: float = 0.0  # ||W - W_hat||_F / ||W||_F
+    rel_error: float = 0.0  # error_of=weight: ||W - W'||_F / ||W||_F; output: ||(W - W') X||_F / ||W X||_F
     reason: str = ""
+    error_of: str = "weight"  # weight | output (on the calibration inputs, fit=activations)
 
 
 @dataclass
@@ -33,6 +34,15 @@ class DecompositionReport:
     flops_before: int | None = None  # forward FLOPs per sample of the candidate layers (not the whole model)
     flops_after: int | None = None
     settings: dict = field(default_factory=dict)
+    fit: str = "weights"  # weights | activations: what the factors were fitted to
+    calibration_images: int = 0  # samples the activations were fitted on (and BatchNorm re-estimated)
+    calibration_s: float = 0.0  # forward passes and moments on them, and the BatchNorm re-estimation
+    decompose_s: float = 0.0  # the whole decomposition, calibration included
+
+    @property
+    def error_column(self) -> str:
+        """What ``rel_error`` measures, as the table names it."""
+        return "output_error" if any(layer.error_of == "output" for layer in self.layers) else "weight_error"
 
     @property
     def decomposed(self) -> list[LayerReport]:
@@ -58,8 +68,8 @@ class DecompositionReport:
 
     @property
     def approx_error(self) -> float:
-        """Mean relative error ||W - W_hat||_F / ||W||_F over the model's weight layers (Linear, Conv2d; a layer
-        left dense, skipped or excluded counts 0).
+        """Mean relative error over the model's weight layers (Linear, Conv2d; a layer left dense, skipped or
+        excluded counts 0): of the output on the calibration inputs when fitted to them, else of the weight.
 
         The accuracy proxy of ``task=advise``: how far the decomposed model is from the original before
         fine-tuning, comparable between configurations of one model (results/advise_digits checks it against top-1).
@@ -84,6 +94,10 @@ class DecompositionReport:
             "params_after": self.params_after,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
+            "fit": self.fit,
+            "calibration_images": self.calibration_images,
+            "calibration_s": self.calibration_s,
+            "decompose_s": self.decompose_s,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -96,8 +110,10 @@ class DecompositionReport:
         if n_dec:
             part = (f"; decomposed layers {self.decomposed_params_before:,} -> {self.decomposed_params_after:,} "
                     f"({self.decomposed_params_before / max(self.decomposed_params_after, 1):.2f}x)")
+        fit = (f"; fitted to the outputs of {self.calibration_images} calibration samples ({self.calibration_s:.1f} s)"
+               if self.fit == "activations" else "")
         return (f"policy={self.policy}: {n_dec}/{len(self.layers)} candidate layers decomposed; "
-                f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.2f}x){part}{flops}")
+                f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.2f}x){part}{flops}{fit}")
 
     def table(self, max_rows: int | None = 60) -> str:
         df = self.to_frame()
@@ -107,6 +123,7 @@ class DecompositionReport:
                 "flops_before", "flops_after", "rel_error", "reason"]
         df = df[cols].copy()
         df["rel_error"] = df["rel_error"].map(lambda v: f"{v:.3g}")
+        df = df.rename(columns={"rel_error": self.error_column})
         if max_rows is not None and len(df) > max_rows:
             df = pd.concat([df.head(max_rows // 2), df.tail(max_rows // 2)])
         return df.to_string(index=False) + "\n" + self.summary()

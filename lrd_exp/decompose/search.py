@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo, resolve_device
@@ -380,13 +379,7 @@ def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | No
             chosen[plan.name] = None
             reasons[plan.name] = f"kept: the estimate {_rank_key(tuple(est))} would not shrink it"
             continue
-        energy_ranks = None
-        if base == "energy":
-            if plan.kind == "svd":
-                energy_ranks = (R.energy_rank(plan.singular_values(), energy),)
-            else:
-                (_, s_out), (_, s_in) = plan.mode_bases()
-                energy_ranks = (R.energy_rank(s_in, energy), R.energy_rank(s_out, energy))
+        energy_ranks = plan.energy_ranks(energy) if base == "energy" else None
         cands = candidate_ranks(plan, est, window=window, step=step, base=base, ratio=ratio,
                                 energy_ranks=energy_ranks, per_layer=not model_budget)
         key = TimingCache.key(plan, device_name=device.name, precision=prec, batch_size=batch_size,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,12 +16,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from lrd_exp.config.schema import enum_value
+from lrd_exp.config.validate import check_fit
+from lrd_exp.decompose import calibration as C
+from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.functional import mode_singular, svd_basis, svd_error, tucker2_error
-from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv
+from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.search import choose_ranks
-from lrd_exp.timing.steps import eval_forward
+
+log = logging.getLogger("lrd_exp")
 
 
 @dataclass
@@ -33,6 +40,8 @@ class LayerPlan:
     k2: int  # kernel area (1 for svd)
     in_shape: tuple[int, ...] | None = None  # per-sample input shape seen in the example forward
     out_shape: tuple[int, ...] | None = None
+    moments: C.Moments | None = None  # input moments on the calibration inputs (fit=activations)
+    fit_note: str = ""  # why a layer of an activation fit was fitted to its weights
     _spectra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -65,6 +74,24 @@ class LayerPlan:
             w = self.module.weight.detach()
             self._spectra["modes"] = (mode_singular(w, 0), mode_singular(w, 1))
         return self._spectra["modes"]
+
+    def energy_spectra(self) -> tuple[torch.Tensor, ...]:
+        """The spectra whose energy gives the ranks, in rank order: the weight's singular values (per channel mode
+        for Tucker-2), or with calibration moments the whitened ones (the output error's own spectrum)."""
+        if self.moments is None:
+            if self.kind == "svd":
+                return (self.singular_values(),)
+            (_, s_out), (_, s_in) = self.mode_bases()
+            return (s_in, s_out)
+        if "whitened" not in self._spectra:
+            w, m = self.module.weight.detach(), self.moments.moment
+            out = Fn.whitened_spectrum(w, m)
+            self._spectra["whitened"] = out if self.kind == "svd" else (Fn.tucker2_input_spectrum(w, m), out)
+        spectra = self._spectra["whitened"]
+        return (spectra[1],) if self.kind == "svd" else (spectra[0][1], spectra[1][1])
+
+    def energy_ranks(self, energy: float) -> tuple[int, ...]:
+        return tuple(R.energy_rank(s, energy) for s in self.energy_spectra())
 
     def forward_flops(self, ranks: tuple[int, ...] | None) -> int | None:
         """Per-sample forward FLOPs (2 per multiply-add) of the dense layer (ranks None) or its factors."""
@@ -119,7 +146,13 @@ def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
     return tuple(size) if size else None
 
 
-def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: torch.Tensor) -> None:
+def _forward(model: nn.Module, batch: C.Batch) -> Any:
+    """One forward of a batch (tensor, tuple or dict) in eval mode without autograd; modes are restored."""
+    with C._Modes(model):
+        return C.run_batch(model, batch)
+
+
+def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Batch) -> None:
     hooks = []
 
     def hook(plan: LayerPlan):
@@ -131,7 +164,7 @@ def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: torc
     for plan in plans:
         hooks.append(plan.module.register_forward_hook(hook(plan)))
     try:
-        eval_forward(model, example_input)
+        _forward(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -220,11 +253,7 @@ def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float,
         return tuple(min(r, full) for full in plan.full_ranks)
     use_energy = policy == "energy" or (policy in ("quantized", "optimized") and base == "energy")
     if use_energy:
-        if plan.kind == "svd":
-            ranks = (R.energy_rank(plan.singular_values(), energy),)
-        else:
-            (_, s_out), (_, s_in) = plan.mode_bases()
-            ranks = (R.energy_rank(s_in, energy), R.energy_rank(s_out, energy))
+        ranks = plan.energy_ranks(energy)
     elif plan.kind == "svd":
         ranks = (R.svd_rank_for_ratio(plan.n_in, plan.n_out, ratio),)
     else:
@@ -236,8 +265,11 @@ def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float,
 
 
 def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[FactorizedLayer, float]:
-    """The factorized replacement and its relative weight error."""
+    """The factorized replacement and its relative error: of the output on the calibration inputs when the plan
+    has moments (fit=activations), of the weight otherwise."""
     m = plan.module
+    if plan.moments is not None:
+        return build_fitted(plan, ranks, plan.moments)
     if plan.kind == "svd":
         basis = plan.svd_basis()
         if isinstance(m, nn.Linear):
@@ -250,16 +282,36 @@ def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[Factorize
     return new, tucker2_error(m.weight.detach(), new.core.weight.detach())
 
 
-def _forward_error(model: nn.Module, x: torch.Tensor) -> Exception | None:
+def build_fitted(plan: LayerPlan, ranks: tuple[int, ...], moments: C.Moments) -> tuple[FactorizedLayer, float]:
+    """The replacement fitted to the layer's outputs. Paired moments (sequential calibration) fit the original
+    output ``W X`` from the decomposed model's inputs ``X^``: the closed form applied to the least-squares target."""
+    m, w = plan.module, plan.module.weight.detach()
+    paired = moments.cross is not None
+    target = Fn.least_squares_target(w, moments.moment, moments.cross) if paired else w
+    spectra = plan._spectra.get("whitened") if not paired else None
+    if plan.kind == "svd":
+        factors = Fn.whitened_svd_factors(target.flatten(1), ranks[0], moments.moment, spectra)
+        new = (SVDLinear if isinstance(m, nn.Linear) else SVDConv1x1).from_factors(m, *factors)
+    else:
+        factors = Fn.tucker2_fitted_factors(target, ranks[0], ranks[1], moments.moment,
+                                            spectra[0] if spectra else None)
+        new = Tucker2Conv.from_factors(m, *factors)
+    w_hat = reconstruct_weight(new)
+    if paired:
+        return new, Fn.paired_output_error(w, w_hat, moments.original, moments.cross, moments.moment)
+    return new, Fn.output_error(w, w_hat, moments.moment)
+
+
+def _forward_error(model: nn.Module, x: C.Batch) -> Exception | None:
     try:
-        eval_forward(model, x)
+        _forward(model, x)
         return None
     except Exception as exc:  # any failure: the model would not run as decomposed
         return exc
 
 
 def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: list[LayerReport],
-                   x: torch.Tensor) -> None:
+                   x: C.Batch) -> None:
     """A model that no longer runs (a parent that reads a layer's weight itself, say) gets its layers back, last
     decomposed first, until it runs again; each restored layer's report says why."""
     error = _forward_error(model, x)
@@ -304,18 +356,95 @@ def decompose_model(
     exclude: Iterable[str] = (),
     skip_stem: bool = True,
     skip_head: bool = True,
+    fit: str = "auto",
+    calibration_images: int = 256,
+    calibrate: str = "independent",
+    recalibrate_bn: bool = True,
     *,
-    example_input: torch.Tensor | None = None,
+    calibration: torch.Tensor | Iterable[Any] | None = None,
+    example_input: Any = None,
     input_size: tuple[int, ...] | None = None,
     rank_search: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> DecompositionReport:
     """Decompose ``model`` in place and report what changed.
 
-    Keywords equal the ``rank`` config keys, so ``decompose_model(model, **cfg.rank)`` works. ``example_input``
-    (or ``input_size``, or timm's ``pretrained_cfg['input_size']``) gives the activation shapes for FLOP counts;
-    ``rank_search`` holds the measuring context of ``policy="optimized"`` (batch size, device, precision, cache
-    dir; see :func:`lrd_exp.decompose.search.choose_ranks`).
+    Keywords equal the ``rank`` config keys, so ``decompose_model(model, **cfg.rank)`` works. ``calibration`` (a
+    tensor, or an iterable of batches fed as ``model(x)``, ``model(*x)`` or ``model(**x)``) makes ``fit="auto"``
+    fit every factorized layer to its outputs on the first ``calibration_images`` samples (``fit="weights"``: the
+    paper's truncated SVD / HOSVD of the weights) and, with ``recalibrate_bn``, re-estimates BatchNorm on them.
+    ``example_input`` (or ``input_size``, or timm's ``pretrained_cfg['input_size']``, or the first calibration
+    sample) gives the activation shapes for FLOP counts; ``rank_search`` holds the measuring context of
+    ``policy="optimized"`` (batch size, device, precision, cache dir; see
+    :func:`lrd_exp.decompose.search.choose_ranks`). ``seed`` picks the subsampled calibration positions.
     """
+    started = time.perf_counter()
+    settings = check_settings(policy=policy, ratio=ratio, energy=energy, multiple=multiple, rounding=rounding,
+                              base=base, rank=rank, window=window, step=step, objective=objective,
+                              tolerance=tolerance, budget=budget, include=include, exclude=exclude,
+                              skip_stem=skip_stem, skip_head=skip_head, fit=fit,
+                              calibration_images=calibration_images, calibrate=calibrate,
+                              recalibrate_bn=recalibrate_bn, calibration=calibration)
+    policy, fit = settings["policy"], settings["fit"]
+    batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
+    params_before = _count(model)
+    plans, skipped = find_candidates(model, include=settings["include"], exclude=settings["exclude"],
+                                     skip_stem=skip_stem, skip_head=skip_head)
+    example = _example(model, example_input, input_size, batches)
+    if example is not None:
+        _record_shapes(model, plans, example)
+    dense_flops_all = [p.forward_flops(None) for p in plans]
+
+    calibration_s, order = 0.0, []
+    if fit == "activations" and policy != "none" and plans:
+        t0 = time.perf_counter()
+        moments, order = C.collect_moments(model, {p.name: p.module for p in plans}, batches, seed=seed)
+        for p in plans:
+            p.moments = moments[p.name] if p.name in order else None
+            p.fit_note = "" if p.name in order else "not reached by the calibration inputs: fitted to its weights"
+        calibration_s += time.perf_counter() - t0
+
+    chosen, reasons = _choose(plans, settings, rank_search)
+    sequential = fit == "activations" and settings["calibrate"] == "sequential"
+    reference = copy.deepcopy(model) if sequential and plans else None
+    if sequential:  # the decomposed model's own inputs, layer by layer in the order they run
+        position = {name: i for i, name in enumerate(order)}
+        plans.sort(key=lambda p: position.get(p.name, len(position)))
+    reports: list[LayerReport] = []
+    for plan in plans:
+        if sequential and plan.moments is not None:
+            t0 = time.perf_counter()
+            plan.moments = C.collect_paired(reference, model, plan.name, batches, seed=seed)
+            calibration_s += time.perf_counter() - t0
+        reports.append(_replace(model, plan, chosen.get(plan.name), reasons, policy))
+        plan.moments = None
+        plan._spectra.clear()
+    del reference
+
+    if example is not None and any(r.action == "decomposed" for r in reports):
+        _keep_runnable(model, {p.name: p.module for p in plans}, reports, example)
+    if settings["recalibrate_bn"] and batches and policy != "none" and any(r.action == "decomposed" for r in reports):
+        t0 = time.perf_counter()
+        settings["bn_recalibrated"] = C.recalibrate_bn(model, batches)
+        calibration_s += time.perf_counter() - t0
+    report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=params_before,
+                                 params_after=_count(model), settings=settings, fit=fit,
+                                 calibration_images=sum(C.batch_size_of(b) for b in batches),
+                                 calibration_s=calibration_s)
+    order_all = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    report.layers.sort(key=lambda layer: order_all.get(layer.name, len(order_all)))
+    if plans and all(f is not None for f in dense_flops_all):
+        report.flops_before = sum(dense_flops_all)
+        report.flops_after = sum(layer.flops_after or 0 for layer in reports)
+    report.decompose_s = time.perf_counter() - started
+    return report
+
+
+def check_settings(*, policy: Any, ratio: Any, energy: Any, multiple: Any, rounding: Any, base: Any, rank: Any,
+                   window: Any, step: Any, objective: Any, tolerance: Any, budget: Any, include: Any, exclude: Any,
+                   skip_stem: bool, skip_head: bool, fit: Any, calibration_images: Any, calibrate: Any,
+                   recalibrate_bn: bool, calibration: Any) -> dict[str, Any]:
+    """Every keyword checked (one ValueError naming the key), as plain values: the report's ``settings``."""
     policy = _plain(policy)
     if policy not in R.POLICIES:
         raise ValueError(f"rank.policy={policy!r} is not allowed: choose one of {', '.join(R.POLICIES)}")
@@ -337,77 +466,77 @@ def decompose_model(
             raise ValueError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
         if not isinstance(rank, Mapping):
             R.check_rank(rank)
-    settings = {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
-                "base": base, "rank": rank, "window": window, "step": step, "objective": objective, "tolerance": tolerance,
-                "budget": budget,
-                "include": list(include or []), "exclude": list(exclude or []),
-                "skip_stem": skip_stem, "skip_head": skip_head}
+    fit, calibrate, calibration_images = check_fit(_plain(fit), _plain(calibrate), _plain(calibration_images))
+    if fit == "activations" and calibration is None:
+        raise ValueError("fit='activations' needs calibration=: a tensor or an iterable of batches of the model's "
+                         "inputs (or use fit='weights')")
+    fit = ("activations" if calibration is not None else "weights") if fit == "auto" else fit
+    return {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
+            "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
+            "tolerance": tolerance, "budget": budget, "include": list(include or []),
+            "exclude": list(exclude or []), "skip_stem": skip_stem, "skip_head": skip_head, "fit": fit,
+            "calibration_images": calibration_images, "calibrate": calibrate,
+            "recalibrate_bn": bool(recalibrate_bn)}
 
-    params_before = _count(model)
-    plans, skipped = find_candidates(model, include=include, exclude=exclude,
-                                     skip_stem=skip_stem, skip_head=skip_head)
-    if example_input is None:
-        size = tuple(input_size) if input_size is not None else default_input_size(model)
-        if size is not None:
-            p = next(model.parameters(), None)
-            example_input = torch.randn(1, *size, device=p.device if p is not None else None,
-                                        dtype=p.dtype if p is not None else None)
+
+def _example(model: nn.Module, example_input: Any, input_size: tuple[int, ...] | None,
+             batches: list[Any]) -> Any:
+    """One sample to record activation shapes (and check the decomposed model still runs)."""
     if example_input is not None:
-        _record_shapes(model, plans, example_input[:1])
+        return C._head(example_input, 1) if not isinstance(example_input, torch.Tensor) else example_input[:1]
+    size = tuple(input_size) if input_size is not None else (None if batches else default_input_size(model))
+    if size is not None:
+        p = next(model.parameters(), None)
+        return torch.randn(1, *size, device=p.device if p is not None else None,
+                           dtype=p.dtype if p is not None else None)
+    return C._head(batches[0], 1) if batches else None
 
-    dense_flops_all = [p.forward_flops(None) for p in plans]
-    reports: list[LayerReport] = []
-    chosen: dict[str, tuple[int, ...] | None] = {}
-    reasons: dict[str, str] = {}
+
+def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mapping[str, Any] | None
+            ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str]]:
+    """Every plan's ranks by the policy (None keeps the layer dense), and the reasons the report gives."""
+    policy = settings["policy"]
+    keys = {k: settings[k] for k in ("ratio", "energy", "multiple", "rounding", "base", "rank")}
     if policy == "optimized":
-        estimates = {p.name: estimate_ranks(p, "quantized", ratio=ratio, energy=energy, multiple=multiple,
-                                            rounding=rounding, base=base, rank=rank) for p in plans}
-        chosen, reasons, stats = choose_ranks(plans, estimates, window=window, step=step, objective=objective,
-                                              base=base, ratio=ratio, energy=energy,
-                                              tolerance=tolerance, budget=budget, **dict(rank_search or {}))
+        estimates = {p.name: estimate_ranks(p, "quantized", **keys) for p in plans}
+        chosen, reasons, stats = choose_ranks(
+            plans, estimates, window=settings["window"], step=settings["step"], objective=settings["objective"],
+            base=settings["base"], ratio=settings["ratio"], energy=settings["energy"],
+            tolerance=settings["tolerance"], budget=settings["budget"], **dict(rank_search or {}))
         settings["rank_search"] = stats
-    elif policy != "none":
-        for p in plans:
-            chosen[p.name] = estimate_ranks(p, policy, ratio=ratio, energy=energy, multiple=multiple,
-                                            rounding=rounding, base=base, rank=rank)
+        return chosen, reasons
+    if policy == "none":
+        return {}, {}
+    return {p.name: estimate_ranks(p, policy, **keys) for p in plans}, {}
 
-    for plan, dense_flops in zip(plans, dense_flops_all):
-        ranks = chosen.get(plan.name)
-        weight_shape = tuple(plan.module.weight.shape)
-        kept = LayerReport(name=plan.name, kind=type(plan.module).__name__, action="kept",
-                           weight_shape=weight_shape, full_ranks=plan.full_ranks,
-                           params_before=plan.params_dense, params_after=plan.params_dense,
-                           flops_before=dense_flops, flops_after=dense_flops)
-        if policy == "none":
-            kept.reason = "rank.policy=none"
-            reports.append(kept)
-            continue
-        if ranks is None:
-            kept.reason = reasons.get(plan.name, "no rank given for this layer")
-            reports.append(kept)
-            continue
-        if plan.params_for(ranks) >= plan.params_dense:
-            kept.reason = f"ranks {ranks} would not shrink it"
-            kept.ranks = tuple(ranks)
-            reports.append(kept)
-            continue
-        new, err = build_factorized(plan, ranks)
-        _set_module(model, plan.name, new)
-        reports.append(LayerReport(
-            name=plan.name, kind=plan.kind, action="decomposed", weight_shape=weight_shape,
-            factor_shapes=_shapes(new), ranks=tuple(new.ranks), full_ranks=plan.full_ranks,
-            params_before=plan.params_dense, params_after=plan.params_for(tuple(new.ranks)),
-            flops_before=dense_flops, flops_after=plan.forward_flops(tuple(new.ranks)), rel_error=err,
-            reason=reasons.get(plan.name, "")))
-        plan._spectra.clear()
 
-    if example_input is not None and any(r.action == "decomposed" for r in reports):
-        _keep_runnable(model, {p.name: p.module for p in plans}, reports, example_input[:1])
-    report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=params_before,
-                                 params_after=_count(model), settings=settings)
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    report.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
-    if plans and all(f is not None for f in dense_flops_all):
-        report.flops_before = sum(dense_flops_all)
-        report.flops_after = sum(layer.flops_after or 0 for layer in reports)
-    return report
+def _replace(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...] | None, reasons: dict[str, str],
+             policy: str) -> LayerReport:
+    """Swap one layer for its factorized form (or keep it, saying why) and report it."""
+    dense_flops = plan.forward_flops(None)
+    weight_shape = tuple(plan.module.weight.shape)
+    kept = LayerReport(name=plan.name, kind=type(plan.module).__name__, action="kept",
+                       weight_shape=weight_shape, full_ranks=plan.full_ranks,
+                       params_before=plan.params_dense, params_after=plan.params_dense,
+                       flops_before=dense_flops, flops_after=dense_flops)
+    if policy == "none":
+        kept.reason = "rank.policy=none"
+        return kept
+    if ranks is None:
+        kept.reason = reasons.get(plan.name, "no rank given for this layer")
+        return kept
+    if plan.params_for(ranks) >= plan.params_dense:
+        kept.reason = f"ranks {ranks} would not shrink it"
+        kept.ranks = tuple(ranks)
+        return kept
+    new, err = build_factorized(plan, ranks)
+    reason = reasons.get(plan.name, "")
+    if plan.fit_note:
+        reason = "; ".join(filter(None, [reason, plan.fit_note]))
+    _set_module(model, plan.name, new)
+    return LayerReport(
+        name=plan.name, kind=plan.kind, action="decomposed", weight_shape=weight_shape,
+        factor_shapes=_shapes(new), ranks=tuple(new.ranks), full_ranks=plan.full_ranks,
+        params_before=plan.params_dense, params_after=plan.params_for(tuple(new.ranks)),
+        flops_before=dense_flops, flops_after=plan.forward_flops(tuple(new.ranks)), rel_error=err,
+        error_of="output" if plan.moments is not None else "weight", reason=reason)

@@ -99,12 +99,23 @@ QUALITY_COLUMNS: list[str] = [
     "top1_decomposed",  # after fine-tuning
     "top1_drop",  # original - decomposed (after fine-tune), in points
     "val_images",  # validation images every top-1 rests on: one image = 100 / val_images points
+    "fit",  # what the factors were fitted to: "weights" or "activations" (the layer's outputs on calibration images)
+    "calibration_images",  # training images the activation fit used
+    "calibration_s",  # seconds collecting the calibration activations (part of decompose_s)
+    "distill_alpha",  # weight of the knowledge-distillation term in fine-tuning; null: no distillation
+]
+TARGET_COLUMNS: list[str] = [
+    "decompose_s",  # the whole decomposition, calibration included
+    "target_drop",  # points of top-1 below the original's the to-target columns measure against
+    "finetune_epochs_to_target",  # first fine-tuning epoch within the target (0: already before); null: never
+    "finetune_s_to_target",  # wall seconds from fit start to the end of that epoch's validation; null: never
+    "time_to_target_s",  # decompose_s + finetune_s_to_target; null when either is missing
 ]
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
 #: The row contract, in order. Extra keys are allowed and kept after these.
 RESULT_COLUMNS: list[str] = (IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + DEPLOY_COLUMNS + MEMORY_COLUMNS
-                              + QUALITY_COLUMNS + STATUS_COLUMNS)
+                              + QUALITY_COLUMNS + TARGET_COLUMNS + STATUS_COLUMNS)
 
 # Block medians of one fixed step that differ by more than this mean the machine changed speed under the
 # benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.
@@ -208,7 +219,7 @@ def make_row(**values: Any) -> dict[str, Any]:
     Derived columns are computed only when not given: ``params_ratio`` and ``flops_speedup_*`` are
     original/decomposed (>1 = smaller/cheaper), ``train_speedup`` / ``infer_speedup`` are decomposed/original
     images/s (>1 = faster), ``top1_drop`` = original - fine-tuned decomposed top-1 (same unit as the inputs,
-    percent points by convention). ``rank_params`` / ``freeze_params`` given as dicts become JSON strings and
+    percent points by convention), ``time_to_target_s`` = ``decompose_s`` + ``finetune_s_to_target``. ``rank_params`` / ``freeze_params`` given as dicts become JSON strings and
     ``overrides`` given as a list becomes one space-separated string. Extra keys are kept after the contract
     columns.
     """
@@ -232,6 +243,9 @@ def make_row(**values: Any) -> dict[str, Any]:
     if row["top1_drop"] is None:
         a, b = finite_number(row["top1_original"]), finite_number(row["top1_decomposed"])
         row["top1_drop"] = None if a is None or b is None else a - b
+    if row["time_to_target_s"] is None:
+        a, b = finite_number(row["decompose_s"]), finite_number(row["finetune_s_to_target"])
+        row["time_to_target_s"] = None if a is None or b is None else a + b
     return row
 
 

@@ -27,6 +27,41 @@ def drift_fidelity_note(row: Mapping[str, Any]) -> str | None:
             "epoch; the difference is the machine's speed changing in between, not the framework.")
 
 
+def _decomposition_note(row: Mapping[str, Any]) -> str:
+    """``fit=activations, 256 calibration images, 1.2 s`` (what of it the row has; empty for an old row)."""
+    parts = [f"fit={row['fit']}"] if row.get("fit") else []
+    images, calib = finite_number(row.get("calibration_images")), finite_number(row.get("calibration_s"))
+    if images is not None and images > 0:
+        parts.append(f"{images:.0f} calibration images" + (f", {calib:.1f} s" if calib is not None else ""))
+    return ", ".join(parts)
+
+
+def time_to_target_line(row: Mapping[str, Any]) -> str | None:
+    """One line on the time to accuracy, the decomposition's fit and distillation; None for a row without them."""
+    drop = finite_number(row.get("target_drop"))
+    epochs, ft_s = finite_number(row.get("finetune_epochs_to_target")), finite_number(row.get("finetune_s_to_target"))
+    total, dec_s = finite_number(row.get("time_to_target_s")), finite_number(row.get("decompose_s"))
+    alpha = finite_number(row.get("distill_alpha"))
+    detail = [f"decomposition {dec_s:.1f} s"] if dec_s is not None and total is None else []
+    detail += [_decomposition_note(row)] if _decomposition_note(row) else []
+    kd = f"distilled from the original (alpha={alpha:g})" if alpha is not None else ""
+    if drop is None:  # no fine-tuning target measured: what the row has of the rest
+        body = ", ".join(detail + ([kd] if kd else []))
+        return body or None
+    if epochs is None:
+        body = "not reached in fine-tuning"
+    elif epochs == 0:
+        body = "already within before fine-tuning (0 epochs)"
+    else:
+        body = f"{epochs:.0f} epoch{'s' if epochs != 1 else ''}"
+        body += f", {ft_s:.1f} s fine-tuning" if ft_s is not None else ""
+    if total is not None:
+        body += f", {total:.1f} s with decomposition"
+    line = f"time to within {drop:g} pt of the original's top-1: {body}"
+    line += f" ({', '.join(detail)})" if detail else ""
+    return line + (f"; {kd}" if kd else "")
+
+
 def _human(value: Any, unit: str = "") -> str:
     num = finite_number(value)
     if num is None:
@@ -120,7 +155,8 @@ def format_summary(row: Mapping[str, Any]) -> str:
         status += f": {r['error']}"
     overhead = finite_number(r.get("train_loop_overhead"))
     notes = [f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
-             "logging)" if overhead is not None else None, drift_fidelity_note(r), unstable_note(r)]
+             "logging)" if overhead is not None else None, time_to_target_line(r), drift_fidelity_note(r),
+             unstable_note(r)]
     lines = [
         head,
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",

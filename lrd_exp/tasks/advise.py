@@ -47,6 +47,7 @@ from lrd_exp.tasks.common import (
     bench_optimizer,
     bench_precision,
     build_model,
+    calibration_inputs,
     freeze_total_units,
     rank_search_context,
     slug,
@@ -67,6 +68,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     applied = [grid.apply(cfg, c) for c in configs]  # every one checked before any work (one line, the bad key)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same original (and data) as a training job's
     dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
+    calibration = calibration_inputs(cfg, dm)  # the same training images a training job fits to
     original, top1_original = original_model(cfg, device, dm, out_dir)
     batch = cfg.bench.batch_size or cfg.trainer.batch_size
     x, y = dm.example_batch(batch)
@@ -90,7 +92,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
         log.info("advise: decomposition %d/%d: %s", i + 1, len(groups), rank_label or "the run's rank config")
         try:
             rows += measure_decomposition(cfg, device, dm, original, size, x, y, members, out_dir, seen,
-                                          reference)
+                                          reference, calibration)
         except Exception as exc:
             log.exception("advise: %s failed", rank_label)
             rows += [{**config, "configuration": config_label(config), "status": "failed",
@@ -194,8 +196,8 @@ def union_states(per_config: list[list[FreezeState]]) -> tuple[list[FreezeState]
 
 def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, size: tuple[int, int],
                           x: torch.Tensor, y: torch.Tensor, members: list[dict[str, Any]], out_dir: str,
-                          seen: dict[tuple, list[dict[str, Any]]], reference: dict[str, Any]
-                          ) -> list[dict[str, Any]]:
+                          seen: dict[tuple, list[dict[str, Any]]], reference: dict[str, Any],
+                          calibration: list[Any] | None = None) -> list[dict[str, Any]]:
     """One decomposition (prepared once) and its freeze schedules, timed side by side with the original
     (``size``: the original's parameters and forward FLOPs per sample)."""
     a, b = cfg.advise, cfg.bench
@@ -204,8 +206,8 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
     cdir = os.path.join(out_dir, "configs", folder_name(label))
     os.makedirs(cdir, exist_ok=True)
     decomposed = copy.deepcopy(original)
-    report = decompose_model(decomposed, **cfgs[0].rank, example_input=x[:1],
-                             rank_search=rank_search_context(cfgs[0], device, dm) | {"output_dir": cdir})
+    report = decompose_model(decomposed, **cfgs[0].rank, example_input=x[:1], calibration=calibration,
+                             seed=cfg.seed, rank_search=rank_search_context(cfgs[0], device, dm) | {"output_dir": cdir})
     results.write_text_atomic(os.path.join(cdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
     if not report.decomposed:  # every layer kept dense: this configuration is the original, nothing to time
         log.info("advise: %s decomposes no layer here: it is the original", label)

@@ -206,3 +206,19 @@ def objective_value(cfg: DictConfig, row: dict[str, Any]) -> float | None:
         return -float(drop)
     value = row.get(cfg.objective.metric)
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def calibration_inputs(cfg: DictConfig, dm: Any) -> list[Any] | None:
+    """The training images a decomposition is fitted to (and BatchNorm re-estimated on), or None: on synthetic data
+    ``rank.fit=auto`` fits the weights, and the fit changes accuracy only, never speed."""
+    fit = _v(cfg.rank.fit)
+    if _v(cfg.rank.policy) == "none" or (fit == "weights" and not cfg.rank.recalibrate_bn):
+        return None
+    if not dm.has_real_data and fit != "activations":
+        log.info("no real data (dataset=%s): the factors are fitted to the weights; the fit (rank.fit) changes "
+                 "accuracy only, not speed", dm.name)
+        return None
+    try:
+        return dm.calibration_batches(int(cfg.rank.calibration_images), cfg.trainer.batch_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -20,7 +20,9 @@ from torch import nn
 
 from lrd_exp import results
 from lrd_exp.config.schema import canonical_precision
+from lrd_exp.config.validate import ConfigError
 from lrd_exp.decompose import decompose_model
+from lrd_exp.decompose.calibration import CalibrationError
 from lrd_exp.deploy.model_file import read_model_file, save_decomposed, structure
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
@@ -29,6 +31,7 @@ from lrd_exp.sweep.guard import warn_parallel_throughput
 from lrd_exp.tasks.common import (
     bench_optimizer,
     build_model,
+    calibration_inputs,
     identity_row,
     is_model_file,
     load_model_file,
@@ -39,6 +42,7 @@ from lrd_exp.tasks.measure import measure_pair
 from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
 from lrd_exp.training.baseline import get_or_train
 from lrd_exp.training.data import build_datamodule
+from lrd_exp.training.target import DEFAULT_TARGET_DROP, TimeToTarget
 from lrd_exp.training.trainer import evaluate, finish_wandb, fit, make_loggers, make_wandb, validation_images
 
 log = logging.getLogger("lrd_exp")
@@ -66,7 +70,10 @@ def train(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
         row.update(status="failed", error="interrupted")
         raise
     except Exception as exc:
-        log.exception("job failed")
+        if isinstance(exc, (ConfigError, CalibrationError)):  # the user's input: one line, no traceback
+            log.error("%s", exc)
+        else:
+            log.exception("job failed")
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
     finally:
         row["duration_s"] = round(time.perf_counter() - started, 2)
@@ -85,8 +92,10 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
                           data_dir=cfg.paths.data_dir)
     row: dict[str, Any] = {}
+    calibration = None if is_model_file(cfg.model.checkpoint) else calibration_inputs(cfg, dm)  # before any work
 
-    if is_model_file(cfg.model.checkpoint):  # a saved decomposed model: fine-tune it further, no SVD again
+    from_file = is_model_file(cfg.model.checkpoint)
+    if from_file:  # a saved decomposed model: fine-tune it further, no SVD again
         original, decomposed, curves = from_model_file(cfg, dm, out_dir)
     else:
         # 1. baseline: trained once per defining config, cached for every job of a sweep
@@ -95,11 +104,20 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
         row["top1_original"] = evaluate(cfg, device, original, dm, out_dir)
 
         # 2. decompose
-        decomposed = decompose(cfg, device, dm, original, out_dir)
+        decomposed, fitted = decompose(cfg, device, dm, original, out_dir, calibration=calibration)
+        row.update(fitted)
     row["top1_decomposed_pre"] = evaluate(cfg, device, decomposed, dm, out_dir)
 
-    # 3. fine-tune with the freeze schedule
-    history, speed, probe, finetune_curve = finetune(cfg, device, dm, decomposed, out_dir, wandb_logger)
+    # 3. fine-tune with the freeze schedule, timed to the target accuracy (and stopped there, if asked),
+    #    distilled from the original if asked (not from a model file's: its original is untrained)
+    target = target_callback(cfg, row)
+    teacher = original if cfg.trainer.distill.enabled and not from_file else None
+    if cfg.trainer.distill.enabled and from_file:
+        log.warning("trainer.distill ignored: a job that starts from a model file has no trained original to learn from")
+    history, speed, probe, finetune_curve = finetune(cfg, device, dm, decomposed, out_dir, wandb_logger,
+                                                     teacher=teacher, target=target)
+    row.update(target_fields(cfg, target))
+    row["distill_alpha"] = float(cfg.trainer.distill.alpha) if teacher is not None else None
     row["top1_decomposed"] = evaluate(cfg, device, decomposed, dm, out_dir)
     row["val_images"] = validation_images(cfg, dm)
     save_model(cfg, decomposed, dm, out_dir, top1=row["top1_decomposed"])
@@ -166,35 +184,65 @@ def save_model(cfg: DictConfig, model: nn.Module, dm: Any, out_dir: str, **row: 
     return path
 
 
-def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, out_dir: str) -> nn.Module:
-    """A decomposed copy of ``original`` by the run's rank policy; the per-layer report goes to the output dir."""
+def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, out_dir: str, *,
+              calibration: list[Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A decomposed copy of ``original`` by the run's rank policy, fitted to ``calibration`` (training images) when
+    given; the per-layer report goes to the output dir. Returns (model, the row's fit columns)."""
     x, _ = dm.example_batch(1)
     decomposed = copy.deepcopy(original)
-    report = decompose_model(decomposed, **cfg.rank, example_input=x,
+    report = decompose_model(decomposed, **cfg.rank, calibration=calibration, example_input=x, seed=cfg.seed,
                              rank_search=rank_search_context(cfg, device, dm))
     log.info("decomposition: %s", report.summary())
     report.to_frame().to_csv(os.path.join(out_dir, "decomposition.csv"), index=False)
     results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), report.table(max_rows=None) + "\n")
-    return decomposed
+    return decomposed, {"fit": report.fit, "calibration_images": report.calibration_images,
+                        "calibration_s": round(report.calibration_s, 3), "decompose_s": round(report.decompose_s, 3)}
 
 
 def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module, out_dir: str,
-             wandb_logger: Any | None) -> tuple[list[dict[str, Any]], StepThroughput, BenchProbe | None, list]:
-    """Fine-tune ``decomposed`` in place with the freeze schedule: (freeze history, loop speed, probe, curve)."""
+             wandb_logger: Any | None, *, teacher: nn.Module | None = None, target: TimeToTarget | None = None
+             ) -> tuple[list[dict[str, Any]], StepThroughput, BenchProbe | None, list]:
+    """Fine-tune ``decomposed`` in place with the freeze schedule: (freeze history, loop speed, probe, curve).
+
+    ``teacher`` (the original; a copy is trained against, the caller's is untouched) turns on knowledge
+    distillation; ``target`` (:class:`TimeToTarget`) records the time to accuracy, stops there if asked, and
+    skips the fine-tuning when the model is already within the target and ``trainer.target_drop`` is set."""
     t = cfg.trainer
     freezer = FreezingCallback(cfg.freeze)
     speed = StepThroughput(device)
+    if target is not None and target.skip_fit:
+        log.info("fine-tuning skipped: top-1 before fine-tuning is already within trainer.target_drop=%g points of "
+                 "the original's (%.2f)", target.drop, target.top1_original)
+        return [], speed, None, []
     probe = make_probe(cfg, device, dm, speed)
     if t.finetune_epochs <= 0:
         return [], speed, probe, []
     loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
     before = [p.requires_grad for p in decomposed.parameters()]
+    callbacks = [freezer, speed] + ([probe] if probe else []) + ([target] if target is not None else [])
     module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=t.finetune_optim, out_dir=out_dir,
-                 stage="finetune", callbacks=[freezer, speed] + ([probe] if probe else []), loggers=loggers,
-                 resume=cfg.resume)
+                 stage="finetune", callbacks=callbacks, loggers=loggers, resume=cfg.resume,
+                 teacher=copy.deepcopy(teacher) if teacher is not None else None)
     for p, flag in zip(decomposed.parameters(), before):  # as before the fit: measurement applies each state
         p.requires_grad_(flag)
     return freezer.history, speed, probe, [dict(c, stage="finetune") for c in module.curve]
+
+
+def target_callback(cfg: DictConfig, row: dict[str, Any]) -> TimeToTarget | None:
+    """The time-to-accuracy callback against ``row``'s original top-1 (None without one: a model file's job)."""
+    if row.get("top1_original") is None:
+        return None
+    drop = cfg.trainer.target_drop
+    return TimeToTarget(row["top1_original"], drop, stop=drop is not None, top1_start=row.get("top1_decomposed_pre"))
+
+
+def target_fields(cfg: DictConfig, target: TimeToTarget | None) -> dict[str, Any]:
+    """The row's to-target columns; null epochs and seconds when never reached or not measurable."""
+    if target is not None:
+        return target.fields()
+    drop = cfg.trainer.target_drop
+    return {"target_drop": DEFAULT_TARGET_DROP if drop is None else float(drop), "finetune_epochs_to_target": None,
+            "finetune_s_to_target": None}
 
 
 def loop_fields(speed: StepThroughput, probe: BenchProbe | None, row: dict[str, Any], out_dir: str

@@ -31,17 +31,41 @@ def make_optimizer(params: list[torch.nn.Parameter], optim: Any) -> torch.optim.
     raise ValueError(f"trainer.*_optim.name={name!r} is not allowed: choose one of {', '.join(OPTIMIZERS)}")
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *, alpha: float,
+                      temperature: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinton's knowledge-distillation loss and its KD term: ``((1 - alpha) * CE + alpha * T^2 * KD, KD)`` with
+    ``KD = KL(softmax(teacher / T) || softmax(student / T))`` averaged over the batch (the T^2 keeps the soft
+    term's gradients on the scale of the hard one's)."""
+    t = float(temperature)
+    ce = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - alpha) * ce + alpha * t * t * kd, kd
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy training with SGD/AdamW and an optional cosine schedule.
 
     All parameters go to the optimizer; a frozen one (requires_grad False, grad None) is skipped by it, so
     the freezing callback can change the frozen set at any step without rebuilding the optimizer.
+
+    With a ``teacher`` (the original model, when fine-tuning the decomposed one with ``trainer.distill``), the
+    training loss is :func:`distillation_loss` with ``distill_alpha`` and ``distill_temperature``; validation is
+    plain cross-entropy. The teacher is used as given, not copied: it is put in eval mode with
+    ``requires_grad=False``, moved to the student's device and floating dtype (and layout, under
+    ``channels_last``) at fit start, and is not a submodule: not in the optimizer, ``state_dict`` or checkpoints.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, optim: Any = None, max_steps: int | None = None,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, teacher: nn.Module | None = None, distill_alpha: float = 0.5,
+                 distill_temperature: float = 2.0) -> None:
         super().__init__()
         self.model = model
+        # a tuple, not an attribute nn.Module would register: the teacher stays out of parameters(), state_dict()
+        # and the checkpoints, and out of train() / to() of this module (on_fit_start moves it)
+        self._teacher: tuple[nn.Module, ...] = () if teacher is None else (teacher.eval().requires_grad_(False),)
+        self.distill_alpha = float(distill_alpha)
+        self.distill_temperature = float(distill_temperature)
         self.channels_last = bool(channels_last)
         self.optim = dict(optim or {})
         self.max_steps = max_steps
@@ -58,6 +82,21 @@ class Classifier(pl.LightningModule):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def on_fit_start(self) -> None:
+        # after the strategy moved (and, for a *-true precision, cast) the student: the teacher follows it
+        teacher = self.teacher
+        if teacher is None:
+            return
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        teacher.to(device=self.device, dtype=dtype)
+        if self.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        teacher.eval().requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:  # (a batch hook would warn with every LightningDataModule)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -65,8 +104,19 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=float(self.optim.get("label_smoothing", 0.0)))
+        smoothing = float(self.optim.get("label_smoothing", 0.0))
+        teacher = self.teacher
+        if teacher is None:
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss, kd = distillation_loss(logits, teacher_logits, y, alpha=self.distill_alpha,
+                                         temperature=self.distill_temperature, label_smoothing=smoothing)
+            self.log("train/kd", kd.detach(), on_step=False, on_epoch=True, batch_size=x.shape[0])
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower the learning rate "

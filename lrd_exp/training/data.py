@@ -176,6 +176,27 @@ class _BaseDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    @property
+    def has_real_data(self) -> bool:
+        """Whether the images mean something (calibration fits to them; synthetic noise would only mislead it)."""
+        return True
+
+    def calibration_batches(self, n: int, batch_size: int | None = None) -> list[torch.Tensor]:
+        """``n`` images of the training split (never validation), chosen by a generator seeded with the run's seed,
+        in batches: the inputs a decomposition is fitted to and BatchNorm re-estimated on. Their indices into the
+        training split are kept in ``calibration_indices``."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        total = len(self.train_dataset)
+        if not 1 <= n <= total:
+            raise ValueError(f"rank.calibration_images={n} is not allowed here: between 1 and the training split's "
+                             f"{total} images")
+        g = torch.Generator().manual_seed(self.seed)
+        self.calibration_indices = torch.randperm(total, generator=g)[:n].sort().values
+        size = int(batch_size or self.batch_size)
+        images = [self.train_dataset[int(i)][0] for i in self.calibration_indices]
+        return [torch.stack(images[i:i + size]) for i in range(0, n, size)]
+
     def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A seeded random batch of the real input shape, for throughput measurement (reads no data)."""
         g = torch.Generator().manual_seed(self.seed)
@@ -258,6 +279,10 @@ class SyntheticDataModule(_BaseDataModule):
         super().__init__(cfg, **kwargs)
         self.train_size = int(_opt(cfg, "train_size", 512))
         self.val_size = int(_opt(cfg, "val_size", 128))
+
+    @property
+    def has_real_data(self) -> bool:
+        return False
 
     def _dataset(self, n: int, offset: int) -> Dataset:
         shape = (self.in_chans, self.image_size, self.image_size)
