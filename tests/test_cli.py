@@ -39,6 +39,8 @@ def _env():
     (["device=npu"], ["torch_npu"]),
     (["trainer.baseline_optim.warmup_epochs=-1"], ["trainer.baseline_optim.warmup_epochs", "-1", ">= 0"]),
     (["trainer.finetune_optim.lr=0"], ["trainer.finetune_optim.lr", "0", "> 0"]),
+    (["rank.calibration_images=0"], ["rank.calibration_images", "0", ">= 1"]),
+    (["rank.calibration_images=1438"], ["rank.calibration_images", "1438", "1437 images"]),
 ])
 def test_bad_input_one_line_no_files(tmp_path, capsys, overrides, needles):
     if "device=cuda" in overrides and torch.cuda.is_available():

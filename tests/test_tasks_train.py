@@ -187,6 +187,10 @@ def test_pipeline_run_in_process(cfg_factory, tmp_path):
     assert row["status"] == "ok", row.get("error")
     assert not [c for c in RESULT_COLUMNS if c not in row]
     assert row["output_dir"] == str(out)
+    # digits is real data: the factors were fitted to 256 training images (rank.fit=auto), BN re-estimated
+    assert row["fit"] == "activations" and row["calibration_images"] == 256
+    assert 0 < row["calibration_s"] <= row["decompose_s"]
+    assert "output_error" in (out / "decomposition.txt").read_text()
     assert row["baseline_cache_hit"] is False
     assert row["channels_last"] is False
     from lrd_exp.devices.allocator import malloc_mode

@@ -21,6 +21,7 @@ from lrd_exp.training.data import (
     CIFAR100_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DigitsDataModule,
     build_datamodule,
 )
 
@@ -476,3 +477,21 @@ def test_bad_stats_and_val_fraction():
         digits(in_chans=3, mean=[0.1, 0.2], std=[1.0])
     with pytest.raises(ValueError, match="dataset.val_fraction"):
         build_datamodule(make_cfg(val_fraction=1.0), batch_size=2)
+
+
+def test_calibration_images_come_from_the_training_split_seeded():
+    """The calibration images are training images (by value and by index), never validation ones, and a seed
+    picks the same ones again."""
+    dm = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=3)
+    batches = dm.calibration_batches(100, 32)
+    assert [b.shape for b in batches] == [torch.Size([32, 1, 16, 16])] * 3 + [torch.Size([4, 1, 16, 16])]
+    chosen = dm.train_indices[dm.calibration_indices.numpy()]
+    assert not set(chosen) & set(dm.val_indices)
+    train_x = dm.train_dataset.tensors[0]
+    assert torch.equal(torch.cat(batches), train_x[dm.calibration_indices])
+    val_x = dm.val_dataset.tensors[0].flatten(1)
+    assert not (torch.cdist(torch.cat(batches).flatten(1), val_x) == 0).any()  # no validation image among them
+    again = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=3)
+    assert torch.equal(torch.cat(again.calibration_batches(100, 32)), torch.cat(batches))
+    with pytest.raises(ValueError, match=r"rank\.calibration_images=5000"):
+        dm.calibration_batches(5000)

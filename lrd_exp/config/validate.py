@@ -25,6 +25,9 @@ from lrd_exp.config.schema import (
 from lrd_exp.config.schema import enum_value as _v
 
 
+DIGITS_IMAGES = 1797  # scikit-learn's digits; the validation split takes ceil(val_fraction * 1797)
+
+
 class ConfigError(ValueError):
     """A user error in the configuration: printed as one line, no traceback."""
 
@@ -226,6 +229,11 @@ def _validate(cfg: DictConfig) -> None:
                           "sizes must be >= 1 and num_classes >= 2")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"dataset.val_fraction={d.val_fraction} is not allowed: a fraction in (0, 1)")
+    train_split = {"digits": DIGITS_IMAGES - math.ceil(DIGITS_IMAGES * d.val_fraction),
+                   "synthetic": d.train_size}.get(d.name)  # other datasets: checked when their split is read
+    if train_split is not None and cfg.rank.calibration_images > train_split and _v(cfg.task) in ("train", "advise"):
+        raise ConfigError(f"rank.calibration_images={cfg.rank.calibration_images} is not allowed here: between 1 "
+                          f"and the training split's {train_split} images (dataset={d.name})")
     if d.name == "imagenet" and _v(cfg.task) in ("train", "evaluate"):
         root = d.root or os.path.join(cfg.paths.data_dir, d.name)
         if not os.path.isdir(root):

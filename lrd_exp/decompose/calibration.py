@@ -98,7 +98,7 @@ def shapes(batch: Batch) -> str:
     return type(batch).__name__
 
 
-def run_batch(model: nn.Module, batch: Batch) -> Any:
+def run_batch(model: nn.Module, batch: Batch, what: str = "a calibration batch") -> Any:
     """``model(x)``, ``model(*x)`` or ``model(**x)`` on the model's device; a failure is one line with the batch's
     shapes."""
     p = next(model.parameters(), None)
@@ -113,8 +113,9 @@ def run_batch(model: nn.Module, batch: Batch) -> Any:
     except (_Stop, CalibrationError):
         raise
     except Exception as exc:
-        raise CalibrationError(f"calibration: the model failed on a calibration batch of shapes {shapes(batch)}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+        error = " ".join(str(exc).split())
+        raise CalibrationError(f"the model failed on {what} of shapes {shapes(batch)}: {type(exc).__name__}: "
+                               f"{error}") from exc
 
 
 class _Modes:

@@ -209,11 +209,14 @@ def tucker2_fitted_factors(w: torch.Tensor, rank_in: int, rank_out: int, moment:
     s_half = (q * lam.sqrt()[None, :]) @ q.T
     basis = (m.T @ (m @ (s_half @ v[:, :rank_in])))  # in x r1, the row space of V_r^T S M^T M, transposed
     first = torch.linalg.qr(basis)[0].T  # r1 x in, orthonormal rows
-    # Sigma F^T as in x k2 x r1 x k2, and F Sigma F^T: F acts on the channel index of each kernel position
-    sig = moment.reshape(n_in, k2, n_in, k2).permute(0, 1, 3, 2).reshape(-1, n_in)  # (i, p, q) x j
-    sig_f = (sig @ first.T).reshape(n_in, k2, k2, rank_in).permute(0, 1, 3, 2)  # i, p, r, q
-    a = (first @ sig_f.reshape(n_in, -1)).reshape(rank_in * k2, rank_in * k2)
-    b = wd.reshape(n_out, n_in * k2) @ sig_f.reshape(n_in * k2, rank_in * k2)  # W Sigma F^T
+    # Sigma F^T as in x k2 x r1 x k2, and F Sigma F^T: F acts on the channel index of each kernel position. The
+    # large products run in the weight's precision (float32 unless float64); the solve in float64.
+    gemm = torch.float64 if w.dtype == torch.float64 else torch.float32
+    f = first.to(gemm)
+    sig = moment.to(gemm).reshape(n_in, k2, n_in, k2).permute(0, 1, 3, 2).reshape(-1, n_in)  # (i, p, q) x j
+    sig_f = (sig @ f.T).reshape(n_in, k2, k2, rank_in).permute(0, 1, 3, 2)  # i, p, r, q
+    a = (f @ sig_f.reshape(n_in, -1)).reshape(rank_in * k2, rank_in * k2).to(moment.dtype)
+    b = (w.to(gemm).reshape(n_out, n_in * k2) @ sig_f.reshape(n_in * k2, rank_in * k2)).to(moment.dtype)
     g = psd_solve(a, b.T).T  # out x r1*k2: the best conv on the projected inputs
     u, _ = psd_eigh(g @ b.T)  # G (F Sigma F^T) G^T = G B^T: the covariance of its outputs
     last = u[:, :rank_out]

@@ -146,13 +146,14 @@ def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
     return tuple(size) if size else None
 
 
-def _forward(model: nn.Module, batch: C.Batch) -> Any:
+def _forward(model: nn.Module, batch: C.Batch, what: str = "the example input") -> Any:
     """One forward of a batch (tensor, tuple or dict) in eval mode without autograd; modes are restored."""
     with C._Modes(model):
-        return C.run_batch(model, batch)
+        return C.run_batch(model, batch, what)
 
 
-def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Batch) -> None:
+def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Batch,
+                   what: str = "the example input") -> None:
     hooks = []
 
     def hook(plan: LayerPlan):
@@ -164,7 +165,7 @@ def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Ba
     for plan in plans:
         hooks.append(plan.module.register_forward_hook(hook(plan)))
     try:
-        _forward(model, example_input)
+        _forward(model, example_input, what)
     finally:
         for h in hooks:
             h.remove()
@@ -392,7 +393,8 @@ def decompose_model(
                                      skip_stem=skip_stem, skip_head=skip_head)
     example = _example(model, example_input, input_size, batches)
     if example is not None:
-        _record_shapes(model, plans, example)
+        _record_shapes(model, plans, example, "the example input" if example_input is not None or not batches
+                       or input_size is not None else "a calibration batch")
     dense_flops_all = [p.forward_flops(None) for p in plans]
 
     calibration_s, order = 0.0, []
@@ -489,7 +491,7 @@ def _example(model: nn.Module, example_input: Any, input_size: tuple[int, ...] |
         p = next(model.parameters(), None)
         return torch.randn(1, *size, device=p.device if p is not None else None,
                            dtype=p.dtype if p is not None else None)
-    return C._head(batches[0], 1) if batches else None
+    return batches[0] if batches else None  # a whole batch: an error then names the calibration batch's shapes
 
 
 def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mapping[str, Any] | None
