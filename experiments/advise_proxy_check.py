@@ -6,11 +6,18 @@ writes Spearman rank correlations. The proxy is an error, so a useful one correl
 
     python experiments/advise_proxy_check.py <advise sweep dir> results/digits_compression/results.csv \
         --out results/advise_digits
+
+The calibrated decomposition (rank.fit=activations: the proxy is then the output error on the calibration images)
+against experiment=digits_calibration's rows of the same fit:
+
+    python experiments/advise_proxy_check.py <advise sweep dir> results/digits_calibration/results.csv \
+        --rank fit=activations --rank recalibrate_bn=true --name calibrated --out results/advise_digits
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -27,9 +34,13 @@ def load_advice(sweep_dir: Path) -> pd.DataFrame:
         ["model", "seed", "rank_ratio", "approx_error", "top1_pre", "params_ratio"]]
 
 
-def load_finetuned(results_csv: Path) -> pd.DataFrame:
+def load_finetuned(results_csv: Path, rank: dict[str, str] | None = None) -> pd.DataFrame:
+    """The sweep's quantized rows; ``rank`` keeps those whose rank node has these values (as text)."""
     df = pd.read_csv(results_csv)
     df = df[(df["status"] == "ok") & (df["rank_policy"] == "quantized")]
+    for key, value in (rank or {}).items():
+        params = df["rank_params"].map(json.loads)
+        df = df[params.map(lambda p, k=key: str(p.get(k)).lower()) == value.lower()]
     return df[["model", "seed", "rank_ratio", "freeze", "top1_decomposed", "top1_decomposed_pre"]]
 
 
@@ -38,7 +49,8 @@ def rho(a: pd.Series, b: pd.Series) -> str:
     return f"{r:+.2f} (p={p:.2g}, n={len(a)})"
 
 
-def check(advice: pd.DataFrame, tuned: pd.DataFrame) -> str:
+def check(advice: pd.DataFrame, tuned: pd.DataFrame, source: str = "experiment=digits_compression, 3 epochs, "
+          "mean over its no / sequential / alternating freeze schedules") -> str:
     # top-1 after fine-tuning, averaged over the freeze schedules, per (model, ratio, seed)
     per_seed = tuned.groupby(["model", "rank_ratio", "seed"], as_index=False).agg(
         top1=("top1_decomposed", "mean"), top1_pre_sweep=("top1_decomposed_pre", "first"))
@@ -48,8 +60,7 @@ def check(advice: pd.DataFrame, tuned: pd.DataFrame) -> str:
     means = joined.groupby(["model", "rank_ratio"], as_index=False).mean(numeric_only=True)
     lines = ["# The accuracy proxy against top-1 after fine-tuning (digits)", "",
              "Proxy: `approx_error`, the mean relative approximation error per layer of the decomposed model before "
-             "fine-tuning (task=advise). Truth: top-1 after fine-tuning (experiment=digits_compression, 3 epochs, "
-             "mean over its no / sequential / alternating freeze schedules). Spearman rho; a useful proxy is "
+             f"fine-tuning (task=advise). Truth: top-1 after fine-tuning ({source}). Spearman rho; a useful proxy is "
              "negative (more error, less accuracy).", ""]
     lines += ["| scope | points | rho(proxy, top-1 after FT) | rho(compression ratio, top-1 after FT) | "
               "rho(proxy, top-1 before FT) |", "|:--|:--|--:|--:|--:|"]
@@ -76,12 +87,19 @@ def main() -> None:
     ap.add_argument("advise_dir", type=Path)
     ap.add_argument("results_csv", type=Path)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rank", action="append", default=[], metavar="KEY=VALUE",
+                    help="keep the sweep's rows whose rank node has this value (repeatable)")
+    ap.add_argument("--name", default="", help="suffix of the written files: proxy_check_<name>.md")
     args = ap.parse_args()
-    advice, tuned = load_advice(args.advise_dir), load_finetuned(args.results_csv)
+    rank = dict(item.split("=", 1) for item in args.rank)
+    advice, tuned = load_advice(args.advise_dir), load_finetuned(args.results_csv, rank)
     args.out.mkdir(parents=True, exist_ok=True)
-    advice.to_csv(args.out / "advice_all.csv", index=False)
-    text = check(advice, tuned)
-    (args.out / "proxy_check.md").write_text(text)
+    suffix = f"_{args.name}" if args.name else ""
+    advice.to_csv(args.out / f"advice_all{suffix}.csv", index=False)
+    source = (f"{args.results_csv}, rows with " + ", ".join(f"rank.{k}={v}" for k, v in rank.items())) if rank else \
+        "experiment=digits_compression, 3 epochs, mean over its no / sequential / alternating freeze schedules"
+    text = check(advice, tuned, source)
+    (args.out / f"proxy_check{suffix}.md").write_text(text)
     print(text)
 
 

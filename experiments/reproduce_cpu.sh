@@ -3,14 +3,14 @@
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
 #   bash experiments/reproduce_cpu.sh [step ...]
 #   steps: paper vit convergence freeze_order compression calibration distill calibration_time bench resnet50 advise
-#          advise_proxy fidelity figures
+#          advise_proxy advise_proxy_calibrated fidelity figures
 # (bench: three default benchmark invocations + 60 s of timing_studies/machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
 mkdir -p "$RUNS"  # a step run on its own (tee writes its log there) on a fresh clone
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression calibration distill calibration_time bench resnet50 advise advise_proxy fidelity figures)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression calibration distill calibration_time bench resnet50 advise advise_proxy advise_proxy_calibrated fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 TIMING=(device.malloc=tuned)  # careful timing on a noisy host (docs/measurement.md): the allocator keeps its buffers
 
@@ -112,6 +112,17 @@ for step in "${steps[@]}"; do
       "${cmd[@]}"
       provenance "$dest" "${cmd[*]}"
       $PY experiments/advise_proxy_check.py "$RUNS/advise_digits" results/digits_compression/results.csv --out "$dest" ;;
+    advise_proxy_calibrated)  # the same check for the calibrated decomposition, against digits_calibration's rows of
+      # that fit, on its own baselines (the calibration step's cache): run after the calibration step
+      dest=results/advise_digits
+      cmd=("$PY" run.py experiment=advise_digits "hydra.sweep.dir=$RUNS/advise_digits_calibrated"
+           "paths.cache_dir=$RUNS/calibration_cache")  # rank.fit=auto: activations on digits
+      rm -rf "${RUNS:?}/advise_digits_calibrated"
+      "${cmd[@]}"
+      $PY experiments/advise_proxy_check.py "$RUNS/advise_digits_calibrated" results/digits_calibration/results.csv \
+        --rank fit=activations --rank recalibrate_bn=true --name calibrated --out "$dest"
+      echo "- calibrated check: \`${cmd[*]}\`, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short=12 HEAD)" \
+        >> "$dest/PROVENANCE.md" ;;
     fidelity)  # the default training job 4 x, with and without the progress bar: loop vs benchmark, paired
       # (bench.probe_steps is opt-in since 2026-11-29: the paired loop / probe comparison needs it on)
       $PY experiments/timing_studies/fidelity_study.py --runs 4 --out results/fidelity_cpu/fidelity.md \

@@ -341,3 +341,77 @@ def test_a_lightning_checkpoint_loads_safely(cfg_factory, tmp_path):
     model = build_model(cfg, num_classes=10, in_chans=1, image_size=32)
     for (name, a), b in zip(model.state_dict().items(), module.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ every numeric key, whatever the policy
+NUMERIC_KEYS = [  # (override, key named in the error); the default policy (quantized) does not use window/step
+    ("rank.ratio=1.0", "rank.ratio"),
+    ("rank.energy=0", "rank.energy"),
+    ("rank.multiple=0", "rank.multiple"),
+    ("rank.window=-0.1", "rank.window"),
+    ("rank.window=1.0", "rank.window"),
+    ("rank.step=0", "rank.step"),
+    ("rank.tolerance=-0.01", "rank.tolerance"),
+    ("rank.calibration_images=0", "rank.calibration_images"),
+    ("bench.batch_size=0", "bench.batch_size"),
+    ("bench.warmup=-1", "bench.warmup"),
+    ("bench.steps=0", "bench.steps"),
+    ("bench.rounds=0", "bench.rounds"),
+    ("bench.switch_warmup=-1", "bench.switch_warmup"),
+    ("bench.min_time_s=-1", "bench.min_time_s"),
+    ("bench.probe_steps=-1", "bench.probe_steps"),
+    ("advise.steps=0", "advise.steps"),
+    ("advise.warmup=-1", "advise.warmup"),
+    ("advise.val_images=-1", "advise.val_images"),
+    ("advise.max_error=0", "advise.max_error"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.finetune_epochs=-1", "trainer.finetune_epochs"),
+    ("trainer.target_drop=-0.5", "trainer.target_drop"),
+    ("trainer.distill.alpha=1.5", "trainer.distill.alpha"),
+    ("trainer.distill.temperature=0", "trainer.distill.temperature"),
+]
+
+
+@pytest.mark.parametrize("override,key", NUMERIC_KEYS)
+def test_every_numeric_key_is_range_checked_whatever_the_policy(cfg_factory, override, key):
+    """One line naming the key and the bad value, for the default rank policy too (rank.window=-0.1 ran a whole
+    job before, because it was checked only with policy=optimized)."""
+    value = override.split("=", 1)[1]
+    with pytest.raises(ConfigError) as info:
+        validate(cfg_factory([override]))
+    message = str(info.value)
+    assert "\n" not in message and key in message and value in message, message
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("rank.include=[no_such_layer]", "rank.include pattern 'no_such_layer'"),
+    ("rank.exclude=[layer9.*]", "rank.exclude pattern 'layer9.*'"),
+    ("rank.include=[layer1.0.conv]", "did you mean layer1.0.conv2, layer1.0.conv1"),
+])
+def test_a_selection_that_selects_nothing_stops_before_any_work(cfg_factory, tmp_path, override, needle):
+    from lrd_exp import tasks
+
+    with pytest.raises(ConfigError, match="matches no Linear / Conv2d layer") as info:
+        tasks.run(cfg_factory(["trainer=smoke", override]))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "result.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_rank_mapping_key_that_matches_nothing_is_refused_by_the_library():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"rank\.rank pattern 'fc\*' matches no"):
+        decompose_model(model, policy="fixed", rank={"fc*": 2})
+    with pytest.warns(UserWarning, match="no layer was decomposed"):
+        decompose_model(model, policy="fixed", rank={"0": 8})  # full rank: nothing shrinks
+
+
+def test_a_job_that_decomposes_nothing_fails_with_the_reason(cfg_factory, tmp_path):
+    from lrd_exp import tasks
+    from lrd_exp.tasks.common import JobFailed
+
+    with pytest.raises(JobFailed, match="no layer was decomposed"):
+        tasks.run(cfg_factory(["trainer=smoke", "bench.enabled=false", "rank.multiple=4096"]))
+    import json
+
+    row = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert row["status"] == "failed" and "would not shrink it" in row["error"]

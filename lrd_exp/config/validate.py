@@ -24,7 +24,6 @@ from lrd_exp.config.schema import (
 )
 from lrd_exp.config.schema import enum_value as _v
 
-
 DIGITS_IMAGES = 1797  # scikit-learn's digits; the validation split takes ceil(val_fraction * 1797)
 
 
@@ -62,6 +61,28 @@ def check_rank(rank: int, key: str = "rank.rank") -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"{key}={rank!r} is not allowed: a rank must be an integer >= 1")
     return rank
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_window(window: float) -> float:
+    if not _number(window) or not 0 <= window < 1:
+        raise ValueError(f"rank.window={window!r} is not allowed: a fraction in [0, 1)")
+    return float(window)
+
+
+def check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"rank.step={step!r} is not allowed: an integer >= 1")
+    return step
+
+
+def check_tolerance(tolerance: float) -> float:
+    if not _number(tolerance) or not 0 <= tolerance < 1:
+        raise ValueError(f"rank.tolerance={tolerance!r} is not allowed: a fraction in [0, 1)")
+    return float(tolerance)
 
 
 def check_fit(fit: str, calibrate: str, calibration_images: int) -> tuple[str, str, int]:
@@ -148,10 +169,8 @@ def validate_rank_freeze(cfg: DictConfig) -> None:
     """The checks of ``rank`` and ``freeze``: what defines one decomposed configuration."""
     rank = cfg.rank
     policy = _v(rank.policy)
-    if policy in ("ratio", "quantized", "optimized"):
-        check_ratio(rank.ratio)
-    if policy == "energy" or _v(rank.base) == "energy":
-        check_energy(rank.energy)
+    check_ratio(rank.ratio)  # every numeric key whatever the policy: a bad value is a typo, used or not
+    check_energy(rank.energy)
     check_multiple(rank.multiple)
     check_fit(rank.fit, rank.calibrate, rank.calibration_images)
     if policy == "fixed":
@@ -159,11 +178,9 @@ def validate_rank_freeze(cfg: DictConfig) -> None:
             raise ConfigError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
         if not isinstance(rank.rank, (dict, DictConfig)):
             check_rank(rank.rank)
-    if policy == "optimized":
-        if not 0 <= rank.window < 1:
-            raise ConfigError(f"rank.window={rank.window} is not allowed: a fraction in [0, 1)")
-        if rank.step < 1:
-            raise ConfigError(f"rank.step={rank.step} is not allowed: an integer >= 1")
+    check_window(rank.window)  # whatever the policy: a bad value is a typo whether it is used or not
+    check_step(rank.step)
+    check_tolerance(rank.tolerance)
     check_freeze(**freeze_values(cfg.freeze))
 
 

@@ -44,6 +44,17 @@ class DecompositionReport:
         """What ``rel_error`` measures, as the table names it."""
         return "output_error" if any(layer.error_of == "output" for layer in self.layers) else "weight_error"
 
+    def why_dense(self) -> str:
+        """Why every layer was kept, most common reasons first (for a decomposition that changed nothing)."""
+        if not self.layers:
+            return "the model has no Linear or Conv2d layer to decompose"
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            reason = layer.reason.split(" (")[0] if layer.reason else "kept"
+            counts[reason] = counts.get(reason, 0) + 1
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        return "; ".join(f"{n} x {reason}" for reason, n in ranked[:4])
+
     @property
     def decomposed(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.action == "decomposed"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from lrd_exp.config.schema import enum_value
-from lrd_exp.config.validate import check_fit
+from lrd_exp.config.validate import check_fit, check_step, check_tolerance, check_window
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
@@ -194,6 +196,21 @@ def weights_read_directly(model: nn.Module) -> dict[str, str]:
                         out[f"{name}.{child}" if name else child] = (f"read directly by its {cls.__module__}."
                                                                      f"{cls.__name__} ({child}.weight)")
     return out
+
+
+def check_selection(model: nn.Module, *, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                    rank: Any = None) -> None:
+    """A ``rank.include`` / ``rank.exclude`` pattern or a ``rank.rank`` key that matches no Linear / Conv2d layer is
+    a typo that would run a whole job for nothing: one ValueError naming it, with the closest layer names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    keyed = [("rank.include", p) for p in patterns(include)] + [("rank.exclude", p) for p in patterns(exclude)]
+    if isinstance(rank, Mapping):
+        keyed += [("rank.rank", str(p)) for p in rank]
+    for key, pattern in keyed:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; the layers are e.g. {', '.join(names[:3])}"
+            raise ValueError(f"{key} pattern {pattern!r} matches no Linear / Conv2d layer of the model{hint}")
 
 
 def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: Iterable[str] = (),
@@ -388,6 +405,8 @@ def decompose_model(
                               recalibrate_bn=recalibrate_bn, calibration=calibration)
     policy, fit = settings["policy"], settings["fit"]
     batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
+    check_selection(model, include=settings["include"], exclude=settings["exclude"],
+                    rank=settings["rank"] if policy == "fixed" else None)
     params_before = _count(model)
     plans, skipped = find_candidates(model, include=settings["include"], exclude=settings["exclude"],
                                      skip_stem=skip_stem, skip_head=skip_head)
@@ -439,6 +458,9 @@ def decompose_model(
         report.flops_before = sum(dense_flops_all)
         report.flops_after = sum(layer.flops_after or 0 for layer in reports)
     report.decompose_s = time.perf_counter() - started
+    if policy != "none" and not report.decomposed:
+        warnings.warn(f"decompose_model: no layer was decomposed (policy={policy}): {report.why_dense()}",
+                      stacklevel=2)
     return report
 
 
@@ -457,17 +479,13 @@ def check_settings(*, policy: Any, ratio: Any, energy: Any, multiple: Any, round
     if base not in R.BASES:
         raise ValueError(f"rank.base={base!r} is not allowed: choose one of {', '.join(R.BASES)}")
     rank, include, exclude = _plain(rank), patterns(_plain(include)), patterns(_plain(exclude))
-    if policy in ("ratio", "quantized", "optimized") and base == "ratio" or policy == "ratio":
-        R.check_ratio(ratio)
-    if policy == "energy" or base == "energy" and policy in ("quantized", "optimized"):
-        R.check_energy(energy)
-    if policy in ("quantized", "optimized"):
-        R.check_multiple(multiple)
+    R.check_ratio(ratio), R.check_energy(energy), R.check_multiple(multiple)  # whatever the policy, as the CLI
     if policy == "fixed":
         if rank is None:
             raise ValueError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
         if not isinstance(rank, Mapping):
             R.check_rank(rank)
+    window, step, tolerance = check_window(window), check_step(step), check_tolerance(tolerance)
     fit, calibrate, calibration_images = check_fit(_plain(fit), _plain(calibrate), _plain(calibration_images))
     if fit == "activations" and calibration is None:
         raise ValueError("fit='activations' needs calibration=: a tensor or an iterable of batches of the model's "

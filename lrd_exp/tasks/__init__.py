@@ -18,7 +18,7 @@ from lrd_exp.results.io import read_result
 from lrd_exp.results.row import RESULT_FILENAME, STATUS_OK
 from lrd_exp.tasks.advise import advise
 from lrd_exp.tasks.benchmark import benchmark
-from lrd_exp.tasks.common import JobFailed, output_dir
+from lrd_exp.tasks.common import JobFailed, check_model_selection, output_dir
 from lrd_exp.tasks.evaluate import evaluate
 from lrd_exp.tasks.train import train
 
@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> float | None:
     raises :class:`JobFailed` after its row (``status: failed``, with the error) is written.
     """
     validate(cfg)
+    check_model_selection(cfg)
     tune_malloc(_v(cfg.device.malloc))
     device = resolve_device(_v(cfg.device.accelerator))
     out_dir = output_dir(cfg)

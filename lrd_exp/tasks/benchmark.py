@@ -30,6 +30,7 @@ from lrd_exp.tasks.common import (
     freeze_total_units,
     identity_row,
     rank_search_context,
+    require_decomposed,
     slug,
 )
 from lrd_exp.tasks.measure import measure
@@ -65,6 +66,9 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
     x = torch.randn(batch, d.in_chans, size, size, device=device.torch_device)
     y = torch.randint(0, d.num_classes, (batch,), device=device.torch_device)
     original = original.to(device.torch_device)
+    if enum_value(cfg.rank.fit) != "weights":
+        log.info("benchmark: random inputs, no calibration images: the factors are fitted to the weights (rank.fit "
+                 "changes accuracy only, not speed)")
     rows, stage_rows = [], []
     for i, (label, vcfg) in enumerate(variant_configs(cfg)):
         started = time.perf_counter()
@@ -75,10 +79,12 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
         row["output_dir"] = vdir
         try:
             decomposed = copy.deepcopy(original)
-            report = decompose_model(decomposed, **vcfg.rank, example_input=x[:1],
+            rank = {**vcfg.rank, "fit": "weights"}  # speed depends on the ranks only, not on what they were fitted to
+            report = decompose_model(decomposed, **rank, example_input=x[:1],
                                      rank_search=rank_search_context(vcfg, device, None) | {"output_dir": vdir})
             os.makedirs(vdir, exist_ok=True)
             results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+            require_decomposed(vcfg, report)
             states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg), example_input=x[:1])
             log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
             importance = enum_value(vcfg.freeze.get("importance"))

@@ -222,3 +222,27 @@ def calibration_inputs(cfg: DictConfig, dm: Any) -> list[Any] | None:
         return dm.calibration_batches(int(cfg.rank.calibration_images), cfg.trainer.batch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def check_model_selection(cfg: DictConfig) -> None:
+    """``rank.include`` / ``rank.exclude`` patterns and ``rank.rank`` keys checked against the model's layers before
+    any work (a typo would otherwise run a whole job that decomposes nothing); ConfigError naming the pattern."""
+    from lrd_exp.decompose.surgery import check_selection
+
+    r = cfg.rank
+    mapping = r.rank if _v(r.policy) == "fixed" and isinstance(r.rank, DictConfig) else None
+    if _v(cfg.task) == "evaluate" or not (r.include or r.exclude or mapping) or is_model_file(cfg.model.checkpoint):
+        return
+    d = cfg.dataset
+    model = build_model(cfg, num_classes=d.num_classes, in_chans=d.in_chans, image_size=d.image_size, load=False)
+    try:
+        check_selection(model, include=r.include, exclude=r.exclude, rank=mapping)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def require_decomposed(cfg: DictConfig, report: Any) -> None:
+    """A decomposition that left every layer dense (policy other than none) is not a result: ConfigError with why."""
+    if _v(cfg.rank.policy) != "none" and not report.decomposed:
+        raise ConfigError(f"no layer was decomposed with rank.policy={_v(cfg.rank.policy)}: {report.why_dense()} "
+                          "(decomposition.txt lists every layer)")

@@ -37,6 +37,7 @@ from lrd_exp.tasks.common import (
     load_model_file,
     objective_value,
     rank_search_context,
+    require_decomposed,
 )
 from lrd_exp.tasks.measure import measure_pair
 from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
@@ -195,6 +196,7 @@ def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module,
     log.info("decomposition: %s", report.summary())
     report.to_frame().to_csv(os.path.join(out_dir, "decomposition.csv"), index=False)
     results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    require_decomposed(cfg, report)
     return decomposed, {"fit": report.fit, "calibration_images": report.calibration_images,
                         "calibration_s": round(report.calibration_s, 3), "decompose_s": round(report.decompose_s, 3)}
 
