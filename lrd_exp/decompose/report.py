@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -50,7 +51,7 @@ class DecompositionReport:
             return "the model has no Linear or Conv2d layer to decompose"
         counts: dict[str, int] = {}
         for layer in self.layers:
-            reason = layer.reason.split(" (")[0] if layer.reason else "kept"
+            reason = " ".join(re.sub(r"\([^)]*\)", "", layer.reason).split()) or "kept"  # without the numbers
             counts[reason] = counts.get(reason, 0) + 1
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])
         return "; ".join(f"{n} x {reason}" for reason, n in ranked[:4])
