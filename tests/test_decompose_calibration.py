@@ -319,3 +319,43 @@ def test_svd_conv_and_tucker_accept_a_moment():
     a = SVDConv1x1.from_conv(conv1, 3, moment=(p1.T @ p1).double())
     b = Tucker2Conv.from_conv(conv3, 3, 4, moment=(p3.T @ p3).double())
     assert a(x).shape == conv1(x).shape and b(x).shape == conv3(x).shape
+
+
+# ------------------------------------------------------------------------------- give back only what breaks
+class _ReadsWeight(nn.Module):
+    """A block whose forward reads its first child's weight itself (as torchvision's Swin attention does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.proj(F.linear(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_only_the_layer_read_directly_is_given_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReadsWeight(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), _ReadsWeight(),
+                          nn.Linear(32, 5))
+    report = decompose_model(model, policy="fixed", rank=4, input_size=(32,))
+    kept = {r.name: r.reason for r in report.layers if r.action == "kept"}
+    assert set(kept) == {"0.qkv", "4.qkv", "5"}
+    assert kept["0.qkv"] == "its parent reads .weight of it directly"
+    assert {r.name for r in report.decomposed} == {"0.proj", "1", "3", "4.proj"}
+    assert isinstance(model[0].proj, SVDLinear) and isinstance(model[0].qkv, nn.Linear)
+    assert model(torch.randn(3, 32)).shape == (3, 5)
+    assert "__getattr__" not in vars(type(model[1]).__mro__[1])  # the lookup recorder is gone afterwards
+
+
+@pytest.mark.slow  # about 10 s alone: torchvision's swin_t at 224 px, one forward per give-back round
+def test_swin_keeps_only_its_attention_projections():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.swin_t(weights=None).eval()
+    report = decompose_model(model, policy="quantized", ratio=2, input_size=(3, 224, 224))
+    kept = {r.name: r.reason for r in report.layers if r.action == "kept"}
+    decomposed = {r.name for r in report.decomposed}
+    assert all(n.endswith(("attn.qkv", "attn.proj")) for n in kept if n not in ("features.0.0", "head"))
+    assert all(kept[n] == "its parent reads .weight of it directly" for n in kept if "attn" in n)
+    assert {n for n in decomposed if "mlp" in n} and {n for n in decomposed if n.endswith("reduction")}
+    assert report.params_after < 0.7 * report.params_before

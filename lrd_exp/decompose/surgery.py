@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import fnmatch
@@ -9,7 +10,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,26 +321,67 @@ def build_fitted(plan: LayerPlan, ranks: tuple[int, ...], moments: C.Moments) ->
     return new, Fn.output_error(w, w_hat, moments.moment)
 
 
-def _forward_error(model: nn.Module, x: C.Batch) -> Exception | None:
+#: attributes of the dense layer that a parent may read itself (``F.linear(x, self.qkv.weight)``)
+DENSE_ATTRIBUTES = frozenset({"weight", "bias", "in_features", "out_features", "in_channels", "out_channels",
+                              "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"})
+
+
+@contextlib.contextmanager
+def _dense_lookups() -> Iterator[dict[int, str]]:
+    """Record, during the block, which factorized layers had a dense layer's attribute looked up on them and
+    missing (id -> the attribute): the layers whose parents read them directly."""
+    missed: dict[int, str] = {}
+    base = nn.Module.__getattr__
+
+    def lookup(self: nn.Module, name: str) -> Any:
+        try:
+            return base(self, name)
+        except AttributeError:
+            if name in DENSE_ATTRIBUTES:
+                missed.setdefault(id(self), name)
+            raise
+
+    FactorizedLayer.__getattr__ = lookup
     try:
-        _forward(model, x)
-        return None
-    except Exception as exc:  # any failure: the model would not run as decomposed
-        return exc
+        yield missed
+    finally:
+        del FactorizedLayer.__getattr__
+
+
+def _forward_error(model: nn.Module, x: C.Batch) -> tuple[Exception | None, dict[int, str]]:
+    with _dense_lookups() as missed:
+        try:
+            _forward(model, x)
+            return None, missed
+        except Exception as exc:  # any failure: the model would not run as decomposed
+            return exc, missed
 
 
 def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: list[LayerReport],
                    x: C.Batch) -> None:
-    """A model that no longer runs (a parent that reads a layer's weight itself, say) gets its layers back, last
-    decomposed first, until it runs again; each restored layer's report says why."""
-    error = _forward_error(model, x)
+    """A model that no longer runs gets back exactly the layers that break it: those whose parents read a dense
+    attribute (``.weight``, ``.bias``, ...) of them directly. Only if the failure names none are layers given back
+    last decomposed first, until it runs. Each restored layer's report says why."""
+    error, missed = _forward_error(model, x)
     decomposed = [r for r in reports if r.action == "decomposed"]
     while error is not None and decomposed:
-        r = decomposed.pop()
-        _set_module(model, r.name, originals[r.name])
-        r.action, r.reason = "kept", f"the model's forward failed with it decomposed ({type(error).__name__}: {error})"
-        r.factor_shapes, r.params_after, r.flops_after, r.rel_error = [], r.params_before, r.flops_before, 0.0
-        error = _forward_error(model, x)
+        message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        culprits = [r for r in decomposed if id(model.get_submodule(r.name)) in missed]
+        if culprits:
+            for r in culprits:
+                attr = missed[id(model.get_submodule(r.name))]
+                _restore(model, originals, r, f"its parent reads .{attr} of it directly")
+                decomposed.remove(r)
+        else:
+            r = decomposed.pop()
+            _restore(model, originals, r, f"the model's forward failed with it decomposed ({message})")
+        error, missed = _forward_error(model, x)
+
+
+def _restore(model: nn.Module, originals: dict[str, nn.Module], r: LayerReport, reason: str) -> None:
+    _set_module(model, r.name, originals[r.name])
+    r.action, r.reason = "kept", reason
+    r.factor_shapes, r.params_after, r.flops_after, r.rel_error = [], r.params_before, r.flops_before, 0.0
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
