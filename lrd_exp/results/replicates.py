@@ -17,7 +17,10 @@ from lrd_exp.results.row import STATUS_OK, finite_number, own_overrides, split_o
 
 #: the metrics summarised over seeds (``<metric>_mean`` and ``<metric>_ci95`` columns)
 METRICS = ("top1_original", "top1_decomposed", "top1_drop", "train_speedup", "infer_speedup", "params_ratio",
-           "flops_speedup_train")
+           "flops_speedup_train", "top1_decomposed_pre", "top1_drop_pre", "finetune_epochs_to_target",
+           "finetune_s_to_target", "time_to_target_s", "calibration_s", "decompose_s")
+#: null when the target was never reached: their mean is over the seeds that reached it (the table says how many)
+TO_TARGET = ("finetune_epochs_to_target", "finetune_s_to_target", "time_to_target_s")
 #: what makes two rows the same configuration besides their overrides (the seed and run-specific columns excluded)
 CONFIG_COLUMNS = ("model", "dataset", "task", "variant", "rank_policy", "rank_ratio", "rank_multiple", "rank_params",
                   "freeze", "freeze_params", "device", "precision", "batch_size", "channels_last")
@@ -83,6 +86,11 @@ def aggregate_replicates(df: pd.DataFrame) -> pd.DataFrame:
         row["overrides"] = first["_config"]
         seeds = sorted({int(s) for s in group["seed"].dropna()})
         row.update(n_seeds=len(seeds), seeds=" ".join(map(str, seeds)))
+        if {"top1_original", "top1_decomposed_pre"} <= set(group.columns):
+            group = group.assign(top1_drop_pre=pd.to_numeric(group["top1_original"], errors="coerce")
+                                 - pd.to_numeric(group["top1_decomposed_pre"], errors="coerce"))
+        if "finetune_epochs_to_target" in group.columns:
+            row["n_reached"] = int(group["finetune_epochs_to_target"].notna().sum())
         for metric in METRICS:
             if metric in group.columns:
                 mean, ci, _ = mean_ci95(pd.to_numeric(group[metric], errors="coerce").tolist())
@@ -95,7 +103,11 @@ def aggregate_replicates(df: pd.DataFrame) -> pd.DataFrame:
 
 
 #: (mean column base, header) of the replicate table
-TABLE: list[tuple[str, str]] = [("top1_decomposed", "top-1 dec"), ("top1_drop", "top-1 drop"),
+TABLE: list[tuple[str, str]] = [("top1_decomposed_pre", "top-1 before FT"), ("top1_drop_pre", "drop before FT"),
+                                 ("top1_decomposed", "top-1 dec"), ("top1_drop", "top-1 drop"),
+                                 ("finetune_epochs_to_target", "FT epochs to target"),
+                                 ("finetune_s_to_target", "FT s to target"), ("calibration_s", "calibration s"),
+                                 ("decompose_s", "decomposition s"),
                                  ("train_speedup", "train speedup"), ("infer_speedup", "infer speedup"),
                                  ("params_ratio", "params ratio")]
 
@@ -114,12 +126,18 @@ def replicates_markdown(agg: pd.DataFrame) -> str:
     agg = agg.assign(overrides=own if own is not None else None)
     ident = [c for c in ("model", "rank_policy", "rank_ratio", "rank_multiple", "freeze") if c in agg]
     ident += ["overrides"] if own is not None else []
+    table = [(m, h) for m, h in TABLE if any(finite_number(r.get(f"{m}_mean")) is not None
+                                             for r in agg.to_dict("records"))]  # only what was measured
     body = []
     for row in agg.to_dict("records"):
         cells = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
                  for v in (row.get(c) for c in ident)]
         cells.append(str(row["n_seeds"]))
-        cells += [mean_pm_ci(row, m) for m, _ in TABLE]
+        for m, _ in table:
+            cell = mean_pm_ci(row, m)
+            if m in TO_TARGET and row.get("n_reached") is not None and row["n_reached"] < row["n_seeds"]:
+                cell = f"{cell} ({row['n_reached']}/{row['n_seeds']} reached)" if row["n_reached"] else "not reached"
+            cells.append(cell)
         body.append([c.replace("|", "\\|") for c in cells])
-    headers = [c.replace("_", " ") for c in ident] + ["seeds"] + [h for _, h in TABLE]
+    headers = [c.replace("_", " ") for c in ident] + ["seeds"] + [h for _, h in table]
     return pd.DataFrame(body, columns=headers).to_markdown(index=False, disable_numparse=True)
