@@ -61,6 +61,7 @@ def main() -> None:
                                   f"paths.cache_dir={args.cache}", "logger.wandb.enabled=false"])
             dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=seed,
                                   data_dir=cfg.paths.data_dir)
+            dm.setup("fit")
             original, _, cache = baseline(cfg, device, dm, "/tmp")
             if not cache["baseline_cache_hit"]:
                 print(f"note: {arch} seed {seed}: the baseline was not in the cache and was trained here")
