@@ -108,6 +108,9 @@ def test_cfg_factory_points_outputs_at_tmp(cfg_factory, tmp_path):
     ("bench.precision=fp8", "bench.precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "bf16"]),
     ("trainer.finetune_optim.name=adam", "trainer.finetune_optim.name", ["sgd", "adamw"]),
     ("trainer.baseline_optim.scheduler=step", "trainer.baseline_optim.scheduler", ["cosine", "none"]),
+    ("logger.wandb.mode=ofline", "logger.wandb.mode", ["offline", "online", "disabled"]),  # it logged online
+    ("rank.fit=activation", "rank.fit", ["auto", "weights", "activations"]),
+    ("rank.calibrate=both", "rank.calibrate", ["independent", "sequential"]),
 ])
 def test_bad_enum_fails_at_composition(cfg_factory, override, key, allowed):
     with pytest.raises(ConfigCompositionException) as info:

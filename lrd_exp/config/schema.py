@@ -91,6 +91,12 @@ class Task(str, Enum):
     advise = "advise"
 
 
+class WandbMode(str, Enum):
+    offline = "offline"  # sync later with `wandb sync`
+    online = "online"
+    disabled = "disabled"
+
+
 class AdviseSpeed(str, Enum):
     train = "train"
     infer = "infer"
@@ -320,7 +326,7 @@ class AdviseConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = True
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline  # a typo (ofline) fails at composition instead of logging online
     project: str = "lrd-exp"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)

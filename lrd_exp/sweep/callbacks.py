@@ -21,6 +21,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lrd_exp.config.schema import enum_value
 from lrd_exp.results.io import collect_rows
 from lrd_exp.results.tables import markdown_table, write_tables
 from lrd_exp.results.wandb import log_wandb_table
@@ -78,7 +79,7 @@ class AggregateResults(Callback):
 
         if not (self.wandb and bool(OmegaConf.select(config, "logger.wandb.enabled", default=False))):
             return
-        mode = str(OmegaConf.select(config, "logger.wandb.mode", default="offline") or "offline")
+        mode = str(enum_value(OmegaConf.select(config, "logger.wandb.mode", default="offline")) or "offline")
         project = str(OmegaConf.select(config, "logger.wandb.project", default="lrd-exp") or "lrd-exp")
         entity = OmegaConf.select(config, "logger.wandb.entity", default=None)
         try:

@@ -103,10 +103,11 @@ def make_loggers(cfg: DictConfig, out_dir: str, stage: str) -> list[Any]:
 
 def make_wandb(cfg: DictConfig, out_dir: str, row: dict[str, Any]) -> Any | None:
     w = cfg.logger.wandb
-    if not w.enabled or w.mode == "disabled":
+    mode = _v(w.mode)
+    if not w.enabled or mode == "disabled":
         return None
     sweep = os.path.basename(os.path.dirname(out_dir)) if "multirun" in out_dir else "single"
-    return WandbLogger(project=w.project, entity=w.entity, save_dir=out_dir, offline=w.mode == "offline",
+    return WandbLogger(project=w.project, entity=w.entity, save_dir=out_dir, offline=mode == "offline",
                        group=sweep, job_type=_v(cfg.task), tags=list(w.tags),
                        name=f"{row['model']}-{row['rank_policy']}-{row['freeze']}",
                        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
