@@ -227,6 +227,7 @@ def test_resume_continues_from_last_checkpoint(cfg_factory, tmp_path):
     from lrd_exp import tasks
 
     base = [*SMOKE, "trainer.max_steps=-1", "trainer.limit_val_batches=1", "dataset.val_fraction=0.9",
+            "rank.calibration_images=64",
             "bench.enabled=false"]
     assert tasks.run(cfg_factory([*base, "trainer.finetune_epochs=1"])) is None  # bench off: no metric
     first = json.loads((tmp_path / "out" / "result.json").read_text())
