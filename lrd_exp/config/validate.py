@@ -246,8 +246,10 @@ def _validate(cfg: DictConfig) -> None:
                           "sizes must be >= 1 and num_classes >= 2")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"dataset.val_fraction={d.val_fraction} is not allowed: a fraction in (0, 1)")
+    # the images calibration takes (synthetic ones only when asked: rank.fit=auto fits the weights there); other
+    # datasets are checked when their split is read, before the baseline
     train_split = {"digits": DIGITS_IMAGES - math.ceil(DIGITS_IMAGES * d.val_fraction),
-                   "synthetic": d.train_size}.get(d.name)  # other datasets: checked when their split is read
+                   "synthetic": d.train_size if _v(cfg.rank.fit) == "activations" else None}.get(d.name)
     if train_split is not None and cfg.rank.calibration_images > train_split and _v(cfg.task) in ("train", "advise"):
         raise ConfigError(f"rank.calibration_images={cfg.rank.calibration_images} is not allowed here: between 1 "
                           f"and the training split's {train_split} images (dataset={d.name})")
