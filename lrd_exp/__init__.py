@@ -23,6 +23,7 @@ _PUBLIC = {
     "SVDLinear": "lrd_exp.decompose",
     "Tucker2Conv": "lrd_exp.decompose",
     "decompose_model": "lrd_exp.decompose",
+    "recalibrate_bn": "lrd_exp.decompose",
     "FreezeSchedule": "lrd_exp.freezing",
     "FreezingCallback": "lrd_exp.freezing",
     "load_decomposed": "lrd_exp.deploy",

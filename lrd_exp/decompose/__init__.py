@@ -1,5 +1,7 @@
-"""Low-rank decomposition: the linear algebra (functional), factorized layers, rank policies and model surgery."""
+"""Low-rank decomposition: the linear algebra (functional), factorized layers, calibration inputs, rank policies and
+model surgery."""
 
+from lrd_exp.decompose.calibration import recalibrate_bn
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.surgery import decompose_model, find_candidates
@@ -13,5 +15,6 @@ __all__ = [
     "Tucker2Conv",
     "decompose_model",
     "find_candidates",
+    "recalibrate_bn",
     "reconstruct_weight",
 ]
