@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,22 @@ def test_a_job_that_decomposes_nothing_fails_with_the_reason(cfg_factory, tmp_pa
 
     row = json.loads((tmp_path / "out" / "result.json").read_text())
     assert row["status"] == "failed" and "would not shrink it" in row["error"]
+
+
+def test_decompose_model_defaults_are_the_configs(cfg_factory):
+    """One default per key: the library's keywords default to the rank node of the default config."""
+    import inspect
+
+    from lrd_exp.config.schema import enum_value
+
+    cfg = cfg_factory([])
+    params = inspect.signature(decompose_model).parameters
+    for key, value in OmegaConf.to_container(cfg.rank, resolve=True).items():
+        default = params[key].default
+        assert enum_value(value) == (list(default) if isinstance(default, tuple) else default), key
+    a = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    b = copy.deepcopy(a)
+    decompose_model(a)
+    decompose_model(b, **cfg.rank)
+    assert isinstance(a[0], FactorizedLayer)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

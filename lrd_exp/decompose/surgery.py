@@ -400,7 +400,7 @@ def _count(model: nn.Module) -> int:
 
 def decompose_model(
     model: nn.Module,
-    policy: str = "ratio",
+    policy: str = "quantized",
     ratio: float = 2.0,
     energy: float = 0.95,
     multiple: int = 8,
