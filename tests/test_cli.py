@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-SMOKE = ["trainer=smoke", "logger=csv", "trainer.enable_progress_bar=false", "bench.warmup=1", "bench.steps=2"]
+# the weight fit: these tests are about the command line, not the fit (test_tasks_train runs the default one)
+SMOKE = ["trainer=smoke", "logger=csv", "trainer.enable_progress_bar=false", "bench.warmup=1", "bench.steps=2",
+         "rank.fit=weights"]
 
 
 def _env():
