@@ -359,3 +359,32 @@ def test_swin_keeps_only_its_attention_projections():
     assert all(kept[n] == "its parent reads .weight of it directly" for n in kept if "attn" in n)
     assert {n for n in decomposed if "mlp" in n} and {n for n in decomposed if n.endswith("reduction")}
     assert report.params_after < 0.7 * report.params_before
+
+
+def test_same_and_reflect_padding_patches_match_the_conv():
+    x = torch.randn(2, 3, 9, 10)
+    for conv in (nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(3, 4, (2, 4), padding="same"),
+                 nn.Conv2d(3, 4, 3, padding="valid"), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")):
+        p = layer_positions(conv, x)  # N x positions x in*k*k: the conv is exactly W @ patch + b at each one
+        y = (p @ conv.weight.detach().flatten(1).T + conv.bias.detach()).transpose(1, 2)
+        assert torch.allclose(y.reshape(conv(x).shape), conv(x), atol=1e-5), conv
+
+
+def test_recalibrate_bn_keeps_unreached_and_failed_statistics():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.aux = nn.BatchNorm2d(4)  # never reached by forward
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    model = TwoHeads()
+    model.aux.running_mean.fill_(3.0)
+    recalibrate_bn(model, torch.randn(8, 3, 6, 6))
+    assert torch.all(model.aux.running_mean == 3.0) and int(model.bn.num_batches_tracked) > 0
+    model.bn.running_mean.fill_(7.0)
+    with pytest.raises(CalibrationError):
+        recalibrate_bn(model, torch.randn(8, 5, 6, 6))  # wrong channels: the pass fails
+    assert torch.all(model.bn.running_mean == 7.0) and model.bn.momentum == 0.1

@@ -27,7 +27,7 @@ class CalibrationError(ValueError):
     """Calibration inputs that do not fit the model, or activations that are not finite: one line says which."""
 
 
-class _Stop(Exception):
+class _Stop(BaseException):
     """Raised by a hook once the layer being calibrated has seen its input: the rest of the forward is not needed."""
 
 
@@ -149,8 +149,8 @@ def layer_positions(module: nn.Module, x: torch.Tensor, per_sample: int | None =
     if isinstance(module, nn.Linear):
         pos = x.reshape(x.shape[0], -1, x.shape[-1])
         return _subsample(pos, per_sample, generator)
-    if module.padding_mode != "zeros" or any(module.padding):
-        pad = [p for p in reversed(module.padding) for _ in range(2)]
+    pad = list(module._reversed_padding_repeated_twice)  # any padding: ints, "same" (uneven too), "valid"
+    if any(pad):
         x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     n, c, h, w = x.shape
@@ -159,7 +159,7 @@ def layer_positions(module: nn.Module, x: torch.Tensor, per_sample: int | None =
     if per_sample is None or per_sample >= total:
         idx = torch.arange(total, device=x.device).expand(n, total)
     else:
-        idx = torch.rand(n, total, generator=generator).argsort(1)[:, :per_sample].to(x.device)
+        idx = torch.rand(n, total, generator=generator, device="cpu").argsort(1)[:, :per_sample].to(x.device)
     rows, cols = (idx // w_out) * sh, (idx % w_out) * sw  # n x P: the patch's top-left corner
     batch = torch.arange(n, device=x.device)[:, None]
     taps = [x[batch, :, rows + a * dh, cols + b * dw] for a in range(kh) for b in range(kw)]  # each n x P x c
@@ -170,7 +170,7 @@ def _subsample(pos: torch.Tensor, per_sample: int | None, generator: torch.Gener
     n, p, d = pos.shape
     if per_sample is None or p <= per_sample:
         return pos
-    idx = torch.rand(n, p, generator=generator).argsort(1)[:, :per_sample].to(pos.device)
+    idx = torch.rand(n, p, generator=generator, device="cpu").argsort(1)[:, :per_sample].to(pos.device)
     return pos.gather(1, idx[:, :, None].expand(-1, -1, d))
 
 
@@ -319,7 +319,8 @@ def recalibrate_bn(model: nn.Module, batches: torch.Tensor | Iterable[Batch]) ->
     if not bns:
         return 0
     batches = calibration_batches(batches)
-    momenta = [bn.momentum for bn in bns]
+    saved = [(bn.momentum, {k: v.clone() for k, v in bn.state_dict().items() if "running" in k or "tracked" in k})
+             for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average: every batch counts the same
@@ -327,7 +328,14 @@ def recalibrate_bn(model: nn.Module, batches: torch.Tensor | Iterable[Batch]) ->
         with _Modes(model, train_bn=True):
             for batch in batches:
                 run_batch(model, batch)
+    except BaseException:
+        for bn, (_, state) in zip(bns, saved):  # a failed pass leaves the statistics as they were
+            bn.load_state_dict(state, strict=False)
+        raise
     finally:
-        for bn, momentum in zip(bns, momenta):
+        for bn, (momentum, _) in zip(bns, saved):
             bn.momentum = momentum
+    for bn, (_, state) in zip(bns, saved):
+        if int(bn.num_batches_tracked) == 0:  # not reached by the calibration inputs: keep its own statistics
+            bn.load_state_dict(state, strict=False)
     return len(bns)

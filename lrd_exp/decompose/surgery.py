@@ -341,11 +341,15 @@ def _dense_lookups() -> Iterator[dict[int, str]]:
                 missed.setdefault(id(self), name)
             raise
 
+    own = FactorizedLayer.__dict__.get("__getattr__")
     FactorizedLayer.__getattr__ = lookup
     try:
         yield missed
     finally:
-        del FactorizedLayer.__getattr__
+        if own is None:
+            del FactorizedLayer.__getattr__
+        else:
+            FactorizedLayer.__getattr__ = own
 
 
 def _forward_error(model: nn.Module, x: C.Batch) -> tuple[Exception | None, dict[int, str]]:
@@ -475,7 +479,7 @@ def decompose_model(
         plans.sort(key=lambda p: position.get(p.name, len(position)))
     reports: list[LayerReport] = []
     for plan in plans:
-        if sequential and plan.moments is not None:
+        if sequential and plan.moments is not None and chosen.get(plan.name) is not None:
             t0 = time.perf_counter()
             plan.moments = C.collect_paired(reference, model, plan.name, batches, seed=seed)
             calibration_s += time.perf_counter() - t0
