@@ -60,7 +60,7 @@ def _map(batch: Batch, fn) -> Batch:
     return batch
 
 
-def _head(batch: Batch, n: int) -> Batch:
+def first_samples(batch: Batch, n: int) -> Batch:
     """The first ``n`` samples of every tensor that has the batch's leading size."""
     size = batch_size_of(batch)
     return _map(batch, lambda t: t[:n] if t.dim() and t.shape[0] == size else t)
@@ -80,7 +80,7 @@ def calibration_batches(calibration: torch.Tensor | Iterable[Batch], limit: int 
             break
         n = batch_size_of(batch)
         if limit is not None and seen + n > limit:
-            batch, n = _head(batch, limit - seen), limit - seen
+            batch, n = first_samples(batch, limit - seen), limit - seen
         out.append(batch)
         seen += n
     if not out:
@@ -118,7 +118,7 @@ def run_batch(model: nn.Module, batch: Batch, what: str = "a calibration batch")
                                f"{error}") from exc
 
 
-class _Modes:
+class EvalModes:
     """Eval mode (or BatchNorm-only train mode) and no autograd for a pass; every module's own mode restored."""
 
     def __init__(self, model: nn.Module, train_bn: bool = False) -> None:
@@ -261,7 +261,7 @@ def collect_moments(model: nn.Module, layers: Mapping[str, nn.Module], batches: 
 
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
     try:
-        with _Modes(model):
+        with EvalModes(model):
             for i, batch in enumerate(batches):
                 generator.manual_seed(seed * 100003 + i)
                 run_batch(model, batch)
@@ -290,7 +290,7 @@ def collect_paired(original: nn.Module, current: nn.Module, name: str, batches: 
 
     handles = [grab(original, "original"), grab(current, "current")]
     try:
-        with _Modes(original), _Modes(current):
+        with EvalModes(original), EvalModes(current):
             for i, batch in enumerate(batches):
                 captured.clear()
                 for model in (original, current):
@@ -325,7 +325,7 @@ def recalibrate_bn(model: nn.Module, batches: torch.Tensor | Iterable[Batch]) ->
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average: every batch counts the same
     try:
-        with _Modes(model, train_bn=True):
+        with EvalModes(model, train_bn=True):
             for batch in batches:
                 run_batch(model, batch)
     except BaseException:

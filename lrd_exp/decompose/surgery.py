@@ -151,7 +151,7 @@ def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
 
 def _forward(model: nn.Module, batch: C.Batch, what: str = "the example input") -> Any:
     """One forward of a batch (tensor, tuple or dict) in eval mode without autograd; modes are restored."""
-    with C._Modes(model):
+    with C.EvalModes(model):
         return C.run_batch(model, batch, what)
 
 
@@ -456,10 +456,9 @@ def decompose_model(
     params_before = _count(model)
     plans, skipped = find_candidates(model, include=settings["include"], exclude=settings["exclude"],
                                      skip_stem=skip_stem, skip_head=skip_head)
-    example = _example(model, example_input, input_size, batches)
+    example, what = _example(model, example_input, input_size, batches)
     if example is not None:
-        _record_shapes(model, plans, example, "the example input" if example_input is not None or not batches
-                       or input_size is not None else "a calibration batch")
+        _record_shapes(model, plans, example, what)
     dense_flops_all = [p.forward_flops(None) for p in plans]
 
     calibration_s, order = 0.0, []
@@ -546,16 +545,18 @@ def check_settings(*, policy: Any, ratio: Any, energy: Any, multiple: Any, round
 
 
 def _example(model: nn.Module, example_input: Any, input_size: tuple[int, ...] | None,
-             batches: list[Any]) -> Any:
-    """One sample to record activation shapes (and check the decomposed model still runs)."""
+             batches: list[Any]) -> tuple[Any, str]:
+    """One input to record activation shapes (and check the decomposed model still runs), and what it is."""
     if example_input is not None:
-        return C._head(example_input, 1) if not isinstance(example_input, torch.Tensor) else example_input[:1]
+        first = example_input[:1] if isinstance(example_input, torch.Tensor) else C.first_samples(example_input, 1)
+        return first, "the example input"
     size = tuple(input_size) if input_size is not None else (None if batches else default_input_size(model))
     if size is not None:
         p = next(model.parameters(), None)
         return torch.randn(1, *size, device=p.device if p is not None else None,
-                           dtype=p.dtype if p is not None else None)
-    return batches[0] if batches else None  # a whole batch: an error then names the calibration batch's shapes
+                           dtype=p.dtype if p is not None else None), "the example input"
+    # a whole batch: an error then names the calibration batch's shapes
+    return (batches[0], "a calibration batch") if batches else (None, "")
 
 
 def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mapping[str, Any] | None
