@@ -125,7 +125,7 @@ def test_cli_writes_decomposition_and_freeze_history(cli_runs):
 
 
 def test_cli_writes_learning_curves(cli_runs):
-    """curves.csv: validation accuracy of the baseline and fine-tune stages (convergence curves: docs/paper.md)."""
+    """curves.csv: validation accuracy of the baseline and fine-tune stages (convergence: docs/paper.md)."""
     path = cli_runs["dir1"] / "curves.csv"
     assert path.is_file(), "no curves.csv: no validation ran inside fit (trainer.max_steps ended the epoch early?)"
     curves = pd.read_csv(path)
