@@ -196,12 +196,16 @@ def test_decomposed_model_matches_at_full_energy():
     torch.testing.assert_close(model(x), ref, rtol=1e-9, atol=1e-10)
 
 
-def test_models_built_on_multihead_attention_still_run():
-    """torch's attention and encoder layers read some of their linears' weights themselves (out_proj always,
+class _OwnEncoderLayer(nn.TransformerEncoderLayer):
+    """A subclass may have its own forward, so it is not unpacked (torch's exact classes are)."""
+
+
+def test_subclassed_torch_transformer_layers_keep_the_linears_they_read_directly():
+    """A subclass of torch's encoder layer reads some of its linears' weights itself (out_proj always,
     linear1/linear2 in the inference fast path): those stay dense with the reason; the model's own linears split;
     the model trains and infers."""
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
+    layer = _OwnEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
     model = nn.Sequential(nn.Linear(32, 64), nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
                           nn.Flatten(), nn.Linear(640, 128), nn.Linear(128, 10))
     report = decompose_model(model, policy="ratio", ratio=2, skip_stem=False, input_size=(10, 32))

@@ -23,6 +23,7 @@ from lrd_exp.config.validate import check_fit, check_step, check_tolerance, chec
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
+from lrd_exp.decompose.attention import Unpacked, projection_names, repack, unpack_attention
 from lrd_exp.decompose.functional import mode_singular, svd_basis, svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
@@ -203,7 +204,7 @@ def check_selection(model: nn.Module, *, include: Iterable[str] = (), exclude: I
                     rank: Any = None) -> None:
     """A ``rank.include`` / ``rank.exclude`` pattern or a ``rank.rank`` key that matches no Linear / Conv2d layer is
     a typo that would run a whole job for nothing: one ValueError naming it, with the closest layer names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))] + projection_names(model)
     keyed = [("rank.include", p) for p in patterns(include)] + [("rank.exclude", p) for p in patterns(exclude)]
     if isinstance(rank, Mapping):
         keyed += [("rank.rank", str(p)) for p in rank]
@@ -327,9 +328,9 @@ DENSE_ATTRIBUTES = frozenset({"weight", "bias", "in_features", "out_features", "
 
 
 @contextlib.contextmanager
-def _dense_lookups() -> Iterator[dict[int, str]]:
-    """Record, during the block, which factorized layers had a dense layer's attribute looked up on them and
-    missing (id -> the attribute): the layers whose parents read them directly."""
+def _missing_lookups(cls: type[nn.Module], names: frozenset[str] | None = None) -> Iterator[dict[int, str]]:
+    """Record, during the block, which modules of type ``cls`` had a missing attribute (one of ``names``, or any)
+    looked up on them (id -> the attribute): the modules whose parents read them as the layer they replaced."""
     missed: dict[int, str] = {}
     base = nn.Module.__getattr__
 
@@ -337,28 +338,45 @@ def _dense_lookups() -> Iterator[dict[int, str]]:
         try:
             return base(self, name)
         except AttributeError:
-            if name in DENSE_ATTRIBUTES:
+            if names is None or name in names:
                 missed.setdefault(id(self), name)
             raise
 
-    own = FactorizedLayer.__dict__.get("__getattr__")
-    FactorizedLayer.__getattr__ = lookup
+    own = cls.__dict__.get("__getattr__")
+    cls.__getattr__ = lookup
     try:
         yield missed
     finally:
         if own is None:
-            del FactorizedLayer.__getattr__
+            del cls.__getattr__
         else:
-            FactorizedLayer.__getattr__ = own
+            cls.__getattr__ = own
 
 
-def _forward_error(model: nn.Module, x: C.Batch) -> tuple[Exception | None, dict[int, str]]:
-    with _dense_lookups() as missed:
+def _forward_error(model: nn.Module, x: C.Batch, cls: type[nn.Module] = FactorizedLayer,
+                   names: frozenset[str] | None = DENSE_ATTRIBUTES) -> tuple[Exception | None, dict[int, str]]:
+    with _missing_lookups(cls, names) as missed:
         try:
             _forward(model, x)
             return None, missed
         except Exception as exc:  # any failure: the model would not run as decomposed
             return exc, missed
+
+
+def _keep_unpacked_runnable(model: nn.Module, packed: dict[str, nn.Module], x: C.Batch) -> None:
+    """Put back the torch attention layers whose parents read an attribute of them that the equivalent lacks (a
+    subclassed encoder layer's fast path reads ``self_attn.in_proj_weight``); their linears then stay as they are."""
+    while packed:  # one forward stops at the first such parent
+        error, missed = _forward_error(model, x, Unpacked, None)
+        if error is None or not missed:
+            return  # runs, or fails for a reason of its own that the shape recording will report
+        culprits = {name: attr for name in packed for m in model.get_submodule(name).modules()
+                    if (attr := missed.get(id(m))) is not None}
+        if not culprits:
+            return
+        for name, attr in culprits.items():
+            log.info("%s stays torch's %s: its parent reads .%s of it", name, type(packed[name]).__name__, attr)
+            model.set_submodule(name, packed.pop(name))
 
 
 def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: list[LayerReport],
@@ -383,15 +401,9 @@ def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: l
 
 
 def _restore(model: nn.Module, originals: dict[str, nn.Module], r: LayerReport, reason: str) -> None:
-    _set_module(model, r.name, originals[r.name])
+    model.set_submodule(r.name, originals[r.name])
     r.action, r.reason = "kept", reason
     r.factor_shapes, r.params_after, r.flops_after, r.rel_error = [], r.params_before, r.flops_before, 0.0
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _shapes(module: nn.Module) -> list[tuple[int, ...]]:
@@ -449,14 +461,35 @@ def decompose_model(
                               skip_stem=skip_stem, skip_head=skip_head, fit=fit,
                               calibration_images=calibration_images, calibrate=calibrate,
                               recalibrate_bn=recalibrate_bn, calibration=calibration)
-    policy, fit = settings["policy"], settings["fit"]
     batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
     check_selection(model, include=settings["include"], exclude=settings["exclude"],
-                    rank=settings["rank"] if policy == "fixed" else None)
+                    rank=settings["rank"] if settings["policy"] == "fixed" else None)
     params_before = _count(model)
+    # torch's attention and transformer layers, with their projections as modules the surgery can replace
+    packed = unpack_attention(model) if settings["policy"] != "none" else {}
+    try:
+        example, what = _example(model, example_input, input_size, batches)
+        if example is not None and packed:
+            _keep_unpacked_runnable(model, packed, example)
+        report = _decompose(model, settings, batches, example, what, rank_search=rank_search, seed=seed)
+    except BaseException:
+        repack(model, packed)
+        raise
+    repack(model, packed, keep=FactorizedLayer)  # those left dense keep torch's fused inference paths
+    report.params_before, report.params_after = params_before, _count(model)
+    report.decompose_s = time.perf_counter() - started
+    if settings["policy"] != "none" and not report.decomposed:
+        warnings.warn(f"decompose_model: no layer was decomposed (policy={settings['policy']}): "
+                      f"{report.why_dense()}", stacklevel=2)
+    return report
+
+
+def _decompose(model: nn.Module, settings: dict[str, Any], batches: list[Any], example: Any, what: str, *,
+               rank_search: Mapping[str, Any] | None, seed: int) -> DecompositionReport:
+    """The surgery proper, step by step: candidates, shapes, moments, ranks, replacement, repair, BatchNorm."""
+    policy, fit = settings["policy"], settings["fit"]
     plans, skipped = find_candidates(model, include=settings["include"], exclude=settings["exclude"],
-                                     skip_stem=skip_stem, skip_head=skip_head)
-    example, what = _example(model, example_input, input_size, batches)
+                                     skip_stem=settings["skip_stem"], skip_head=settings["skip_head"])
     if example is not None:
         _record_shapes(model, plans, example, what)
     dense_flops_all = [p.forward_flops(None) for p in plans]
@@ -471,21 +504,8 @@ def decompose_model(
         calibration_s += time.perf_counter() - t0
 
     chosen, reasons = _choose(plans, settings, rank_search)
-    sequential = fit == "activations" and settings["calibrate"] == "sequential"
-    reference = copy.deepcopy(model) if sequential and plans else None
-    if sequential:  # the decomposed model's own inputs, layer by layer in the order they run
-        position = {name: i for i, name in enumerate(order)}
-        plans.sort(key=lambda p: position.get(p.name, len(position)))
-    reports: list[LayerReport] = []
-    for plan in plans:
-        if sequential and plan.moments is not None and chosen.get(plan.name) is not None:
-            t0 = time.perf_counter()
-            plan.moments = C.collect_paired(reference, model, plan.name, batches, seed=seed)
-            calibration_s += time.perf_counter() - t0
-        reports.append(_replace(model, plan, chosen.get(plan.name), reasons, policy))
-        plan.moments = None
-        plan._spectra.clear()
-    del reference
+    reports, seconds = _replace_all(model, plans, chosen, reasons, settings, batches, order, seed)
+    calibration_s += seconds
 
     if example is not None and any(r.action == "decomposed" for r in reports):
         _keep_runnable(model, {p.name: p.module for p in plans}, reports, example)
@@ -493,8 +513,8 @@ def decompose_model(
         t0 = time.perf_counter()
         settings["bn_recalibrated"] = C.recalibrate_bn(model, batches)
         calibration_s += time.perf_counter() - t0
-    report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=params_before,
-                                 params_after=_count(model), settings=settings, fit=fit,
+    report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=0, params_after=0,
+                                 settings=settings, fit=fit,
                                  calibration_images=sum(C.batch_size_of(b) for b in batches),
                                  calibration_s=calibration_s)
     order_all = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -502,12 +522,30 @@ def decompose_model(
     if plans and all(f is not None for f in dense_flops_all):
         report.flops_before = sum(dense_flops_all)
         report.flops_after = sum(layer.flops_after or 0 for layer in reports)
-    report.decompose_s = time.perf_counter() - started
-    if policy != "none" and not report.decomposed:
-        warnings.warn(f"decompose_model: no layer was decomposed (policy={policy}): {report.why_dense()}",
-                      stacklevel=2)
     return report
 
+
+def _replace_all(model: nn.Module, plans: list[LayerPlan], chosen: dict[str, tuple[int, ...] | None],
+                 reasons: dict[str, str], settings: dict[str, Any], batches: list[Any], order: list[str],
+                 seed: int) -> tuple[list[LayerReport], float]:
+    """Replace every planned layer (in the order the layers run when calibrating sequentially, each fitted to the
+    decomposed model's own inputs); the reports and the seconds spent collecting paired moments."""
+    sequential = settings["fit"] == "activations" and settings["calibrate"] == "sequential"
+    reference = copy.deepcopy(model) if sequential and plans else None
+    if sequential:
+        position = {name: i for i, name in enumerate(order)}
+        plans = sorted(plans, key=lambda p: position.get(p.name, len(position)))
+    reports: list[LayerReport] = []
+    seconds = 0.0
+    for plan in plans:
+        if sequential and plan.moments is not None and chosen.get(plan.name) is not None:
+            t0 = time.perf_counter()
+            plan.moments = C.collect_paired(reference, model, plan.name, batches, seed=seed)
+            seconds += time.perf_counter() - t0
+        reports.append(_replace(model, plan, chosen.get(plan.name), reasons, settings["policy"]))
+        plan.moments = None
+        plan._spectra.clear()
+    return reports, seconds
 
 def check_settings(*, policy: Any, ratio: Any, energy: Any, multiple: Any, rounding: Any, base: Any, rank: Any,
                    window: Any, step: Any, objective: Any, tolerance: Any, budget: Any, include: Any, exclude: Any,
@@ -600,7 +638,7 @@ def _replace(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...] | None, r
     reason = reasons.get(plan.name, "")
     if plan.fit_note:
         reason = "; ".join(filter(None, [reason, plan.fit_note]))
-    _set_module(model, plan.name, new)
+    model.set_submodule(plan.name, new)
     return LayerReport(
         name=plan.name, kind=plan.kind, action="decomposed", weight_shape=weight_shape,
         factor_shapes=_shapes(new), ranks=tuple(new.ranks), full_ranks=plan.full_ranks,

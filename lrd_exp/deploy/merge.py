@@ -68,11 +68,6 @@ def _inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Te
     return seen
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def merge_for_inference(model: nn.Module, example_input: torch.Tensor, *, device: DeviceInfo | None = None,
                         precision: str = "32-true", channels_last: bool = False, warmup: int = 3,
                         steps: int = 20) -> MergeReport:
@@ -112,7 +107,7 @@ def merge_for_inference(model: nn.Module, example_input: torch.Tensor, *, device
             times[form] = time_fn(forward, warmup=warmup, steps=steps, sync=sync).median_s
         merge = times["merged"] < times["factored"]
         if merge:
-            _set(model, name, dense.to(layer.factors()["first"].weight.device))
+            model.set_submodule(name, dense.to(layer.factors()["first"].weight.device))
         report.layers.append({"name": name, "kind": type(layer).__name__, "factored_ms": times["factored"] * 1e3,
                               "merged_ms": times["merged"] * 1e3, "merged": merge})
     return report

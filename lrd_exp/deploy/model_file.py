@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from lrd_exp.decompose.attention import UNPACKED, Unpacked
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.results.io import write_torch_atomic
 
@@ -28,6 +29,8 @@ KINDS: dict[str, tuple[type[nn.Module], Any]] = {
     "SVDLinear": (nn.Linear, SVDLinear.like),
     "SVDConv1x1": (nn.Conv2d, SVDConv1x1.like),
     "Tucker2Conv": (nn.Conv2d, Tucker2Conv.like),
+    # torch's attention / transformer layers, unpacked so their projections could be factorized (no ranks)
+    **{cls.__name__: (torch_cls, cls.from_torch) for torch_cls, cls in UNPACKED.items()},
 }
 
 
@@ -42,9 +45,11 @@ def _plain(value: Any) -> Any:
 
 
 def structure(model: nn.Module) -> list[dict[str, Any]]:
-    """Every factorized layer of ``model``: its name, class and ranks, in module order."""
-    return [{"name": name, "kind": type(m).__name__, "ranks": [int(r) for r in m.ranks]}
-            for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
+    """Every factorized layer of ``model`` (name, class, ranks) and every unpacked torch attention / transformer
+    layer (no ranks), in module order: an unpacked layer comes before the factorized projections inside it."""
+    return [{"name": name, "kind": type(m).__name__,
+             "ranks": [int(r) for r in m.ranks] if isinstance(m, FactorizedLayer) else []}
+            for name, m in model.named_modules() if isinstance(m, (FactorizedLayer, Unpacked))]
 
 
 def timm_name(model: nn.Module) -> str | None:
@@ -106,21 +111,25 @@ def is_model_file(path: str | os.PathLike[str]) -> bool:
 
 
 def apply_structure(model: nn.Module, layers: list[dict[str, Any]], *, source: str = "the model file") -> nn.Module:
-    """Swap the named layers of a freshly built original for factorized shells of the saved ranks (no SVD)."""
-    modules = dict(model.named_modules())
+    """Swap the named layers of a freshly built original for factorized shells of the saved ranks (no SVD), after
+    unpacking the attention / transformer layers the file names."""
     for entry in layers:
-        name, kind, ranks = entry.get("name"), entry.get("kind"), entry.get("ranks")
+        name, kind, ranks = entry.get("name"), entry.get("kind"), entry.get("ranks") or []
         if kind not in KINDS:
             raise ModelFileError(f"{source}: layer {name!r} has kind {kind!r}; this lrd-exp knows "
                                  f"{', '.join(KINDS)}")
         replaced, like = KINDS[kind]
-        layer = modules.get(name)
+        try:
+            layer = model.get_submodule(name) if name else model
+        except AttributeError:
+            layer = None
+        if type(layer).__name__ == kind and isinstance(layer, Unpacked):
+            continue  # unpacked with the layer around it
         if not isinstance(layer, replaced) or (kind == "SVDConv1x1" and layer.kernel_size != (1, 1)):
             found = "no such layer" if layer is None else type(layer).__name__
             raise ModelFileError(f"{source} does not fit this model: layer {name!r} is {found}, the file holds a "
                                  f"{kind} built from an nn.{replaced.__name__}")
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, like(layer, *ranks))
+        model.set_submodule(name, like(layer, *ranks))
     return model
 
 
