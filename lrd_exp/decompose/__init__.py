@@ -1,6 +1,12 @@
-"""Low-rank decomposition: the linear algebra (functional), factorized layers, calibration inputs, rank policies and
-model surgery."""
+"""Low-rank decomposition: the linear algebra (functional), factorized layers (layers), torch's attention and
+transformer layers unpacked so their projections factorize (attention), calibration inputs (calibration), rank
+formulas and policies (ranks, search), model surgery (surgery) and its report (report)."""
 
+from lrd_exp.decompose.attention import (
+    FactorizableDecoderLayer,
+    FactorizableEncoderLayer,
+    FactorizableMultiheadAttention,
+)
 from lrd_exp.decompose.calibration import recalibrate_bn
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
@@ -8,6 +14,9 @@ from lrd_exp.decompose.surgery import decompose_model, find_candidates
 
 __all__ = [
     "DecompositionReport",
+    "FactorizableDecoderLayer",
+    "FactorizableEncoderLayer",
+    "FactorizableMultiheadAttention",
     "FactorizedLayer",
     "LayerReport",
     "SVDConv1x1",
