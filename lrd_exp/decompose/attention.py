@@ -177,12 +177,12 @@ class _TransformerLayer(Unpacked):
     """Shared by the encoder and decoder layers: the original's norms, dropouts and feed-forward, taken over."""
 
     def _take(self, layer: nn.Module, names: tuple[str, ...]) -> None:
-        for name in names:
-            setattr(self, name, getattr(layer, name))
-        for name in ("self_attn", "multihead_attn"):
+        for name in ("self_attn", "multihead_attn"):  # torch's order: attention first
             attn = getattr(layer, name, None)
             if attn is not None:
                 setattr(self, name, unpacked(attn))
+        for name in names:
+            setattr(self, name, getattr(layer, name))
         self.norm_first = layer.norm_first
         self.activation = layer.activation
         self.train(layer.training)
