@@ -226,9 +226,12 @@ def test_decompose_model_accepts_composed_rank_node(cfg_factory, overrides, chec
     (["model.checkpoint=/nonexistent/ckpt.pt"], ["model.checkpoint"]),
 ])
 def test_validate_rejects_bad_values(cfg_factory, overrides, needles):
+    from lrd_exp.tasks.checkpoint import check_model_checkpoint
+
     cfg = cfg_factory(overrides)
     with pytest.raises(ConfigError) as info:
         validate(cfg)
+        check_model_checkpoint(cfg)  # the checkpoint's contents are checked at the job's start
     message = str(info.value)
     assert "\n" not in message.strip(), "a user error is one line"
     for needle in needles:
