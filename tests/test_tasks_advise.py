@@ -111,13 +111,13 @@ def test_each_decomposition_is_timed_once_for_all_its_schedules(cfg_factory, sin
     from lrd_exp.devices import resolve_device
 
     calls = []
-    real = advise_module.compare
+    real = advise_module.compare_states
 
     def spy(original, decomposed, states, *args, **kwargs):
         calls.append([sorted(s.frozen) for s in states])
         return real(original, decomposed, states, *args, **kwargs)
 
-    monkeypatch.setattr(advise_module, "compare", spy)
+    monkeypatch.setattr(advise_module, "compare_states", spy)
     cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[quantized]",
                        "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none,sequential]",
                        "bench.deploy=false", "bench.latency=false", "bench.memory=false"])

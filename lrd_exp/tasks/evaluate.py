@@ -3,7 +3,6 @@ configured dataset: top-1, inference speed and the latency of one image, in one 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from omegaconf import DictConfig
@@ -21,8 +20,6 @@ from lrd_exp.timing.steps import prepare_inference
 from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.trainer import evaluate as top1_of
 from lrd_exp.training.trainer import validation_images
-
-log = logging.getLogger("lrd_exp")
 
 
 def evaluate(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:

@@ -47,7 +47,7 @@ def train(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Run one training job and write its row; returns the sweep objective (None for a failed job)."""
     existing = results.read_result(os.path.join(out_dir, RESULT_FILENAME))
     if existing and results.is_complete(existing) and not cfg.resume:
-        log.info("result.json in %s is complete: skipping this job (delete it to re-run)", out_dir)
+        log.info("%s in %s is complete: skipping this job (delete it to re-run)", RESULT_FILENAME, out_dir)
         print(results.format_summary(existing))
         return objective_value(cfg, existing)
 
