@@ -30,29 +30,26 @@ class CompareSettings:
 
     ``steps`` (and ``min_time_s``) are totals per model / state, split over the rounds; ``rounds=None`` gives every
     timed step its own round. That finest interleaving is the default because a shared machine's speed moves within
-    seconds (results/benchmark_cpu/repeatability_study.md compares the two). ``warmup`` untimed steps precede the
-    first round, ``switch_warmup`` each later one (after the switch from another model). ``optimizer_factory``
-    builds the training step's optimizer (default: SGD with momentum): pass the training loop's so the benchmark
-    times the same update. ``latency`` adds the inference of one image of each model; ``memory`` the memory of one
-    training step (:func:`lrd_exp.timing.memory.training_memory`); ``flops=False`` skips counting each state's
-    training FLOPs. ``desc`` labels the progress bar.
+    seconds (results/benchmark_cpu/repeatability_study.md compares the two).
     """
 
-    warmup: int = 3
+    warmup: int = 3  # untimed steps before the first round
     steps: int = 10
     rounds: int | None = None
+    switch_warmup: int = 0  # untimed steps before each later round (after the switch from another model)
+    min_time_s: float = 0.0
+    # how each step runs
     precision: str = "32-true"
     channels_last: bool = False
     compile: bool = False
     device: DeviceInfo | None = None
+    optimizer_factory: OptimizerFactory | None = None  # the training loop's, so the same update is timed (None: SGD)
+    # what is measured besides the training step
     inference: bool = True
-    min_time_s: float = 0.0
-    switch_warmup: int = 0
-    optimizer_factory: OptimizerFactory | None = None
-    desc: str = "timing"
-    latency: bool = False
-    memory: bool = False
-    flops: bool = True
+    latency: bool = False  # the inference of one image of each model
+    memory: bool = False  # one training step's memory (lrd_exp.timing.memory.training_memory)
+    flops: bool = True  # each state's training FLOPs (None when False)
+    desc: str = "timing"  # the progress bar's label
 
     def round_steps(self) -> list[int]:
         """Timed steps per round: ``steps`` stays the total, the remainder goes to the first rounds (48 over 10
