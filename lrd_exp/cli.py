@@ -61,7 +61,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if not in_multirun():
             sys.exit(2)
         # in a sweep one bad job must not abort the others: it leaves a failed row and the sweep goes on
-        from lrd_exp.tasks.common import write_failed_row
+        from lrd_exp.tasks.job import write_failed_row
 
         write_failed_row(cfg, f"{type(exc).__name__}: {exc}")
         return None

@@ -131,7 +131,7 @@ def test_a_sweep_with_a_failed_job_goes_on_and_counts_it(tmp_path):
 
 def test_a_failed_row_never_replaces_a_finished_one(cfg_factory, tmp_path):
     from lrd_exp import results
-    from lrd_exp.tasks.common import write_failed_row
+    from lrd_exp.tasks.job import write_failed_row
 
     cfg = cfg_factory([])
     out = tmp_path / "out"

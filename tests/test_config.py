@@ -226,9 +226,12 @@ def test_decompose_model_accepts_composed_rank_node(cfg_factory, overrides, chec
     (["model.checkpoint=/nonexistent/ckpt.pt"], ["model.checkpoint"]),
 ])
 def test_validate_rejects_bad_values(cfg_factory, overrides, needles):
+    from lrd_exp.tasks.checkpoint import check_model_checkpoint
+
     cfg = cfg_factory(overrides)
     with pytest.raises(ConfigError) as info:
         validate(cfg)
+        check_model_checkpoint(cfg)  # the checkpoint's contents are checked at the job's start
     message = str(info.value)
     assert "\n" not in message.strip(), "a user error is one line"
     for needle in needles:
@@ -244,7 +247,7 @@ def test_validate_rejects_bad_values(cfg_factory, overrides, needles):
 def test_both_precision_keys_share_one_alias_table(cfg_factory, trainer, bench, expected):
     """``trainer.precision`` and ``bench.precision`` take the same flags and aliases (an int too), in long form."""
     from lrd_exp.config.schema import canonical_precision
-    from lrd_exp.tasks.common import bench_precision
+    from lrd_exp.tasks.settings import bench_precision
 
     overrides = [f"trainer.precision={trainer}"] + ([f"bench.precision={bench}"] if bench else [])
     cfg = cfg_factory(overrides)
@@ -310,14 +313,14 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(cfg_factory, tmp
     marker = tmp_path / "the-file-ran-code"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _WritesAFileWhenUnpickled(str(marker))}, path)
+    from lrd_exp.tasks.checkpoint import check_model_checkpoint, read_checkpoint
+
     with pytest.raises(ConfigError) as info:
-        validate(cfg_factory([f"model.checkpoint={path}"]))
+        check_model_checkpoint(cfg_factory([f"model.checkpoint={path}"]))
     message = str(info.value)
     assert "model.checkpoint" in message and "model.trust_checkpoint=true" in message and "\n" not in message
     assert not marker.exists()
     # the explicit opt-in loads it (and so runs what it carries: only for files the user trusts)
-    from lrd_exp.config.validate import read_checkpoint
-
     read_checkpoint(str(path), trust=True)
     assert marker.exists()
 
@@ -329,7 +332,8 @@ def test_a_lightning_checkpoint_loads_safely(cfg_factory, tmp_path):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lrd_exp.tasks.common import build_model
+    from lrd_exp.tasks.checkpoint import check_model_checkpoint
+    from lrd_exp.tasks.models import build_model
     from lrd_exp.training.classifier import Classifier
 
     torch.manual_seed(0)
@@ -342,6 +346,7 @@ def test_a_lightning_checkpoint_loads_safely(cfg_factory, tmp_path):
     trainer.fit(module, DataLoader(data, batch_size=4))
     cfg = cfg_factory([f"model.checkpoint={tmp_path / 'ckpt' / 'last.ckpt'}"])
     validate(cfg)
+    check_model_checkpoint(cfg)
     model = build_model(cfg, num_classes=10, in_chans=1, image_size=32)
     for (name, a), b in zip(model.state_dict().items(), module.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -411,7 +416,7 @@ def test_a_rank_mapping_key_that_matches_nothing_is_refused_by_the_library():
 
 def test_a_job_that_decomposes_nothing_fails_with_the_reason(cfg_factory, tmp_path):
     from lrd_exp import tasks
-    from lrd_exp.tasks.common import JobFailed
+    from lrd_exp.tasks.job import JobFailed
 
     with pytest.raises(JobFailed, match="no layer was decomposed"):
         tasks.run(cfg_factory(["trainer=smoke", "bench.enabled=false", "rank.multiple=4096"]))

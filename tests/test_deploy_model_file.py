@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from lrd_exp import decompose_model, load_decomposed, save_decomposed
-from lrd_exp.config.validate import MODEL_FILE_FORMAT
 from lrd_exp.deploy import model_file
-from lrd_exp.deploy.model_file import FORMAT, ModelFileError, structure
+from lrd_exp.deploy.model_file import ModelFileError, structure
 
 
 def decomposed_resnet() -> nn.Module:
@@ -21,10 +20,6 @@ def decomposed_resnet() -> nn.Module:
     model = timm.create_model("resnet18", num_classes=10, in_chans=1)
     decompose_model(model, policy="quantized", ratio=2, multiple=8, input_size=(1, 32, 32))
     return model.eval()
-
-
-def test_the_format_name_is_the_one_validation_recognises():
-    assert FORMAT == MODEL_FILE_FORMAT
 
 
 def test_a_saved_timm_model_loads_without_svd_and_gives_identical_outputs(tmp_path, monkeypatch):

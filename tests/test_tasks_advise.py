@@ -37,7 +37,7 @@ def test_a_small_grid_end_to_end_marks_only_non_dominated_rows(cfg_factory, sing
     exactly the non-dominated rows, the proxy and the size ratios those of a fresh decomposition of those weights."""
     from lrd_exp import decompose_model
     from lrd_exp.tasks import run
-    from lrd_exp.tasks.common import build_model
+    from lrd_exp.tasks.models import build_model
 
     shape = {"num_classes": 10, "in_chans": 3, "image_size": 32}
     weights = build_model(cfg_factory(TINY), **shape).state_dict()
@@ -111,13 +111,13 @@ def test_each_decomposition_is_timed_once_for_all_its_schedules(cfg_factory, sin
     from lrd_exp.devices import resolve_device
 
     calls = []
-    real = advise_module.compare
+    real = advise_module.compare_states
 
     def spy(original, decomposed, states, *args, **kwargs):
         calls.append([sorted(s.frozen) for s in states])
         return real(original, decomposed, states, *args, **kwargs)
 
-    monkeypatch.setattr(advise_module, "compare", spy)
+    monkeypatch.setattr(advise_module, "compare_states", spy)
     cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[quantized]",
                        "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none,sequential]",
                        "bench.deploy=false", "bench.latency=false", "bench.memory=false"])
@@ -212,15 +212,17 @@ def test_advise_settings_are_checked_before_any_work(cfg_factory, tmp_path):
     with pytest.raises(ConfigError, match="advise.max_error=-1"):
         validate(cfg_factory(["task=advise", "advise.max_error=-1"]))
     from lrd_exp import decompose_model, save_decomposed
-    from lrd_exp.tasks.common import build_model
+    from lrd_exp.tasks.models import build_model
 
     cfg = cfg_factory(["task=advise"])
     model = build_model(cfg, num_classes=10, in_chans=1, image_size=32)
     decompose_model(model, policy="quantized", ratio=2.0, input_size=(1, 32, 32))
     path = tmp_path / "model.pt"
     save_decomposed(model, path, model_name="resnet18", model_kwargs={"num_classes": 10, "in_chans": 1})
+    from lrd_exp.tasks.checkpoint import check_model_checkpoint
+
     with pytest.raises(ConfigError, match="is a decomposed model"):
-        validate(cfg_factory(["task=advise", f"model.checkpoint={path}"]))
+        check_model_checkpoint(cfg_factory(["task=advise", f"model.checkpoint={path}"]))
 
 
 def test_a_bad_grid_value_is_one_line_and_exit_2(tmp_path):
@@ -283,7 +285,7 @@ def test_the_recommended_command_composes_to_the_advised_configuration(cfg_facto
 
     from hydra.types import RunMode
 
-    import lrd_exp.tasks.advice as advice
+    import lrd_exp.tasks.advice_report as advice
 
     own = ["task=advise", "model=resnet50", "dataset=synthetic", "dataset.image_size=64", "rank.ratio=3",
            "advise.grid.rank.ratio=[2,4]", "+advise.grid.freeze.positions=[[first],[first,last]]", "seed=1"]

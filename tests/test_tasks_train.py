@@ -280,7 +280,7 @@ def test_classifier_curve_has_this_epochs_train_loss():
 def test_git_commit_is_dirty_only_for_code_changes(tmp_path):
     import subprocess
 
-    from lrd_exp.tasks.common import git_commit
+    from lrd_exp.tasks.identity import git_commit
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices import cpu_name
 from lrd_exp.devices.allocator import tune_malloc
-from lrd_exp.tasks.common import git_commit
+from lrd_exp.tasks.identity import git_commit
 from lrd_exp.timing.steps import prepare_train_step
 
 FORWARD = {"aten::mkldnn_convolution", "aten::convolution_overrideable", "aten::_convolution", "aten::mm",

@@ -264,65 +264,7 @@ def _validate(cfg: DictConfig) -> None:
                               "dataset.root at the extracted CIFAR batches")
 
     check_model_name(cfg.model.name)
-    ckpt = cfg.model.checkpoint
-    if ckpt is not None:
-        decomposed = check_checkpoint(ckpt, trust=bool(cfg.model.get("trust_checkpoint", False)),
-                                      model_name=cfg.model.name)
-        if decomposed and _v(cfg.task) == "advise":
-            raise ConfigError(f"model.checkpoint={ckpt!r} is a decomposed model (an lrd-exp model file): task=advise "
-                              "decomposes the original, so give its weights (a state_dict or .ckpt) or none")
-    elif _v(cfg.task) == "evaluate":
+    if cfg.model.checkpoint is None and _v(cfg.task) == "evaluate":
         raise ConfigError("model.checkpoint=None is not allowed with task=evaluate: give the model file to evaluate "
                           "(a job's model.pt, a state_dict or a Lightning .ckpt)")
-
-
-MODEL_FILE_FORMAT = "lrd-exp/decomposed-model"  # lrd_exp.deploy.model_file.FORMAT (a test checks they agree)
-
-
-def read_checkpoint(path: str, *, trust: bool = False) -> Any:
-    """The contents of ``model.checkpoint``, loaded safely: ``torch.load(weights_only=True)`` unpickles plain data
-    and tensors only, so a file from a colleague or a hub cannot run code. A file that needs more is refused with
-    one line naming the opt-in key (``model.trust_checkpoint=true``), and loads only with it."""
-    import pickle
-
-    import torch
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"model.checkpoint={path!r} is not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        if not trust and "weights only load failed" in str(exc).lower():
-            found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "pickled objects")
-            raise ConfigError(f"model.checkpoint={path!r} holds more than tensors and plain data ({found}); "
-                              "loading it runs code the file carries: if you trust it, set "
-                              "model.trust_checkpoint=true") from None
-        raise ConfigError(f"model.checkpoint={path!r} is corrupt or not a torch checkpoint "
-                          f"({type(exc).__name__}): expected a state_dict, a Lightning .ckpt or an lrd-exp "
-                          "model.pt") from None
-    except Exception as exc:
-        raise ConfigError(f"model.checkpoint={path!r} is corrupt or not a torch checkpoint "
-                          f"({type(exc).__name__}): expected a state_dict, a Lightning .ckpt or an lrd-exp "
-                          "model.pt") from None
-
-
-def is_model_file_payload(payload: Any) -> bool:
-    return isinstance(payload, dict) and payload.get("format") == MODEL_FILE_FORMAT
-
-
-def check_checkpoint(path: str, *, trust: bool = False, model_name: str | None = None) -> bool:
-    """A checkpoint that cannot be read fails here, before a baseline is trained or a file written; returns whether
-    it is an lrd-exp model file (a decomposed model)."""
-    state = read_checkpoint(path, trust=trust)
-    if is_model_file_payload(state):
-        saved = (state.get("model") or {}).get("name")
-        if model_name is not None and saved and saved != model_name:
-            raise ConfigError(f"model.checkpoint={path!r} holds a decomposed {saved}, but model.name={model_name}: "
-                              f"run with model.name={saved}")
-        return True
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise ConfigError(f"model.checkpoint={path!r} holds no state_dict of tensors: expected a state_dict, "
-                          "a Lightning .ckpt or an lrd-exp model.pt")
-    return False
+    # the checkpoint's contents are read where models are loaded: lrd_exp.tasks.checkpoint, at the job's start

@@ -1,12 +1,18 @@
 """Tasks a job runs (``task=``): each a function ``(cfg, device, out_dir) -> objective`` that writes its rows.
 
-:func:`run` is the one entry point behind ``run.py`` and the tests: it checks the config, resolves the device,
-then hands over to the task.
+:func:`run` is the one entry point behind ``run.py`` and the tests: it checks the config and the model checkpoint,
+resolves the device, then hands over to the task.
+
+The tasks: train (baseline -> decompose -> fine-tune -> measure -> row), benchmark (throughput only), evaluate (a
+saved model), advise (every configuration of a grid measured; advice_report turns the rows into the advice).
+What they share, one concern per module: identity (the row's identity: output dir, git, overrides, variant), job
+(the row's lifecycle: running, then ok or failed, written, summarised; the sweep objective), settings (the
+``bench.*`` settings resolved), models (building the run's model, loading a model file), checkpoint
+(``model.checkpoint`` read safely and checked), decomposition (what a task gives ``decompose_model`` and demands
+back), measure (the measure stage: original vs decomposed as row fields; the timing is lrd_exp.timing.compare's).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -14,21 +20,17 @@ from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.config.validate import validate
 from lrd_exp.devices.allocator import tune_malloc
 from lrd_exp.devices.resolve import resolve_device
-from lrd_exp.results.io import read_result
-from lrd_exp.results.row import RESULT_FILENAME, STATUS_OK
+from lrd_exp.results.row import STATUS_OK
 from lrd_exp.tasks.advise import advise
 from lrd_exp.tasks.benchmark import benchmark
-from lrd_exp.tasks.common import JobFailed, check_model_selection, output_dir
+from lrd_exp.tasks.checkpoint import check_model_checkpoint
+from lrd_exp.tasks.decomposition import check_model_selection
 from lrd_exp.tasks.evaluate import evaluate
+from lrd_exp.tasks.identity import output_dir
+from lrd_exp.tasks.job import JobFailed, job_rows
 from lrd_exp.tasks.train import train
 
 TASKS = {"train": train, "benchmark": benchmark, "evaluate": evaluate, "advise": advise}
-
-
-def job_rows(out_dir: str) -> list[dict]:
-    """The rows this job wrote: its own, and one per benchmark variant (``variants/<label>/``)."""
-    paths = [Path(out_dir) / RESULT_FILENAME, *sorted(Path(out_dir).glob(f"variants/*/{RESULT_FILENAME}"))]
-    return [row for row in map(read_result, paths) if row is not None]
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -38,6 +40,7 @@ def run(cfg: DictConfig) -> float | None:
     raises :class:`JobFailed` after its row (``status: failed``, with the error) is written.
     """
     validate(cfg)
+    check_model_checkpoint(cfg)
     check_model_selection(cfg)
     tune_malloc(_v(cfg.device.malloc))
     device = resolve_device(_v(cfg.device.accelerator))

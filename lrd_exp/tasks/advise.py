@@ -7,7 +7,7 @@ freeze state timed and averaged by the time it lasts. Configurations that share 
 settings, different schedules) share its preparation and timing. Per configuration: parameter and FLOP ratios,
 training speedup, deployed inference speedup, training memory, batch-1 latency, the accuracy proxy (mean relative
 approximation error of the weight layers) and, on a labelled dataset, top-1 before fine-tuning on a fixed validation subset.
-The advice itself (table, frontier, recommendation, files) is :mod:`lrd_exp.tasks.advice`'s.
+The advice itself (table, frontier, recommendation, files) is :mod:`lrd_exp.tasks.advice_report`'s.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from lrd_exp import results
 from lrd_exp.config import grid
 from lrd_exp.config.schema import MEASURED_IMPORTANCES
 from lrd_exp.config.schema import enum_value as _v
-from lrd_exp.decompose import decompose_model
+from lrd_exp.decompose import DecompositionReport, decompose_model
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import FreezeState, schedule_states
-from lrd_exp.tasks.advice import (
+from lrd_exp.results.row import STATUS_FAILED, STATUS_OK
+from lrd_exp.tasks.advice_report import (
     UNCHANGED,
     advice_table,
     config_label,
@@ -41,19 +42,14 @@ from lrd_exp.tasks.advice import (
     speed_column,
     write_advice,
 )
-from lrd_exp.tasks.common import (
-    JobFailed,
-    bench_channels_last,
-    bench_optimizer,
-    bench_precision,
-    build_model,
-    calibration_inputs,
-    freeze_total_units,
-    rank_search_context,
-    slug,
-)
-from lrd_exp.tasks.measure import compare, deploy
+from lrd_exp.tasks.decomposition import calibration_inputs, rank_search_context
+from lrd_exp.tasks.identity import slug
+from lrd_exp.tasks.job import JobFailed
+from lrd_exp.tasks.measure import compare_states, deploy
+from lrd_exp.tasks.models import build_model, data_shape
+from lrd_exp.tasks.settings import advise_settings, bench_batch_size, bench_precision, freeze_total_units
 from lrd_exp.tasks.train import baseline
+from lrd_exp.timing.compare import Comparison
 from lrd_exp.timing.flops import count_flops, count_params
 from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.trainer import evaluate, validation_images
@@ -70,7 +66,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
     calibration = calibration_inputs(cfg, dm)  # the same training images a training job fits to
     original, top1_original = original_model(cfg, device, dm, out_dir)
-    batch = cfg.bench.batch_size or cfg.trainer.batch_size
+    batch = bench_batch_size(cfg)
     x, y = dm.example_batch(batch)
     x, y = x.to(device.torch_device), y.to(device.torch_device)
     original = original.to(device.torch_device)
@@ -95,7 +91,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
                                           reference, calibration)
         except Exception as exc:
             log.exception("advise: %s failed", rank_label)
-            rows += [{**config, "configuration": config_label(config), "status": "failed",
+            rows += [{**config, "configuration": config_label(config), "status": STATUS_FAILED,
                       "error": f"{type(exc).__name__}: {exc}"} for config in members]
         partial = advice_table(cfg, rows, reference, top1_original, device.name)  # an interrupted grid keeps what it measured
         results.write_text_atomic(os.path.join(out_dir, "advice.csv"), partial.to_csv(index=False))
@@ -106,7 +102,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     command = write_advice(cfg, device, table, out_dir, val_images=val_images, notes=notes,
                            duration_s=time.perf_counter() - started)
     print_advice(cfg, table, command, out_dir)
-    failed = [row for row in rows if row["status"] == "failed"]
+    failed = [row for row in rows if row["status"] == STATUS_FAILED]
     if failed:
         raise JobFailed(f"{len(failed)} of {len(configs)} configuration(s) failed (advice.csv says why): "
                         f"{failed[0]['error']}")
@@ -135,12 +131,11 @@ def original_model(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str) -
     it); on synthetic data the model as configured (``model.checkpoint`` / ``model.pretrained`` weights, else its
     random initialisation, whose approximation errors say little about a trained model's).
     """
-    shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
     if cfg.dataset.name == "synthetic":
         if not (cfg.model.checkpoint or cfg.model.pretrained):
             log.warning("advise: %s has random weights (no model.checkpoint, model.pretrained=false): the accuracy "
                         "proxy then measures random matrices, not what training learned", cfg.model.name)
-        return build_model(cfg, **shape).eval(), None
+        return build_model(cfg, **data_shape(dm)).eval(), None
     original, _, _ = baseline(cfg, device, dm, out_dir)
     return original.eval(), subset_top1(cfg, device, original, dm, out_dir) if wants_top1(cfg) else None
 
@@ -199,16 +194,11 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
                           seen: dict[tuple, list[dict[str, Any]]], reference: dict[str, Any],
                           calibration: list[Any] | None = None) -> list[dict[str, Any]]:
     """One decomposition (prepared once) and its freeze schedules, timed side by side with the original
-    (``size``: the original's parameters and forward FLOPs per sample)."""
-    a, b = cfg.advise, cfg.bench
+    (``size``: the original's parameters and forward FLOPs per sample). ``seen`` holds the rows of earlier ranks
+    (the same ranks are measured once); ``reference`` gets the original's own numbers from the first timing."""
     cfgs = [grid.apply(cfg, config) for config in members]
     label = grid.label(rank_keys(members[0])) or "as configured"
-    cdir = os.path.join(out_dir, "configs", folder_name(label))
-    os.makedirs(cdir, exist_ok=True)
-    decomposed = copy.deepcopy(original)
-    report = decompose_model(decomposed, **cfgs[0].rank, example_input=x[:1], calibration=calibration,
-                             seed=cfg.seed, rank_search=rank_search_context(cfgs[0], device, dm) | {"output_dir": cdir})
-    results.write_text_atomic(os.path.join(cdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    decomposed, report = decompose_group(cfg, cfgs[0], device, dm, original, x, out_dir, label, calibration)
     if not report.decomposed:  # every layer kept dense: this configuration is the original, nothing to time
         log.info("advise: %s decomposes no layer here: it is the original", label)
         return [{**config, "configuration": config_label(config), "params_ratio": 1.0, "approx_error": 0.0,
@@ -225,41 +215,74 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
                               "approx_error": report.approx_error, "layers_decomposed": len(report.decomposed)}
     if wants_top1(cfg):
         shared["top1_pre"] = subset_top1(cfg, device, decomposed, dm, out_dir)
-
-    per_config = [schedule_states(decomposed, c.freeze, freeze_total_units(c), example_input=x[:1]) for c in cfgs]
-    states, plans = union_states(per_config)
-    kw = dict(precision=bench_precision(cfg), channels_last=bench_channels_last(cfg))
-    deployed = None
-    if b.deploy:
-        deployed, fields = deploy(decomposed, x, device=device, warmup=a.warmup, steps=a.steps * 4, **kw)
-        shared["layers_merged"] = fields["layers_merged"]
-    orig, dec = compare(original, decomposed, states, x, y, warmup=a.warmup, steps=a.steps, rounds=b.rounds,
-                        min_time_s=b.min_time_s, switch_warmup=b.switch_warmup, compile=b.compile, device=device,
-                        optimizer_factory=bench_optimizer(cfg), desc=f"timing {label}", deployed=deployed,
-                        latency=b.latency, memory=b.memory, flops=False, **kw)
+    states, plans = union_states([schedule_states(decomposed, c.freeze, freeze_total_units(c), example_input=x[:1])
+                                  for c in cfgs])
+    result, merged = time_group(cfg, device, original, decomposed, states, x, y, label)
+    shared.update(merged, **inference_fields(result))
     if not reference:  # the original's own numbers, from its first side-by-side measurement
-        reference.update(train_ips=orig.train.ips, infer_ips=orig.infer.ips if orig.infer else None,
-                         train_mem_mb=orig.memory_mb,
-                         latency_ms=orig.latency.median_s * 1e3 if orig.latency else None,
-                         latency_ms_p90=orig.latency.quantile_s(0.9) * 1e3 if orig.latency else None)
-    if orig.infer is not None and dec.infer is not None:
-        shared["infer_speedup"] = dec.infer.ips / orig.infer.ips
-        if dec.deployed_infer is not None:
-            shared["infer_speedup_deployed"] = dec.deployed_infer.ips / orig.infer.ips
-            shared["infer_ips_deployed"] = dec.deployed_infer.ips
-    latency = dec.deployed_latency or dec.latency  # the factored form's when bench.deploy=false (advice.md says so)
-    if latency is not None:
-        shared.update(latency_ms=latency.median_s * 1e3, latency_ms_p90=latency.quantile_s(0.9) * 1e3)
-    rows = []
-    batch = x.shape[0]
-    for config, plan in zip(members, plans):
-        step_s = sum(w * batch / dec.stages[i]["train_ips"] for i, w in plan)  # the schedule's time-weighted step
-        mem = [dec.stages[i]["train_mem_mb"] for i, _ in plan if dec.stages[i]["train_mem_mb"] is not None]
-        rows.append({**config, "configuration": config_label(config), **shared, "train_ips": batch / step_s,
-                     "train_speedup": batch / step_s / orig.train.ips, "train_mem_mb": max(mem) if mem else None,
-                     "status": "ok"})
+        reference.update(reference_fields(result))
+    rows = [{**config, "configuration": config_label(config), **shared,
+             **schedule_fields(result, plan, x.shape[0]), "status": STATUS_OK} for config, plan in zip(members, plans)]
     seen[signature] = rows
     return rows
+
+
+def decompose_group(cfg: DictConfig, first: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module,
+                    x: torch.Tensor, out_dir: str, label: str, calibration: list[Any] | None
+                    ) -> tuple[nn.Module, DecompositionReport]:
+    """A group's decomposition (its first configuration's rank settings), its table in ``configs/<label>/``."""
+    cdir = os.path.join(out_dir, "configs", folder_name(label))
+    os.makedirs(cdir, exist_ok=True)
+    decomposed = copy.deepcopy(original)
+    report = decompose_model(decomposed, **first.rank, example_input=x[:1], calibration=calibration,
+                             seed=cfg.seed, rank_search=rank_search_context(first, device, dm) | {"output_dir": cdir})
+    results.write_text_atomic(os.path.join(cdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    return decomposed, report
+
+
+def time_group(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decomposed: nn.Module,
+               states: list[FreezeState], x: torch.Tensor, y: torch.Tensor, label: str
+               ) -> tuple[Comparison, dict[str, Any]]:
+    """The group's states (and deployed form, with ``bench.deploy``) timed beside the original, with
+    ``advise.warmup`` / ``advise.steps``; returns the comparison and the deployment's shared columns."""
+    settings = advise_settings(cfg, device, desc=f"timing {label}")
+    deployed, fields = None, {}
+    if cfg.bench.deploy:
+        deployed, merged = deploy(decomposed, x, settings, steps=max(settings.steps, 5))
+        fields["layers_merged"] = merged["layers_merged"]
+    return compare_states(original, decomposed, states, x, y, settings, deployed=deployed), fields
+
+
+def reference_fields(result: Comparison) -> dict[str, Any]:
+    """The original's own numbers (the advice table's reference row)."""
+    orig = result.original
+    return {"train_ips": orig.train.ips, "infer_ips": orig.infer.ips if orig.infer else None,
+            "train_mem_mb": orig.memory_mb, "latency_ms": orig.latency.median_s * 1e3 if orig.latency else None,
+            "latency_ms_p90": orig.latency.quantile_s(0.9) * 1e3 if orig.latency else None}
+
+
+def inference_fields(result: Comparison) -> dict[str, Any]:
+    """Inference speedups (factored and deployed) and the latency of one image, shared by a group's schedules."""
+    orig, dec, deployed = result.original, result.decomposed, result.deployed
+    fields: dict[str, Any] = {}
+    if orig.infer is not None and dec.infer is not None:
+        fields["infer_speedup"] = dec.infer.ips / orig.infer.ips
+        if deployed.infer is not None:
+            fields["infer_speedup_deployed"] = deployed.infer.ips / orig.infer.ips
+            fields["infer_ips_deployed"] = deployed.infer.ips
+    latency = deployed.latency or dec.latency  # the factored form's when bench.deploy=false (advice.md says so)
+    if latency is not None:
+        fields.update(latency_ms=latency.median_s * 1e3, latency_ms_p90=latency.quantile_s(0.9) * 1e3)
+    return fields
+
+
+def schedule_fields(result: Comparison, plan: list[tuple[int, float]], batch: int) -> dict[str, Any]:
+    """One schedule's training speed (its states' step times weighted by ``plan``) and peak memory."""
+    stages = result.decomposed.stages
+    step_s = sum(w * batch / stages[i]["train_ips"] for i, w in plan)  # the schedule's time-weighted step
+    mem = [stages[i]["train_mem_mb"] for i, _ in plan if stages[i]["train_mem_mb"] is not None]
+    return {"train_ips": batch / step_s, "train_speedup": batch / step_s / result.original.train.ips,
+            "train_mem_mb": max(mem) if mem else None}
 
 
 def folder_name(label: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import time
 from typing import Any
 
 import pandas as pd
@@ -23,17 +22,14 @@ from lrd_exp.config.schema import enum_value
 from lrd_exp.decompose import decompose_model
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import schedule_states
+from lrd_exp.results.row import STATUS_OK
 from lrd_exp.sweep.guard import warn_parallel_throughput
-from lrd_exp.tasks.common import (
-    bench_precision,
-    build_model,
-    freeze_total_units,
-    identity_row,
-    rank_search_context,
-    require_decomposed,
-    slug,
-)
+from lrd_exp.tasks.decomposition import rank_search_context, require_decomposed
+from lrd_exp.tasks.identity import identity_row, slug
+from lrd_exp.tasks.job import JobRow
 from lrd_exp.tasks.measure import measure
+from lrd_exp.tasks.models import build_model, data_shape
+from lrd_exp.tasks.settings import bench_batch_size, bench_precision, freeze_total_units
 
 log = logging.getLogger("lrd_exp")
 
@@ -57,12 +53,10 @@ def variant_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Time the original and every variant; one row per variant, a printed table and ``freeze_stages.csv``."""
     parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
-    b, d = cfg.bench, cfg.dataset
-    batch = b.batch_size or cfg.trainer.batch_size
-    precision = bench_precision(cfg)
+    d = cfg.dataset
+    batch, size = bench_batch_size(cfg), cfg.model.image_size or d.image_size
     torch.manual_seed(cfg.seed)
-    original = build_model(cfg, num_classes=d.num_classes, in_chans=d.in_chans, image_size=d.image_size)
-    size = cfg.model.image_size or d.image_size
+    original = build_model(cfg, **data_shape(d))
     x = torch.randn(batch, d.in_chans, size, size, device=device.torch_device)
     y = torch.randint(0, d.num_classes, (batch,), device=device.torch_device)
     original = original.to(device.torch_device)
@@ -71,44 +65,40 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
                  "changes accuracy only, not speed)")
     rows, stage_rows = [], []
     for i, (label, vcfg) in enumerate(variant_configs(cfg)):
-        started = time.perf_counter()
-        row = identity_row(vcfg, out_dir)
-        row.update(device=device.accelerator, device_name=device.name, precision=precision, batch_size=batch,
-                   variant=label, status="running", parallel_jobs=parallel)
         vdir = out_dir if i == 0 else os.path.join(out_dir, "variants", slug(label))
-        row["output_dir"] = vdir
-        try:
-            decomposed = copy.deepcopy(original)
-            rank = {**vcfg.rank, "fit": "weights"}  # speed depends on the ranks only, not on what they were fitted to
-            report = decompose_model(decomposed, **rank, example_input=x[:1],
-                                     rank_search=rank_search_context(vcfg, device, None) | {"output_dir": vdir})
-            os.makedirs(vdir, exist_ok=True)
-            results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
-            require_decomposed(vcfg, report)
-            states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg), example_input=x[:1])
-            log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
-            importance = enum_value(vcfg.freeze.get("importance"))
-            if len(states) > 1 and enum_value(vcfg.freeze.schedule) == "sequential" and importance in MEASURED:
-                log.info("benchmark %s: freeze.importance=%s is measured during training, so these states freeze "
-                         "in depth order (a training job's own benchmark follows its real order; "
-                         "freeze.importance=cost is the same here and in training)", label, importance)
-            row.update(measure(vcfg, device, original, decomposed, states, x, y, desc=f"timing {label}"))
-            row["status"] = "ok"
-            for st in row["freeze_stages"]:
-                stage_rows.append({"variant": label, **{k: v for k, v in st.items()}})
-        except Exception as exc:
-            log.exception("benchmark variant %s failed", label)
-            row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        row["duration_s"] = round(time.perf_counter() - started, 2)
-        final = results.make_row(**row)
-        results.write_result(vdir, final)
-        rows.append(final)
+        row = identity_row(vcfg, out_dir)
+        row.update(device=device.accelerator, device_name=device.name, precision=bench_precision(cfg),
+                   batch_size=batch, variant=label, parallel_jobs=parallel, output_dir=vdir)
+        with JobRow(row, vdir, what=f"benchmark variant {label}", summary=False) as job:
+            row.update(measure_variant(vcfg, device, original, x, y, label, vdir))
+            stage_rows += [{"variant": label, **st} for st in row["freeze_stages"]]
+        rows.append(job.final)
     print_benchmark(rows, stage_rows)
     if stage_rows:
         results.write_text_atomic(os.path.join(out_dir, "freeze_stages.csv"),
                                   pd.DataFrame(stage_rows).to_csv(index=False))
     first = rows[0]
-    return first.get("train_ips_decomposed") if first["status"] == "ok" else None
+    return first.get("train_ips_decomposed") if first["status"] == STATUS_OK else None
+
+
+def measure_variant(vcfg: DictConfig, device: DeviceInfo, original: torch.nn.Module, x: torch.Tensor,
+                    y: torch.Tensor, label: str, vdir: str) -> dict[str, Any]:
+    """One variant decomposed (to the weights: speed depends on the ranks only) and timed beside the original."""
+    decomposed = copy.deepcopy(original)
+    rank = {**vcfg.rank, "fit": "weights"}  # speed depends on the ranks only, not on what they were fitted to
+    report = decompose_model(decomposed, **rank, example_input=x[:1],
+                             rank_search=rank_search_context(vcfg, device, None) | {"output_dir": vdir})
+    os.makedirs(vdir, exist_ok=True)
+    results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    require_decomposed(vcfg, report)
+    states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg), example_input=x[:1])
+    log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))
+    importance = enum_value(vcfg.freeze.get("importance"))
+    if len(states) > 1 and enum_value(vcfg.freeze.schedule) == "sequential" and importance in MEASURED:
+        log.info("benchmark %s: freeze.importance=%s is measured during training, so these states freeze "
+                 "in depth order (a training job's own benchmark follows its real order; "
+                 "freeze.importance=cost is the same here and in training)", label, importance)
+    return measure(vcfg, device, original, decomposed, states, x, y, desc=f"timing {label}")
 
 
 def print_benchmark(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]) -> None:

@@ -3,59 +3,42 @@ configured dataset: top-1, inference speed and the latency of one image, in one 
 
 from __future__ import annotations
 
-import logging
-import os
-import time
 from typing import Any
 
 from omegaconf import DictConfig
 
-from lrd_exp import results
 from lrd_exp.decompose.layers import FactorizedLayer
 from lrd_exp.devices.resolve import DeviceInfo
-from lrd_exp.tasks.common import (
-    bench_channels_last,
-    bench_precision,
-    build_model,
-    identity_row,
-    is_model_file,
-    load_model_file,
-)
+from lrd_exp.results.row import STATUS_OK
+from lrd_exp.tasks.checkpoint import is_model_file
+from lrd_exp.tasks.identity import identity_row
+from lrd_exp.tasks.job import JobRow
+from lrd_exp.tasks.models import build_model, data_shape, load_model_file
+from lrd_exp.tasks.settings import bench_batch_size, bench_channels_last, bench_precision
 from lrd_exp.timing.flops import count_flops, count_params
 from lrd_exp.timing.steps import prepare_inference
 from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.trainer import evaluate as top1_of
 from lrd_exp.training.trainer import validation_images
 
-log = logging.getLogger("lrd_exp")
-
 
 def evaluate(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Top-1 and speed of the model at ``model.checkpoint``; returns its top-1 (the sweep objective)."""
     row: dict[str, Any] = identity_row(cfg, out_dir)
-    row.update(device=device.accelerator, device_name=device.name, status="running")
-    started = time.perf_counter()
-    try:
+    row.update(device=device.accelerator, device_name=device.name)
+    with JobRow(row, out_dir, what="evaluation") as job:
         row.update(measure_model(cfg, device, out_dir))
-        row["status"] = "ok"
-    except Exception as exc:
-        log.exception("evaluation failed")
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-    row["duration_s"] = round(time.perf_counter() - started, 2)
-    final = results.make_row(**row)
-    results.write_result(out_dir, final)
-    print(results.format_summary(final))
-    print(f"result row: {os.path.join(out_dir, results.RESULT_FILENAME)}")
+    final = job.final
     side = "decomposed" if final.get("top1_decomposed") is not None else "original"
-    return final.get(f"top1_{side}") if final["status"] == "ok" else None
+    return final.get(f"top1_{side}") if final["status"] == STATUS_OK else None
 
 
 def measure_model(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> dict[str, Any]:
     """The row fields of the loaded model: the decomposed columns for a decomposed model, else the original's."""
     b = cfg.bench
-    batch = b.batch_size or cfg.trainer.batch_size
+    batch = bench_batch_size(cfg)
     dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
-    shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
+    shape = data_shape(dm)
     model = load_model_file(cfg, **shape) if is_model_file(cfg.model.checkpoint) else build_model(cfg, **shape)
     side = "decomposed" if any(isinstance(m, FactorizedLayer) for m in model.modules()) else "original"
     fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg, device, model, dm, out_dir),

@@ -1,7 +1,8 @@
 """``task=train``, one job: baseline -> decompose -> fine-tune with freezing -> measure -> one result row.
 
 :func:`train` keeps the row honest (written as ``running`` first, then ``ok`` or ``failed`` with the error, never
-lost); :func:`train_job` is the job itself and reads top to bottom like the pipeline.
+lost: :class:`~lrd_exp.tasks.job.JobRow`); :func:`train_job` is the job itself and reads top to bottom like the
+pipeline.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import copy
 import inspect
 import logging
 import os
-import time
 from typing import Any
 
 import pandas as pd
@@ -20,26 +20,20 @@ from torch import nn
 
 from lrd_exp import results
 from lrd_exp.config.schema import canonical_precision
-from lrd_exp.config.validate import ConfigError
 from lrd_exp.decompose import decompose_model
-from lrd_exp.decompose.calibration import CalibrationError
 from lrd_exp.deploy.model_file import read_model_file, save_decomposed, structure
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.callback import FreezingCallback
+from lrd_exp.results.row import RESULT_FILENAME
 from lrd_exp.sweep.guard import warn_parallel_throughput
-from lrd_exp.tasks.common import (
-    bench_optimizer,
-    build_model,
-    calibration_inputs,
-    identity_row,
-    is_model_file,
-    load_model_file,
-    objective_value,
-    rank_search_context,
-    require_decomposed,
-)
+from lrd_exp.tasks.checkpoint import is_model_file
+from lrd_exp.tasks.decomposition import calibration_inputs, rank_search_context, require_decomposed
+from lrd_exp.tasks.identity import identity_row
+from lrd_exp.tasks.job import JobRow, objective_value
 from lrd_exp.tasks.measure import measure_pair
+from lrd_exp.tasks.models import build_model, data_shape, load_model_file
+from lrd_exp.tasks.settings import bench_optimizer
 from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
 from lrd_exp.training.baseline import get_or_train
 from lrd_exp.training.data import build_datamodule
@@ -51,40 +45,20 @@ log = logging.getLogger("lrd_exp")
 
 def train(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Run one training job and write its row; returns the sweep objective (None for a failed job)."""
-    existing = results.read_result(os.path.join(out_dir, results.RESULT_FILENAME))
+    existing = results.read_result(os.path.join(out_dir, RESULT_FILENAME))
     if existing and results.is_complete(existing) and not cfg.resume:
-        log.info("result.json in %s is complete: skipping this job (delete it to re-run)", out_dir)
+        log.info("%s in %s is complete: skipping this job (delete it to re-run)", RESULT_FILENAME, out_dir)
         print(results.format_summary(existing))
         return objective_value(cfg, existing)
 
     row = identity_row(cfg, out_dir)
-    row.update(device=device.accelerator, device_name=device.name, status="running",
-               parallel_jobs=warn_parallel_throughput(cfg))
-    results.write_result(out_dir, results.make_row(**row))
-    started = time.perf_counter()
-    wandb_logger = None
-    try:
+    row.update(device=device.accelerator, device_name=device.name, parallel_jobs=warn_parallel_throughput(cfg))
+    with JobRow(row, out_dir, announce=True) as job:
         wandb_logger = make_wandb(cfg, out_dir, row)
-        row.update(train_job(cfg, device, out_dir, wandb_logger))
-        row["status"] = "ok"
-    except KeyboardInterrupt:
-        row.update(status="failed", error="interrupted")
-        raise
-    except Exception as exc:
-        if isinstance(exc, (ConfigError, CalibrationError)):  # the user's input: one line, no traceback
-            log.error("%s", exc)
-        else:
-            log.exception("job failed")
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-    finally:
-        row["duration_s"] = round(time.perf_counter() - started, 2)
-        final = results.make_row(**row)
-        results.write_result(out_dir, final)
         if wandb_logger is not None:
-            finish_wandb(wandb_logger, final)
-        print(results.format_summary(final))
-        print(f"result row: {os.path.join(out_dir, results.RESULT_FILENAME)}")
-    return objective_value(cfg, final)
+            job.on_close(lambda final: finish_wandb(wandb_logger, final))
+        row.update(train_job(cfg, device, out_dir, wandb_logger))
+    return objective_value(cfg, job.final)
 
 
 def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: Any | None) -> dict[str, Any]:
@@ -138,7 +112,7 @@ def baseline(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str
              ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
     """The original model, trained or read from the baseline cache: (model, its curve, cache columns)."""
     t = cfg.trainer
-    shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
+    shape = data_shape(dm)
 
     def train_baseline() -> dict:
         model = build_model(cfg, **shape)
@@ -160,7 +134,7 @@ def baseline(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str
 def from_model_file(cfg: DictConfig, dm: Any, out_dir: str) -> tuple[nn.Module, nn.Module, list[dict[str, Any]]]:
     """(original, decomposed, curves) of a job that starts from a saved model: the original is the architecture
     before decomposition (for the side-by-side speed; its accuracy is unknown here), the decomposed the file's."""
-    shape = {"num_classes": dm.num_classes, "in_chans": dm.in_chans, "image_size": dm.image_size}
+    shape = data_shape(dm)
     decomposed = load_model_file(cfg, **shape).train()
     layers = structure(decomposed)
     log.info("loaded %s: %d factorized layers, no decomposition", cfg.model.checkpoint, len(layers))

@@ -22,7 +22,9 @@ from lrd_exp.config import grid
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.results.pareto import pareto_mask, recommend
-from lrd_exp.tasks.common import bench_precision, git_commit, overrides_string
+from lrd_exp.results.row import STATUS_OK
+from lrd_exp.tasks.identity import git_commit, overrides_string
+from lrd_exp.tasks.settings import bench_batch_size, bench_precision
 
 ORIGINAL = "original"
 UNCHANGED = "unchanged"  # a configuration that decomposes no layer (it is the original): listed, not timed or ranked
@@ -59,7 +61,7 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
             "train_ips": reference.get("train_ips"), "infer_ips_deployed": reference.get("infer_ips"),
             "train_mem_mb": reference.get("train_mem_mb"), "latency_ms": reference.get("latency_ms"),
             "latency_ms_p90": reference.get("latency_ms_p90"),
-            "status": "ok", "error": None}  # the reference point; its absolute numbers come from the first timing
+            "status": STATUS_OK, "error": None}  # the reference point; its absolute numbers come from the first timing
     df = pd.DataFrame([base, *rows])
     for col in keys + COLUMNS:
         if col not in df.columns:
@@ -68,7 +70,7 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
         df[col] = pd.Series([row.get(col) for row in [base, *rows]], index=df.index, dtype=object)
     df = df[keys + COLUMNS + [c for c in df.columns if c not in keys + COLUMNS]]
     speed = speed_column(cfg)
-    numeric = df[[speed, "approx_error"]].apply(pd.to_numeric, errors="coerce").where(df["status"] == "ok")
+    numeric = df[[speed, "approx_error"]].apply(pd.to_numeric, errors="coerce").where(df["status"] == STATUS_OK)
     df["frontier"] = pareto_mask(numeric, speed, "approx_error")
     pick = recommend(numeric, speed, "approx_error", max_error=cfg.advise.max_error,
                      candidates=(df["configuration"] != ORIGINAL) & (numeric[speed] > 1.0))
@@ -120,7 +122,7 @@ def write_advice(cfg: DictConfig, device: DeviceInfo, table: pd.DataFrame, out_d
     results.write_text_atomic(os.path.join(out_dir, "advice.csv"), table.to_csv(index=False))
     rec = table[table["recommended"]]
     command = recommended_command(cfg, rec.iloc[0]) if len(rec) else None
-    batch = cfg.bench.batch_size or cfg.trainer.batch_size
+    batch = bench_batch_size(cfg)
     size = cfg.model.image_size or cfg.dataset.image_size
     accuracy = (f"top1_pre: top-1 (%) before fine-tuning on the first {val_images} validation images"
                 if val_images else "no top-1 (no labelled dataset, or advise.val_images=0)")

@@ -1,0 +1,69 @@
+"""What a task gives :func:`~lrd_exp.decompose_model` and what it demands back: the layers it may select (checked
+before any work), the training images the factors are fitted to, the context of the rank search, and a verdict
+that a decomposition which left every layer dense is no result."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lrd_exp.config.schema import enum_value as _v
+from lrd_exp.config.validate import ConfigError
+from lrd_exp.devices.resolve import DeviceInfo
+from lrd_exp.tasks.checkpoint import is_model_file
+from lrd_exp.tasks.identity import output_dir
+from lrd_exp.tasks.models import build_model, data_shape
+from lrd_exp.tasks.settings import bench_batch_size, bench_channels_last, bench_precision
+
+log = logging.getLogger("lrd_exp")
+
+
+def check_model_selection(cfg: DictConfig) -> None:
+    """``rank.include`` / ``rank.exclude`` patterns and ``rank.rank`` keys checked against the model's layers before
+    any work (a typo would otherwise run a whole job that decomposes nothing); ConfigError naming the pattern."""
+    from lrd_exp.decompose.surgery import check_selection
+
+    r = cfg.rank
+    mapping = r.rank if _v(r.policy) == "fixed" and isinstance(r.rank, DictConfig) else None
+    if _v(cfg.task) == "evaluate" or not (r.include or r.exclude or mapping) or is_model_file(cfg.model.checkpoint):
+        return
+    model = build_model(cfg, **data_shape(cfg.dataset), load=False)
+    try:
+        check_selection(model, include=r.include, exclude=r.exclude, rank=mapping)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def calibration_inputs(cfg: DictConfig, dm: Any) -> list[Any] | None:
+    """The training images a decomposition is fitted to (and BatchNorm re-estimated on), or None: on synthetic data
+    ``rank.fit=auto`` fits the weights, and the fit changes accuracy only, never speed."""
+    fit = _v(cfg.rank.fit)
+    if _v(cfg.rank.policy) == "none" or (fit == "weights" and not cfg.rank.recalibrate_bn):
+        return None
+    if not dm.has_real_data and fit != "activations":
+        log.info("no real data (dataset=%s): the factors are fitted to the weights; the fit (rank.fit) changes "
+                 "accuracy only, not speed", dm.name)
+        return None
+    try:
+        return dm.calibration_batches(int(cfg.rank.calibration_images), cfg.trainer.batch_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def rank_search_context(cfg: DictConfig, device: DeviceInfo, dm: Any) -> dict[str, Any]:
+    """What rank.policy=optimized needs to time candidates like the run will execute them."""
+    b = cfg.bench
+    return {"batch_size": bench_batch_size(cfg), "device": device,
+            "precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg),
+            "cache_dir": os.path.join(cfg.paths.cache_dir, "rank_timings"), "warmup": b.warmup,
+            "steps": b.steps, "compile": b.compile, "output_dir": output_dir(cfg)}
+
+
+def require_decomposed(cfg: DictConfig, report: Any) -> None:
+    """A decomposition that left every layer dense (policy other than none) is not a result: ConfigError with why."""
+    if _v(cfg.rank.policy) != "none" and not report.decomposed:
+        raise ConfigError(f"no layer was decomposed with rank.policy={_v(cfg.rank.policy)}: {report.why_dense()} "
+                          "(decomposition.txt lists every layer)")
