@@ -74,7 +74,7 @@ def test_every_option_composes(cfg_factory, group, name):
     resolved = {k: v for k, v in raw.items() if not (isinstance(v, str) and "${" in v)}
     _assert_subset(resolved, target, where)
     # the composed config is still fully typed: enum keys keep their Enum type
-    assert type(cfg.freeze.schedule).__name__ == "FreezeSchedule"
+    assert type(cfg.freeze.schedule).__name__ == "FreezeKind"
     assert type(cfg.device.accelerator).__name__ == "Accelerator"
 
 

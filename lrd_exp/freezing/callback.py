@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lrd_exp.config.schema import MEASURED_IMPORTANCES as MEASURED
+from lrd_exp.config.values import MEASURED_IMPORTANCES as MEASURED
 from lrd_exp.freezing.factors import (
     Factor,
     collect_factors,

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrd_exp.config.validate import check_freeze, freeze_values
+from lrd_exp.config.validate import freeze_values
+from lrd_exp.config.values import check_freeze
 from lrd_exp.freezing.factors import (
     Factor,
     collect_factors,
