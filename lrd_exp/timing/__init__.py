@@ -8,6 +8,5 @@ from lrd_exp.lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "lrd_exp.timing.flops": ["count_flops", "count_params"],
     "lrd_exp.timing.loop": ["BenchProbe", "StepThroughput"],
-    "lrd_exp.timing.steps": ["Timing", "measure_inference", "measure_train_step", "prepare_inference",
-                             "prepare_train_step", "time_fn"],
+    "lrd_exp.timing.steps": ["Timing", "prepare_inference", "prepare_train_step", "time_fn"],
 })

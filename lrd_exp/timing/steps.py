@@ -213,7 +213,7 @@ def make_train_step(
     """One training step on ``model`` in place: forward, cross-entropy, backward, optimizer step.
 
     Only parameters with ``requires_grad`` reach the optimizer, so a frozen factor gets no update
-    (no momentum, no weight decay) and no weight gradient. Used by :func:`measure_train_step` on a copy.
+    (no momentum, no weight decay) and no weight gradient. Used by :func:`prepare_train_step` on a copy.
     """
     precision = canonical_precision(precision)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -310,41 +310,3 @@ def prepare_inference(
             run(xw)
 
     return PreparedStep(forward, _sync_for(device, torch_device), int(x.shape[0]))
-
-
-def measure_train_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    optimizer_factory: OptimizerFactory | None = None,
-    warmup: int = 3,
-    steps: int = 10,
-    precision: str = "32-true",
-    channels_last: bool = False,
-    compile: bool = False,
-    device: DeviceInfo | None = None,
-    min_time_s: float = 0.0,
-) -> Timing:
-    """Time full training steps of a deep copy of ``model`` (see :func:`prepare_train_step`)."""
-    prepared = prepare_train_step(model, x, y, optimizer_factory=optimizer_factory, precision=precision,
-                                  channels_last=channels_last, compile=compile, device=device)
-    return prepared.time(warmup=warmup, steps=steps, min_time_s=min_time_s)
-
-
-def measure_inference(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    warmup: int = 3,
-    steps: int = 10,
-    precision: str = "32-true",
-    channels_last: bool = False,
-    compile: bool = False,
-    device: DeviceInfo | None = None,
-    min_time_s: float = 0.0,
-) -> Timing:
-    """Time forward passes of a deep copy of ``model`` in eval mode (see :func:`prepare_inference`)."""
-    prepared = prepare_inference(model, x, precision=precision, channels_last=channels_last, compile=compile,
-                                 device=device)
-    return prepared.time(warmup=warmup, steps=steps, min_time_s=min_time_s)
