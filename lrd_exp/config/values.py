@@ -80,8 +80,18 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_count(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+def check_count(key: str, value: Any, what: str = "an integer") -> int:
+    """An int >= 1 (a bool is not), else one ValueError naming the key and ``what`` the value stands for."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed: {what} >= 1")
+    return value
+
+
+def check_fraction(key: str, value: Any) -> float:
+    """A number in [0, 1), else one ValueError naming the key."""
+    if not is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed: a fraction in [0, 1)")
+    return float(value)
 
 
 def check_ratio(ratio: float) -> float:
@@ -97,9 +107,7 @@ def check_energy(energy: float) -> float:
 
 
 def check_multiple(multiple: int) -> int:
-    if not _is_count(multiple, 1):
-        raise ValueError(f"rank.multiple={multiple!r} is not allowed: the quantization step must be an integer >= 1")
-    return multiple
+    return check_count("rank.multiple", multiple, "the quantization step must be an integer")
 
 
 def check_rounding(rounding: str) -> str:
@@ -107,36 +115,26 @@ def check_rounding(rounding: str) -> str:
 
 
 def check_rank(rank: int, key: str = "rank.rank") -> int:
-    if not _is_count(rank, 1):
-        raise ValueError(f"{key}={rank!r} is not allowed: a rank must be an integer >= 1")
-    return rank
+    return check_count(key, rank, "a rank must be an integer")
 
 
 def check_window(window: float) -> float:
-    if not is_number(window) or not 0 <= window < 1:
-        raise ValueError(f"rank.window={window!r} is not allowed: a fraction in [0, 1)")
-    return float(window)
+    return check_fraction("rank.window", window)
 
 
 def check_step(step: int) -> int:
-    if not _is_count(step, 1):
-        raise ValueError(f"rank.step={step!r} is not allowed: an integer >= 1")
-    return step
+    return check_count("rank.step", step)
 
 
 def check_tolerance(tolerance: float) -> float:
-    if not is_number(tolerance) or not 0 <= tolerance < 1:
-        raise ValueError(f"rank.tolerance={tolerance!r} is not allowed: a fraction in [0, 1)")
-    return float(tolerance)
+    return check_fraction("rank.tolerance", tolerance)
 
 
 def check_fit(fit: str, calibrate: str, calibration_images: int) -> tuple[str, str, int]:
     """``rank.fit``, ``rank.calibrate`` and ``rank.calibration_images``: one ValueError naming the key."""
     fit = check_choice("rank.fit", fit, FITS)
     calibrate = check_choice("rank.calibrate", calibrate, CALIBRATES)
-    if not _is_count(calibration_images, 1):
-        raise ValueError(f"rank.calibration_images={calibration_images!r} is not allowed: a number of training "
-                         "images >= 1")
+    check_count("rank.calibration_images", calibration_images, "a number of training images")
     return fit, calibrate, calibration_images
 
 

@@ -1,5 +1,6 @@
-"""Low-rank decomposition: the linear algebra (functional), factorized layers, calibration inputs, rank policies and
-model surgery."""
+"""Low-rank decomposition: the linear algebra (functional), factorized layers (layers), calibration inputs
+(calibration), rank formulas (ranks), one candidate layer (plan), measured ranks (search), model surgery (surgery)
+and what it did (report). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
 
 from lrd_exp.decompose.calibration import recalibrate_bn
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
