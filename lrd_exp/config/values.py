@@ -75,7 +75,7 @@ def canonical_precision(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------- rank keys
-def is_number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     """A finite int or float (a bool is not a number here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -89,13 +89,13 @@ def check_count(key: str, value: Any, what: str = "an integer") -> int:
 
 def check_fraction(key: str, value: Any) -> float:
     """A number in [0, 1), else one ValueError naming the key."""
-    if not is_number(value) or not 0 <= value < 1:
+    if not _is_number(value) or not 0 <= value < 1:
         raise ValueError(f"{key}={value!r} is not allowed: a fraction in [0, 1)")
     return float(value)
 
 
 def check_ratio(ratio: float) -> float:
-    if not is_number(ratio) or ratio <= 1:
+    if not _is_number(ratio) or ratio <= 1:
         raise ValueError(f"rank.ratio={ratio!r} is not allowed: the compression ratio must be a number > 1")
     return float(ratio)
 
