@@ -36,7 +36,7 @@ from lrd_exp.config.values import (
     WANDB_MODES,
 )
 
-# re-exported: the tasks read them here, beside the enums
+# re-exported: lrd_exp.tasks reads them here, beside the enums (new code imports lrd_exp.config.values)
 from lrd_exp.config.values import MEASURED_IMPORTANCES as MEASURED_IMPORTANCES
 from lrd_exp.config.values import canonical_precision as canonical_precision
 from lrd_exp.config.values import enum_value as enum_value
