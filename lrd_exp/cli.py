@@ -23,7 +23,8 @@ def job_dir_name(override_dirname: str) -> str:
 def register() -> None:
     """The schemas (``lrd_schema`` and the groups' ``schema``) and the ``lrd_job_dir`` resolver config.yaml uses.
 
-    Also run on ``import lrd_exp`` and by the ``hydra_plugins.lrd_exp_plugin`` module Hydra imports itself.
+    Run by ``run.py`` (:func:`prepare`), by the tests' compose, and by the ``hydra_plugins.lrd_exp_plugin`` module
+    Hydra imports itself before a bare compose; importing ``lrd_exp`` registers nothing.
     """
     register_configs()
     if not OmegaConf.has_resolver("lrd_job_dir"):

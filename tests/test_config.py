@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def test_every_option_composes(cfg_factory, group, name):
     resolved = {k: v for k, v in raw.items() if not (isinstance(v, str) and "${" in v)}
     _assert_subset(resolved, target, where)
     # the composed config is still fully typed: enum keys keep their Enum type
-    assert type(cfg.freeze.schedule).__name__ == "FreezeSchedule"
+    assert type(cfg.freeze.schedule).__name__ == "FreezeKind"
     assert type(cfg.device.accelerator).__name__ == "Accelerator"
 
 
@@ -443,3 +444,45 @@ def test_decompose_model_defaults_are_the_configs(cfg_factory):
     decompose_model(b, **cfg.rank)
     assert isinstance(a[0], FactorizedLayer)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_freeze_defaults_have_one_source(cfg_factory):
+    """One default per key: a freeze mapping that leaves keys out means the schema's FreezeConfig, which is also
+    what ``freeze=sequential`` composes to (the YAML sets only the schedule)."""
+    from dataclasses import asdict
+
+    from lrd_exp.config.schema import FreezeConfig
+    from lrd_exp.config.validate import FREEZE_DEFAULTS, freeze_values
+
+    schema = {k: getattr(v, "value", v) for k, v in asdict(FreezeConfig()).items()}
+    assert FREEZE_DEFAULTS == schema
+    assert freeze_values({}) == schema
+    composed = OmegaConf.to_container(cfg_factory(["freeze=sequential"]).freeze, resolve=True)
+    assert {k: getattr(v, "value", v) for k, v in composed.items()} == schema
+    assert freeze_values({"schedule": "none", "warmup": 0})["schedule"] == "none"
+
+
+@pytest.mark.parametrize("override", ["rank.policy=quantized", "rank.base=energy", "rank.ratio=1",
+                                      "rank.multiple=0", "rank.window=1.5", "rank.step=0", "rank.tolerance=-1",
+                                      "rank.policy=fixed", "rank.calibration_images=0"])
+@pytest.mark.filterwarnings("ignore:decompose_model. no layer was decomposed")
+def test_rank_rules_give_one_verdict_through_both_paths(cfg_factory, override):
+    """``run.py``'s validation and ``decompose_model(**cfg.rank)`` run the same rules (config.values)."""
+    from lrd_exp.config.values import check_rank_keys
+
+    cfg = cfg_factory([override])
+    try:
+        check_rank_keys(**cfg.rank)
+        cli = None
+    except ValueError as exc:
+        cli = str(exc)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    try:
+        decompose_model(model, **cfg.rank)
+        library = None
+    except ValueError as exc:
+        library = str(exc)
+    assert cli == library
+    if cli is not None:
+        with pytest.raises(ConfigError, match=re.escape(cli)):
+            validate(cfg)

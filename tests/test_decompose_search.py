@@ -104,7 +104,7 @@ def test_choose_ranks_with_timing_table():
             return table[(plan.name, None)] if plan.name == "2" else 0.1  # layer 0: original is fastest
         return 0.5 if ranks[0] == 112 else 0.9
 
-    chosen, reasons, stats = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+    chosen, reasons, stats, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
                                           budget="layer")
     assert chosen["0"] is None and "kept" in reasons["0"]
     assert chosen["2"] == (112,) and "optimized" in reasons["2"]
@@ -174,7 +174,7 @@ def test_choose_ranks_model_budget_searches_above_the_estimate():
         seen[plan.name].add(ranks[0])
         return plan.params_for(ranks) * (3e-6 if plan.name == "0" else 1e-6)
 
-    chosen, reasons, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+    chosen, reasons, _, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
                                       budget="model", tolerance=0.0)
     assert max(seen["2"]) > 128  # ranks above the estimate are candidates when the budget is model-wide
     budget = sum(p.params_for(estimates[p.name]) for p in plans)
@@ -307,7 +307,7 @@ def test_choose_ranks_model_budget_keeps_every_layer_at_most_as_slow_as_the_orig
         return ms.get(key, 1.0 if plan.name == "0" else 3.0) * 1e-3
 
     for budget in ("model", "layer"):
-        chosen, reasons, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
+        chosen, reasons, _, _ = choose_ranks(plans, estimates, window=0.25, step=8, ratio=2.0, timer=timer,
                                           budget=budget, tolerance=0.0)
         for p in plans:
             r = chosen[p.name]
@@ -334,7 +334,7 @@ def test_estimate_that_would_not_shrink_the_layer_keeps_it_dense_with_a_reason()
         assert layers[name].action == "kept" and "would not shrink" in layers[name].reason
     assert not timed  # nothing to time for a layer the estimate leaves dense
     plans = _plans(nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128)), (128,))
-    chosen, reasons, _ = choose_ranks(plans, {p.name: (64,) for p in plans}, timer=timer, budget="layer")
+    chosen, reasons, _, _ = choose_ranks(plans, {p.name: (64,) for p in plans}, timer=timer, budget="layer")
     assert all(chosen[p.name] is None and "would not shrink" in reasons[p.name] for p in plans)
 
 

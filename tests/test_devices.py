@@ -40,7 +40,7 @@ def test_auto_prefers_cuda_then_npu_then_cpu(monkeypatch, cuda, npu, expected):
     monkeypatch.setattr(resolve, "npu_is_available", lambda: npu)
     fake_npu = types.SimpleNamespace(is_available=lambda: npu, current_device=lambda: 0,
                                      get_device_name=lambda i=0: "fake NPU")
-    monkeypatch.setattr(resolve, "_npu_module", lambda: fake_npu)
+    monkeypatch.setattr(resolve, "npu_module", lambda: fake_npu)
     monkeypatch.setattr(torch, "device", lambda *a: ("device", *a))  # "npu" needs the backend renamed
     assert resolve.resolve_device("auto").accelerator == expected
 

@@ -15,6 +15,7 @@ from lrd_exp.devices import allocator
 # Allocate, touch and free a 64 MiB buffer ten times; report the page faults of a typical (median) cycle.
 PROBE = """
 import json, os, statistics, sys
+import lrd_exp.devices.npu  # as in a job (lrd_exp.tasks): torch and Lightning are loaded when it tunes
 from lrd_exp.devices import allocator
 mode = allocator.tune_malloc(sys.argv[1])
 import torch

@@ -11,8 +11,8 @@ from torch import nn
 
 from lrd_exp.devices import resolve_device
 from lrd_exp.timing import steps as bench
-from lrd_exp.timing.flops import count_flops, count_params, predicted_speedup
-from lrd_exp.timing.steps import Timing, measure_inference, measure_train_step, time_fn
+from lrd_exp.timing.flops import count_flops, count_params
+from lrd_exp.timing.steps import Timing, prepare_inference, prepare_train_step, time_fn
 
 B, IN, HID, OUT = 4, 12, 20, 6
 
@@ -139,15 +139,12 @@ def test_count_flops_keeps_each_modules_own_mode():
         assert [m.training for m in model] == [i != 1 for i in range(len(model))], train
 
 
-def test_count_params_and_predicted_speedup():
+def test_count_params():
     model = mlp()
     total = IN * HID + HID + HID * OUT + OUT
     assert count_params(model) == total
     model[0].weight.requires_grad_(False)
     assert count_params(model, trainable_only=True) == total - IN * HID
-    assert predicted_speedup(300, 200) == pytest.approx(1.5)
-    with pytest.raises(ValueError):
-        predicted_speedup(1, 0)
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -226,7 +223,7 @@ def test_measure_train_step_leaves_model_and_respects_frozen():
         starts.extend(p.detach().clone() for p in params)
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
-    t = measure_train_step(model, x, y, optimizer_factory=factory, warmup=1, steps=2)
+    t = prepare_train_step(model, x, y, optimizer_factory=factory).time(warmup=1, steps=2)
     assert isinstance(t, Timing) and len(t.times_s) == 2 and t.batch_size == B
     assert math.isfinite(t.ips) and t.ips > 0 and t.ips_min <= t.ips <= t.ips_max
 
@@ -291,7 +288,8 @@ def test_measure_train_step_bf16_channels_last():
     model = small_cnn()
     x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
     with Seen(model[0], "cpu") as seen:
-        t = measure_train_step(model, x, y, warmup=1, steps=2, precision="bf16-mixed", channels_last=True)
+        step = prepare_train_step(model, x, y, precision="bf16-mixed", channels_last=True)
+        t = step.time(warmup=1, steps=2)
     assert t.ips > 0
     assert len(seen.calls) == 3  # warm-up + timed steps
     for call in seen.calls:
@@ -299,7 +297,7 @@ def test_measure_train_step_bf16_channels_last():
         assert call["input_channels_last"] and call["weight_channels_last"]
         assert call["weight_dtype"] == torch.float32  # mixed precision: the master weights stay fp32
     with Seen(model[0], "cpu") as seen:  # and the default: no autocast, the usual layout
-        measure_train_step(model, x, y, warmup=0, steps=1)
+        prepare_train_step(model, x, y).time(warmup=0, steps=1)
     assert seen.calls[0]["autocast"] is None and seen.calls[0]["out_dtype"] == torch.float32
     assert not seen.calls[0]["input_channels_last"]
     assert next(model.parameters()).dtype == torch.float32
@@ -310,7 +308,7 @@ def test_measure_train_step_bf16_channels_last():
 def test_measure_inference_positive_finite():
     model = small_cnn().train()
     x = torch.randn(B, 3, 8, 8)
-    t = measure_inference(model, x, warmup=1, steps=3, precision="32-true", device=resolve_device("cpu"))
+    t = prepare_inference(model, x, precision="32-true", device=resolve_device("cpu")).time(warmup=1, steps=3)
     assert len(t.times_s) == 3 and math.isfinite(t.ips) and t.ips > 0
     assert model.training  # eval mode only on the copy
 
@@ -318,12 +316,11 @@ def test_measure_inference_positive_finite():
 @pytest.mark.parametrize("name", ["fp8", "mixed", "bf16-true-ish"])
 def test_unknown_precision_names_are_rejected_naming_the_allowed_values(name):
     with pytest.raises(ValueError, match=f"precision='{name}' is not allowed") as err:
-        measure_inference(mlp(), torch.randn(B, IN), warmup=0, steps=1, precision=name)
+        prepare_inference(mlp(), torch.randn(B, IN), precision=name).time(warmup=0, steps=1)
     for allowed in ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"):
         assert allowed in str(err.value), allowed
     with pytest.raises(ValueError, match="is not allowed"):
-        measure_train_step(mlp(), torch.randn(B, IN), torch.randint(0, OUT, (B,)), warmup=0, steps=1,
-                           precision=name)
+        prepare_train_step(mlp(), torch.randn(B, IN), torch.randint(0, OUT, (B,)), precision=name)
 
 
 @pytest.mark.parametrize("alias,expected", [("32", None), (16, torch.float16), ("bf16", torch.bfloat16)])
@@ -331,8 +328,8 @@ def test_precision_aliases_run_as_their_long_form(alias, expected):
     model = small_cnn()
     x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 5, (B,))
     with Seen(model[0], "cpu") as seen:
-        measure_train_step(model, x, y, warmup=0, steps=1, precision=alias)
-        measure_inference(model, x, warmup=0, steps=1, precision=alias)
+        prepare_train_step(model, x, y, precision=alias).time(warmup=0, steps=1)
+        prepare_inference(model, x, precision=alias).time(warmup=0, steps=1)
     assert [c["autocast"] for c in seen.calls] == [expected, expected]
 
 
@@ -345,11 +342,10 @@ def test_cuda_train_and_inference():
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 5, (32,))
     for precision, dtype in (("32-true", None), ("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)):
         with Seen(model[0], "cuda") as seen:
-            t = measure_train_step(
-                model, x, y, warmup=2, steps=3, precision=precision, channels_last=True, device=info
-            )
+            kw = dict(precision=precision, channels_last=True, device=info)
+            t = prepare_train_step(model, x, y, **kw).time(warmup=2, steps=3)
             assert math.isfinite(t.ips) and t.ips > 0
-            t = measure_inference(model, x, warmup=2, steps=3, precision=precision, channels_last=True, device=info)
+            t = prepare_inference(model, x, **kw).time(warmup=2, steps=3)
             assert math.isfinite(t.ips) and t.ips > 0
         assert len(seen.calls) == 10, precision
         for call in seen.calls:
@@ -387,12 +383,12 @@ def test_compile_train_and_inference(monkeypatch):
     torch._dynamo.reset()
     model = mlp()
     x, y = torch.randn(B, IN), torch.randint(0, OUT, (B,))
-    t = measure_train_step(model, x, y, warmup=2, steps=2, compile=True, precision="bf16-mixed")
+    t = prepare_train_step(model, x, y, compile=True, precision="bf16-mixed").time(warmup=2, steps=2)
     assert math.isfinite(t.ips) and t.ips > 0
     assert len(compiled) == 1 and compiled[0] is not model  # the copy is compiled
     assert graph_calls == [torch.bfloat16] * 4  # warm-up + timed: every step ran the graph, under bf16 autocast
     graph_calls.clear()
-    t = measure_inference(model, x, warmup=2, steps=2, compile=True)
+    t = prepare_inference(model, x, compile=True).time(warmup=2, steps=2)
     assert math.isfinite(t.ips) and t.ips > 0
     assert len(compiled) == 2 and graph_calls == [torch.float32] * 4
     assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)

@@ -1,6 +1,8 @@
-"""The configuration: typed schemas (the one list of allowed values) and the checks that run before any work.
+"""The configuration: the allowed values and the checks of single values (values: plain Python, what the library
+imports), typed schemas built from them (schema), the checks that run before any work (validate) and the advise
+grid (grid).
 
-Imports nothing else of the package, so every other module may use it.
+Imports nothing else of the package, so every other module may use it; Hydra only to register the schemas.
 """
 
 from lrd_exp.config.schema import LrdConfig, enum_value, register_configs

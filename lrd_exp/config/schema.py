@@ -2,131 +2,68 @@
 
 The YAML files in ``conf/`` fill these structures; OmegaConf checks types and enums when Hydra composes.
 Range checks that types cannot express live in :mod:`lrd_exp.config.validate` and run before any work.
-This module is the one list of allowed values: the library's checks read them from here.
+The enums are built from :mod:`lrd_exp.config.values`, the one list of allowed values the library checks too;
+Hydra is imported only to register the schemas (:func:`register_configs`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
+from lrd_exp.config.values import (
+    ACCELERATORS,
+    ADVISE_SPEEDS,
+    BASES,
+    BUDGETS,
+    CALIBRATES,
+    FACTOR_POSITIONS,
+    FITS,
+    FREEZE_KINDS,
+    FREEZE_UNITS,
+    IMPORTANCES,
+    LR_SCHEDULES,
+    MALLOC_MODES,
+    OBJECTIVES,
+    OPTIMIZERS,
+    POLICIES,
+    PRECISION_ALIASES,
+    PRECISIONS,
+    ROUNDINGS,
+    TASKS,
+    WANDB_MODES,
+)
+
+# re-exported: lrd_exp.tasks reads them here, beside the enums (new code imports lrd_exp.config.values)
+from lrd_exp.config.values import MEASURED_IMPORTANCES as MEASURED_IMPORTANCES
+from lrd_exp.config.values import canonical_precision as canonical_precision
+from lrd_exp.config.values import enum_value as enum_value
 
 
-def enum_value(value: Any) -> Any:
-    """A config enum as its plain value (typed configs hand out Enum members; the library compares strings)."""
-    return getattr(value, "value", value)
+def _choices(name: str, values: Sequence[str]) -> Any:
+    """A str enum whose members are ``values`` (OmegaConf checks a typed key against it at composition)."""
+    return Enum(name, {v: v for v in values}, type=str, module=__name__)
 
 
-class RankPolicy(str, Enum):
-    none = "none"
-    ratio = "ratio"
-    energy = "energy"
-    quantized = "quantized"
-    optimized = "optimized"
-    fixed = "fixed"
-
-
-class Rounding(str, Enum):
-    nearest = "nearest"
-    up = "up"
-    down = "down"
-
-
-class RankBase(str, Enum):
-    ratio = "ratio"
-    energy = "energy"
-
-
-class RankBudget(str, Enum):
-    layer = "layer"
-    model = "model"
-
-
-class RankFit(str, Enum):
-    auto = "auto"  # activations wherever calibration inputs exist, weights otherwise
-    weights = "weights"  # the paper's: truncated SVD / HOSVD of the weights
-    activations = "activations"  # the least output error on the calibration inputs
-
-
-class Calibrate(str, Enum):
-    independent = "independent"  # every layer on the original model's inputs (one pass)
-    sequential = "sequential"  # each layer on the inputs of the already decomposed earlier layers
-
-
-class Objective(str, Enum):
-    train = "train"
-    inference = "inference"
-    both = "both"
-
-
-class FreezeSchedule(str, Enum):
-    none = "none"
-    sequential = "sequential"
-    alternating = "alternating"
-    first = "first"
-    last = "last"
-    largest = "largest"
-
-
-class FreezeUnit(str, Enum):
-    epoch = "epoch"
-    step = "step"
-
-
-class Importance(str, Enum):
-    weight_change = "weight_change"
-    grad_norm = "grad_norm"
-    depth = "depth"
-    reverse_depth = "reverse_depth"
-    size = "size"
-    cost = "cost"
-
-
-class Task(str, Enum):
-    train = "train"
-    benchmark = "benchmark"
-    evaluate = "evaluate"
-    advise = "advise"
-
-
-class WandbMode(str, Enum):
-    offline = "offline"  # sync later with `wandb sync`
-    online = "online"
-    disabled = "disabled"
-
-
-class AdviseSpeed(str, Enum):
-    train = "train"
-    infer = "infer"
-
-
-class Accelerator(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    npu = "npu"
-
-
-class MallocMode(str, Enum):
-    system = "system"
-    tuned = "tuned"  # opt-in: freed host buffers stay in the process (lrd_exp.devices.allocator)
-
-
-class OptimizerName(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class LRSchedule(str, Enum):
-    cosine = "cosine"
-    none = "none"
-
-
-#: Lightning's precision flags, and the short aliases both ``trainer.precision`` and ``bench.precision`` accept.
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
-PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+RankPolicy = _choices("RankPolicy", POLICIES)
+Rounding = _choices("Rounding", ROUNDINGS)
+RankBase = _choices("RankBase", BASES)
+RankBudget = _choices("RankBudget", BUDGETS)
+RankFit = _choices("RankFit", FITS)
+Calibrate = _choices("Calibrate", CALIBRATES)
+Objective = _choices("Objective", OBJECTIVES)
+FreezeKind = _choices("FreezeKind", FREEZE_KINDS)  # freeze.schedule (the scheduler is lrd_exp.FreezeSchedule)
+FreezeUnit = _choices("FreezeUnit", FREEZE_UNITS)
+Importance = _choices("Importance", IMPORTANCES)
+Task = _choices("Task", TASKS)
+WandbMode = _choices("WandbMode", WANDB_MODES)
+AdviseSpeed = _choices("AdviseSpeed", ADVISE_SPEEDS)
+Accelerator = _choices("Accelerator", ACCELERATORS)
+MallocMode = _choices("MallocMode", MALLOC_MODES)
+OptimizerName = _choices("OptimizerName", OPTIMIZERS)
+LRSchedule = _choices("LRSchedule", LR_SCHEDULES)
 
 
 class _NamedByValue(str, Enum):
@@ -137,39 +74,7 @@ class _NamedByValue(str, Enum):
         return cls.__members__.get(str(value))
 
 
-Precision = _NamedByValue("Precision", {p: p for p in (*PRECISIONS, *PRECISION_ALIASES)})
-
-
-def canonical_precision(value: Any) -> str:
-    """A precision flag or alias (str, int or :data:`Precision`) as Lightning's long form; ValueError otherwise."""
-    text = str(enum_value(value))
-    flag = PRECISION_ALIASES.get(text, text)
-    if flag not in PRECISIONS:
-        allowed = ", ".join([*PRECISIONS, *PRECISION_ALIASES])
-        raise ValueError(f"precision={text!r} is not allowed: choose one of {allowed}")
-    return flag
-
-
-def _values(enum: type[Enum]) -> tuple[str, ...]:
-    return tuple(member.value for member in enum)
-
-
-POLICIES = _values(RankPolicy)
-ROUNDINGS = _values(Rounding)
-BASES = _values(RankBase)
-BUDGETS = _values(RankBudget)
-FITS = _values(RankFit)
-CALIBRATES = _values(Calibrate)
-SCHEDULES = _values(FreezeSchedule)
-IMPORTANCES = _values(Importance)
-MEASURED_IMPORTANCES = ("weight_change", "grad_norm")  # only a training run can measure these
-ACCELERATORS = _values(Accelerator)
-MALLOC_MODES = _values(MallocMode)
-OPTIMIZERS = _values(OptimizerName)
-LR_SCHEDULES = _values(LRSchedule)
-ADVISE_SPEEDS = _values(AdviseSpeed)
-FACTOR_POSITIONS = ("first", "core", "last")  # a factorized layer's factors, in order
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")  # lrd_exp.training.data builds each
+Precision = _NamedByValue("Precision", {p: p for p in (*PRECISIONS, *PRECISION_ALIASES)}, module=__name__)
 
 
 @dataclass
@@ -200,14 +105,14 @@ class RankConfig:
 
 @dataclass
 class FreezeConfig:
-    schedule: FreezeSchedule = FreezeSchedule.sequential
+    schedule: FreezeKind = FreezeKind.sequential
     unit: FreezeUnit = FreezeUnit.epoch
     warmup: int = 1  # units during which everything trains
     period: int = 1  # units between freezing stages (sequential) or phase changes (alternating)
     per_stage: float = 0.25  # factors frozen per stage: a count (>= 1) or a fraction of all factors (< 1)
     final_fraction: float = 0.75  # fraction of all factors frozen at the end (sequential)
     importance: Importance = Importance.weight_change
-    positions: list[str] = field(default_factory=lambda: ["first", "core", "last"])
+    positions: list[str] = field(default_factory=lambda: list(FACTOR_POSITIONS))
     # alternating: the factor positions that train in each phase, cycled every period
     phases: list[list[str]] = field(default_factory=lambda: [["last"], ["first", "core"]])
     freeze_bias: bool = False
@@ -374,6 +279,8 @@ class LrdConfig:
 
 def register_configs() -> None:
     """Register the schemas; config.yaml lists ``lrd_schema`` first so every group merges into it."""
+    from hydra.core.config_store import ConfigStore  # here: the library reads this module without Hydra
+
     cs = ConfigStore.instance()
     cs.store(name="lrd_schema", node=LrdConfig)
     cs.store(group="model", name="schema", node=ModelConfig)

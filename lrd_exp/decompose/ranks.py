@@ -10,11 +10,9 @@ import math
 
 import torch
 
-from lrd_exp.config.schema import BASES, BUDGETS, POLICIES, ROUNDINGS
-from lrd_exp.config.validate import check_energy, check_multiple, check_rank, check_ratio, check_rounding
+from lrd_exp.config.values import check_energy, check_multiple, check_rank, check_ratio, check_rounding
 
-__all__ = ["BASES", "BUDGETS", "POLICIES", "ROUNDINGS", "check_energy", "check_multiple", "check_rank", "check_ratio",
-           "check_rounding", "energy_rank", "quantize_rank", "svd_params", "svd_rank_for_ratio", "tucker2_params",
+__all__ = ["check_rank", "energy_rank", "quantize_rank", "svd_params", "svd_rank_for_ratio", "tucker2_params",
            "tucker2_rank_for_ratio"]
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -89,6 +91,9 @@ class DecompositionReport:
         return sum(layer.rel_error for layer in self.layers) / len(self.layers) if self.layers else 0.0
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per layer (pandas is imported here: the library itself needs torch alone)."""
+        import pandas as pd
+
         rows = []
         for layer in self.layers:
             row = asdict(layer)
@@ -137,7 +142,7 @@ class DecompositionReport:
         df["rel_error"] = df["rel_error"].map(lambda v: f"{v:.3g}")
         df = df.rename(columns={"rel_error": self.error_column})
         if max_rows is not None and len(df) > max_rows:
-            df = pd.concat([df.head(max_rows // 2), df.tail(max_rows // 2)])
+            df = df.iloc[list(range(max_rows // 2)) + list(range(len(df) - max_rows // 2, len(df)))]
         return df.to_string(index=False) + "\n" + self.summary()
 
     def __str__(self) -> str:

@@ -19,31 +19,34 @@ runs do not re-measure.
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lrd_exp.config.values import canonical_precision
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
+from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo, resolve_device
-from lrd_exp.results.io import write_json_atomic, write_text_atomic
-from lrd_exp.timing.steps import _PRECISIONS, autocast, normalize_precision, time_fn
+from lrd_exp.results.atomic import write_json_atomic, write_text_atomic
+from lrd_exp.timing.steps import autocast, cast_dtype, precision_dtypes, time_fn
 
 log = logging.getLogger("lrd_exp")
 
-Timer = Callable[[Any, "tuple[int, ...] | None"], float]
+Timer = Callable[[LayerPlan, "tuple[int, ...] | None"], float]
 
 
-def candidate_ranks(plan: Any, estimate: tuple[int, ...], *, window: float, step: int, base: str,
+def candidate_ranks(plan: LayerPlan, estimate: tuple[int, ...], *, window: float, step: int, base: str,
                     ratio: float, energy_ranks: tuple[int, ...] | None = None,
                     per_layer: bool = True) -> list[tuple[int, ...]]:
     """Ranks to time for one layer: multiples of ``step`` around the estimate that meet the constraint.
@@ -85,7 +88,7 @@ def candidate_ranks(plan: Any, estimate: tuple[int, ...], *, window: float, step
 
 
 # ------------------------------------------------------------------------------------------ timing
-def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.device, channels_last: bool,
+def _layer_modules(plan: LayerPlan, ranks: tuple[int, ...] | None, device: torch.device, channels_last: bool,
                    dtype: torch.dtype = torch.float32) -> nn.Module:
     m = copy.deepcopy(plan.module).to(device)
     if ranks is None:
@@ -102,7 +105,7 @@ def _layer_modules(plan: Any, ranks: tuple[int, ...] | None, device: torch.devic
     return module
 
 
-def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
+def time_layer(plan: LayerPlan, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
                precision: str, objective: str, channels_last: bool = False, warmup: int = 3,
                steps: int = 10, compile: bool = False) -> float:
     """Median seconds of the layer (dense when ``ranks`` is None) at its real activation shape.
@@ -113,7 +116,7 @@ def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, dev
     """
     if plan.in_shape is None:
         raise ValueError(f"layer {plan.name}: no activation shape recorded; pass example_input to decompose_model")
-    precision = normalize_precision(precision)
+    precision = canonical_precision(precision)
     try:
         return _time_layer(plan, ranks, batch_size=batch_size, device=device, precision=precision,
                            objective=objective, channels_last=channels_last, warmup=warmup, steps=steps,
@@ -124,11 +127,11 @@ def time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, dev
                            f"{device.name} failed: {e}") from e
 
 
-def _time_layer(plan: Any, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
+def _time_layer(plan: LayerPlan, ranks: tuple[int, ...] | None, *, batch_size: int, device: DeviceInfo,
                 precision: str, objective: str, channels_last: bool, warmup: int, steps: int,
                 compile: bool) -> float:
     dev = device.torch_device
-    dtype = _PRECISIONS[precision][1] or torch.float32
+    dtype = cast_dtype(precision) or torch.float32
     module = _layer_modules(plan, ranks, dev, channels_last, dtype)
     run = module
     if compile:  # fresh per candidate: as recompiles of one forward they would fall back to eager past dynamo's limit
@@ -175,7 +178,7 @@ class TimingCache:
         self.misses = 0
 
     @staticmethod
-    def key(plan: Any, *, device_name: str, precision: str, batch_size: int, objective: str,
+    def key(plan: LayerPlan, *, device_name: str, precision: str, batch_size: int, objective: str,
             channels_last: bool, compile: bool = False, warmup: int | None = None, steps: int | None = None
             ) -> str:
         m = plan.module
@@ -183,8 +186,8 @@ class TimingCache:
                     "bias": m.bias is not None}
         if isinstance(m, nn.Conv2d):
             geometry.update(k=m.kernel_size, s=m.stride, p=m.padding, d=m.dilation)
-        precision = normalize_precision(precision)
-        amp, cast = _PRECISIONS[precision]
+        precision = canonical_precision(precision)
+        amp, cast = precision_dtypes(precision)
         spec = {"device": device_name, "precision": precision, "dtype": str(cast or torch.float32),
                 "autocast": str(amp), "compile": bool(compile), "warmup": warmup, "steps": steps,
                 "batch": batch_size, "objective": objective, "channels_last": channels_last, "geometry": geometry,
@@ -238,6 +241,8 @@ def pick(times: dict[tuple[int, ...] | None, float], tolerance: float) -> tuple[
 
 BUDGET_SLACK = 0.05  # model-wide budget: the chosen ranks keep at least (1 - slack) of the budgeted parameters
 
+Choice = dict[str, tuple[int, ...]]  # layer -> ranks
+
 
 def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
                        params: dict[str, dict[tuple[int, ...], int]], estimates: dict[str, tuple[int, ...]],
@@ -262,97 +267,142 @@ def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
             options[name] = opts
         else:
             chosen[name] = None
-    active = list(options)
-    if not active:
+    if not options:
         return chosen
-    missing = [n for n in active if tuple(estimates[n]) not in params[n]]
-    if missing:
-        raise ValueError(f"no parameter count for the estimate of layer(s) {', '.join(missing)}: "
-                         "the estimate must be among the timed candidates")
-    budget = sum(params[n][tuple(estimates[n])] for n in active)
-    floor = (1.0 - slack) * budget
+    problem = BudgetProblem(options, params, estimates, slack)
+    sel = problem.no_slower_than_reference(problem.relaxed())
+    chosen.update(problem.spend_on_ties(sel, tolerance))
+    return chosen
 
-    def reference(n: str) -> tuple[int, ...]:
-        """The estimate, or where it is slower than the original the fastest option within its parameters."""
-        est, opts = tuple(estimates[n]), options[n]
-        if est in opts:
-            return est
-        below = [r for r in opts if params[n][r] <= params[n][est]]
-        if below:
-            return min(below, key=lambda r: (opts[r], -params[n][r]))
-        return min(opts, key=lambda r: (params[n][r], opts[r]))
 
-    def solve(lam: float) -> dict[str, tuple[int, ...]]:
-        return {n: min(opts, key=lambda r: (opts[r] + lam * params[n][r], -params[n][r]))
-                for n, opts in options.items()}
+class BudgetProblem:
+    """The model-wide budget of :func:`pick_within_budget`: per layer its options (ranks -> seconds, each faster
+    than the original) and their parameter counts, sharing the estimates' total parameters."""
 
-    def total(sel: dict[str, tuple[int, ...]]) -> int:
-        return sum(params[n][r] for n, r in sel.items())
+    def __init__(self, options: dict[str, dict[tuple[int, ...], float]],
+                 params: dict[str, dict[tuple[int, ...], int]], estimates: dict[str, tuple[int, ...]],
+                 slack: float) -> None:
+        self.options, self.params = options, params
+        self.estimates = {n: tuple(estimates[n]) for n in options}
+        missing = [n for n, est in self.estimates.items() if est not in params[n]]
+        if missing:
+            raise ValueError(f"no parameter count for the estimate of layer(s) {', '.join(missing)}: "
+                             "the estimate must be among the timed candidates")
+        self.budget = sum(params[n][est] for n, est in self.estimates.items())
+        self.floor = (1.0 - slack) * self.budget
+        scale = max(t / max(params[n][r], 1) for n, opts in options.items() for r, t in opts.items()) or 1.0
+        self.big = scale * 1e6  # a multiplier past every layer's time per parameter
 
-    def seconds(sel: dict[str, tuple[int, ...]]) -> float:
-        return sum(options[n][r] for n, r in sel.items())
+    def total(self, sel: Choice) -> int:
+        return sum(self.params[n][r] for n, r in sel.items())
 
-    def boundary(lo: float, hi: float, fits: Callable[[dict[str, tuple[int, ...]]], bool]) -> tuple[float, float]:
+    def seconds(self, sel: Choice) -> float:
+        return sum(self.options[n][r] for n, r in sel.items())
+
+    def solve(self, lam: float) -> Choice:
+        """Each layer's option minimising ``time + lam * params`` (ties: the larger)."""
+        return {n: min(opts, key=lambda r: (opts[r] + lam * self.params[n][r], -self.params[n][r]))
+                for n, opts in self.options.items()}
+
+    def boundary(self, lo: float, hi: float, fits: Callable[[Choice], bool]) -> tuple[float, float]:
         """lam just below and at the smallest lam in [lo, hi] whose solution fits (monotone, true at ``hi``)."""
         for _ in range(200):
             mid = (lo + hi) / 2
             if mid in (lo, hi):
                 break
-            if fits(solve(mid)):
+            if fits(self.solve(mid)):
                 hi = mid
             else:
                 lo = mid
         return lo, hi
 
-    scale = max(t / max(params[n][r], 1) for n, opts in options.items() for r, t in opts.items()) or 1.0
-    big = scale * 1e6
-    reference_sel = {n: reference(n) for n in active}
-    sel = solve(0.0)
-    if total(sel) > budget:  # the fastest ranks exceed the budget: pay for it where time per parameter is least
-        sel = solve(boundary(0.0, big, lambda s: total(s) <= budget)[1])
-    elif total(sel) < floor:  # the fastest ranks over-compress: buy parameters back where they cost least time
-        most = solve(boundary(-big, 0.0, lambda s: total(s) <= budget)[1])  # as many as fit
-        if total(most) >= floor:
-            sel = solve(boundary(-big, 0.0, lambda s: total(s) < floor)[0])  # the fewest that reach the floor
-            if not floor <= total(sel) <= budget:
+    def reference(self) -> Choice:
+        """The estimates, each slower than its original replaced by the fastest option within its parameters
+        (or, with none, the smallest option)."""
+        out = {}
+        for n, opts in self.options.items():
+            est, params = self.estimates[n], self.params[n]
+            below = [r for r in opts if params[r] <= params[est]]
+            if est in opts:
+                out[n] = est
+            elif below:
+                out[n] = min(below, key=lambda r: (opts[r], -params[r]))
+            else:
+                out[n] = min(opts, key=lambda r: (params[r], opts[r]))
+        return out
+
+    def relaxed(self) -> Choice:
+        """The Lagrangian solution: the fastest ranks, moved into ``[floor, budget]`` parameters."""
+        sel = self.solve(0.0)
+        if self.total(sel) > self.budget:  # too many parameters: pay where time per parameter is least
+            return self.solve(self.boundary(0.0, self.big, lambda s: self.total(s) <= self.budget)[1])
+        if self.total(sel) >= self.floor:
+            return sel
+        # the fastest ranks over-compress: buy parameters back where they cost least time
+        most = self.solve(self.boundary(-self.big, 0.0, lambda s: self.total(s) <= self.budget)[1])  # all that fit
+        if self.total(most) >= self.floor:
+            sel = self.solve(self.boundary(-self.big, 0.0, lambda s: self.total(s) < self.floor)[0])  # the fewest
+            if not self.floor <= self.total(sel) <= self.budget:
                 sel = most
         else:
             sel = most
-        while total(sel) < floor:  # a discrete gap the relaxation cannot see: cheapest upgrades that fit
-            spare = budget - total(sel)
-            moves = [((options[n][r] - options[n][sel[n]]) / (params[n][r] - params[n][sel[n]]), n, r)
-                     for n in active for r in options[n] if 0 < params[n][r] - params[n][sel[n]] <= spare]
+        return self.reach_floor(sel)
+
+    def reach_floor(self, sel: Choice) -> Choice:
+        """A discrete gap the relaxation cannot see: the cheapest upgrades that fit, until the floor."""
+        while self.total(sel) < self.floor:
+            spare = self.budget - self.total(sel)
+            moves = [((opts[r] - opts[sel[n]]) / (self.params[n][r] - self.params[n][sel[n]]), n, r)
+                     for n, opts in self.options.items() for r in opts
+                     if 0 < self.params[n][r] - self.params[n][sel[n]] <= spare]
             if not moves:
                 break
             _, n, r = min(moves)
             sel[n] = r
-    # duality gap of a discrete choice: the reference unless the solution fits and is at least as fast; when
-    # neither fits (a slow estimate whose faster ranks are all larger), the one closer to the budget
-    fits, ref_fits = total(sel) <= budget, total(reference_sel) <= budget
-    if (ref_fits and (not fits or seconds(sel) > seconds(reference_sel))
-            or not fits and not ref_fits and total(reference_sel) < total(sel)):
-        sel = reference_sel
-    spare = budget - total(sel)
-    for n in sorted(active, key=lambda n: -params[n][sel[n]]):  # ties: the larger rank if it fits
-        t0, p0 = options[n][sel[n]], params[n][sel[n]]
-        for r in sorted(options[n], key=lambda r: -params[n][r]):
-            extra = params[n][r] - p0
-            if 0 < extra <= spare and options[n][r] <= t0 * (1 + tolerance):
-                sel[n], spare = r, spare - extra
-                break
-    chosen.update(sel)
-    return chosen
+        return sel
+
+    def no_slower_than_reference(self, sel: Choice) -> Choice:
+        """Duality gap of a discrete choice: the reference unless ``sel`` fits and is at least as fast; when
+        neither fits (a slow estimate whose faster ranks are all larger), the one closer to the budget."""
+        ref = self.reference()
+        fits, ref_fits = self.total(sel) <= self.budget, self.total(ref) <= self.budget
+        if (ref_fits and (not fits or self.seconds(sel) > self.seconds(ref))
+                or not fits and not ref_fits and self.total(ref) < self.total(sel)):
+            return ref
+        return sel
+
+    def spend_on_ties(self, sel: Choice, tolerance: float) -> Choice:
+        """Spare budget to ties: per layer, largest first, the larger rank within ``tolerance`` of its time."""
+        sel, spare = dict(sel), self.budget - self.total(sel)
+        for n in sorted(self.options, key=lambda n: -self.params[n][sel[n]]):
+            opts, params = self.options[n], self.params[n]
+            t0, p0 = opts[sel[n]], params[sel[n]]
+            for r in sorted(opts, key=lambda r: -params[r]):
+                extra = params[r] - p0
+                if 0 < extra <= spare and opts[r] <= t0 * (1 + tolerance):
+                    sel[n], spare = r, spare - extra
+                    break
+        return sel
 
 
-def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | None], *, window: float = 0.25,
+class RankSearch(NamedTuple):
+    """What :func:`choose_ranks` found: per layer the ranks (None keeps it dense) and the report's reason, cache
+    statistics, and one timing row per measured candidate (the caller writes them: :func:`write_timings`)."""
+
+    chosen: dict[str, tuple[int, ...] | None]
+    reasons: dict[str, str]
+    stats: dict[str, int]
+    timings: list[dict[str, Any]]
+
+
+def choose_ranks(plans: Sequence[LayerPlan], estimates: dict[str, tuple[int, ...] | None], *, window: float = 0.25,
                  step: int = 8, objective: str = "train", base: str = "ratio",
                  ratio: float = 2.0, energy: float = 0.95, tolerance: float = 0.03, budget: str = "model",
                  batch_size: int = 32,
                  device: DeviceInfo | None = None, precision: str = "32-true", channels_last: bool = False,
-                 cache_dir: str | None = None, warmup: int = 3, steps: int = 10, output_dir: str | None = None,
-                 timer: Timer | None = None, compile: bool = False
-                 ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], dict[str, int]]:
-    """Per layer: the chosen ranks (None keeps it dense), a reason for the report, and cache statistics.
+                 cache_dir: str | None = None, warmup: int = 3, steps: int = 10,
+                 timer: Timer | None = None, compile: bool = False) -> RankSearch:
+    """Per layer: the chosen ranks (None keeps it dense), a reason for the report, cache statistics and timings.
 
     ``estimates`` are the ``quantized`` ranks (already at ``rank.multiple``, so there is no ``multiple``
     here); the searched ranks around them are spaced by ``step``. A layer whose estimate would not shrink it
@@ -365,67 +415,96 @@ def choose_ranks(plans: Sequence[Any], estimates: dict[str, tuple[int, ...] | No
     model_budget = budget == "model" and base == "ratio"
     device = device or resolve_device("cpu")
     cache = TimingCache(None if timer is not None else cache_dir)
+    measure = _Measure(cache, timer, dict(device=device, precision=canonical_precision(precision),
+                                          batch_size=batch_size, objective=objective, channels_last=channels_last,
+                                          warmup=warmup, steps=steps, compile=compile))
     chosen: dict[str, tuple[int, ...] | None] = {}
     reasons: dict[str, str] = {}
-    rows: list[dict[str, Any]] = []
     all_times: dict[str, dict[tuple[int, ...] | None, float]] = {}
-    prec = normalize_precision(precision)
     for plan in tqdm(plans, desc="rank search", unit="layer", disable=None, leave=False):  # a terminal only
         est = estimates.get(plan.name)
-        if est is None:
-            chosen[plan.name], reasons[plan.name] = None, "no estimate"
-            continue
-        if plan.params_for(tuple(est)) >= plan.params_dense:  # quantized would keep it too; nothing to time
-            chosen[plan.name] = None
-            reasons[plan.name] = f"kept: the estimate {_rank_key(tuple(est))} would not shrink it"
+        kept = _untimed_reason(plan, est)
+        if kept:
+            chosen[plan.name], reasons[plan.name] = None, kept
             continue
         energy_ranks = plan.energy_ranks(energy) if base == "energy" else None
         cands = candidate_ranks(plan, est, window=window, step=step, base=base, ratio=ratio,
                                 energy_ranks=energy_ranks, per_layer=not model_budget)
-        key = TimingCache.key(plan, device_name=device.name, precision=prec, batch_size=batch_size,
-                              objective=objective, channels_last=channels_last, compile=compile, warmup=warmup,
-                              steps=steps)
-        table = cache.load(key)
-        times: dict[tuple[int, ...] | None, float] = {}
-        for ranks in [None, *cands]:
-            k = _rank_key(ranks)
-            if k in table:
-                cache.hits += 1
-            else:
-                cache.misses += 1
-                table[k] = (timer(plan, ranks) if timer is not None else
-                            time_layer(plan, ranks, batch_size=batch_size, device=device, precision=prec,
-                                       objective=objective, channels_last=channels_last, warmup=warmup,
-                                       steps=steps, compile=compile))
-            times[ranks] = table[k]
-        cache.save(key, table)
-        all_times[plan.name] = times
+        all_times[plan.name] = measure(plan, cands)
+    timed = [p for p in plans if p.name in all_times]
     if model_budget:
         chosen.update(pick_within_budget(
-            all_times, {p.name: {r: p.params_for(r) for r in all_times[p.name] if r is not None}
-                        for p in plans if p.name in all_times},
+            all_times, {p.name: {r: p.params_for(r) for r in all_times[p.name] if r is not None} for p in timed},
             {n: tuple(estimates[n]) for n in all_times}, tolerance))
     else:
         chosen.update({n: pick(t, tolerance) for n, t in all_times.items()})
     how = "optimized (model-wide budget)" if model_budget else "optimized"
-    for plan in plans:
-        if plan.name not in all_times:
-            continue
-        times, est, choice = all_times[plan.name], estimates[plan.name], chosen[plan.name]
-        t_dense = times[None]
-        if choice is None:
-            reasons[plan.name] = (f"kept: the original ({t_dense * 1e3:.3f} ms) was faster than every candidate "
-                                  f"(best {min(v for r, v in times.items() if r is not None) * 1e3:.3f} ms)")
-        else:
-            reasons[plan.name] = (f"{how}: {_rank_key(choice)} {times[choice] * 1e3:.3f} ms vs original "
-                                  f"{t_dense * 1e3:.3f} ms, estimate {_rank_key(est)} "
-                                  f"{times.get(tuple(est), math.nan) * 1e3:.3f} ms")
-        for ranks, t in times.items():
-            rows.append({"layer": plan.name, "rank": -1 if ranks is None else ranks[0],
-                         "rank_out": -1 if ranks is None else ranks[-1], "time_ms": t * 1e3,
-                         "objective": objective, "device_name": device.name, "chosen": ranks == choice,
-                         "estimate": ranks == tuple(est)})
+    rows = []
+    for plan in timed:
+        times, est, choice = all_times[plan.name], tuple(estimates[plan.name]), chosen[plan.name]
+        reasons[plan.name] = _reason(times, est, choice, how)
+        rows += [{"layer": plan.name, "rank": -1 if ranks is None else ranks[0],
+                  "rank_out": -1 if ranks is None else ranks[-1], "time_ms": t * 1e3, "objective": objective,
+                  "device_name": device.name, "chosen": ranks == choice, "estimate": ranks == est}
+                 for ranks, t in times.items()]
     log.info("rank search: %d timings measured, %d from cache", cache.misses, cache.hits)
-    if output_dir and rows:
-        write_text_atomic(os.path.join(output_dir, "rank_timings.csv"), pd.DataFrame(rows).to_csv(index=False))
-    return chosen, reasons, {"timings_measured": cache.misses, "timings_cached": cache.hits}
+    return RankSearch(chosen, reasons, {"timings_measured": cache.misses, "timings_cached": cache.hits}, rows)
+
+
+def _untimed_reason(plan: LayerPlan, est: tuple[int, ...] | None) -> str:
+    """Why a layer stays dense without timing anything, or "" when its candidates are to be timed."""
+    if est is None:
+        return "no estimate"
+    if plan.params_for(tuple(est)) >= plan.params_dense:  # quantized would keep it too; nothing to time
+        return f"kept: the estimate {_rank_key(tuple(est))} would not shrink it"
+    return ""
+
+
+class _Measure:
+    """Times a layer's original and candidates: from the cache where it has them, else measured (or ``timer``)."""
+
+    def __init__(self, cache: TimingCache, timer: Timer | None, settings: dict[str, Any]) -> None:
+        self.cache, self.timer, self.settings = cache, timer, settings
+
+    def __call__(self, plan: LayerPlan, cands: list[tuple[int, ...]]) -> dict[tuple[int, ...] | None, float]:
+        s = self.settings
+        key = TimingCache.key(plan, device_name=s["device"].name, precision=s["precision"],
+                              batch_size=s["batch_size"], objective=s["objective"], channels_last=s["channels_last"],
+                              compile=s["compile"], warmup=s["warmup"], steps=s["steps"])
+        table = self.cache.load(key)
+        times: dict[tuple[int, ...] | None, float] = {}
+        for ranks in [None, *cands]:
+            k = _rank_key(ranks)
+            if k in table:
+                self.cache.hits += 1
+            else:
+                self.cache.misses += 1
+                table[k] = self.timer(plan, ranks) if self.timer is not None else time_layer(plan, ranks, **s)
+            times[ranks] = table[k]
+        self.cache.save(key, table)
+        return times
+
+
+def _reason(times: dict[tuple[int, ...] | None, float], est: tuple[int, ...], choice: tuple[int, ...] | None,
+            how: str) -> str:
+    """The report's reason for a timed layer: what it took, against the original and the estimate."""
+    t_dense = times[None]
+    if choice is None:
+        return (f"kept: the original ({t_dense * 1e3:.3f} ms) was faster than every candidate "
+                f"(best {min(v for r, v in times.items() if r is not None) * 1e3:.3f} ms)")
+    return (f"{how}: {_rank_key(choice)} {times[choice] * 1e3:.3f} ms vs original {t_dense * 1e3:.3f} ms, "
+            f"estimate {_rank_key(est)} {times.get(est, math.nan) * 1e3:.3f} ms")
+
+
+TIMINGS_FILENAME = "rank_timings.csv"
+
+
+def write_timings(output_dir: str, rows: list[dict[str, Any]]) -> None:
+    """``<output_dir>/rank_timings.csv``: every timed candidate of a search (``paper_figures`` plots them)."""
+    if not rows:
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(os.path.join(output_dir, TIMINGS_FILENAME), text.getvalue())

@@ -7,117 +7,34 @@ import copy
 import difflib
 import fnmatch
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from lrd_exp.config.schema import enum_value
-from lrd_exp.config.validate import check_fit, check_step, check_tolerance, check_window
+from lrd_exp.config.values import check_rank_keys, enum_value
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.attention import Unpacked, projection_names, repack, unpack_attention
-from lrd_exp.decompose.functional import mode_singular, svd_basis, svd_error, tucker2_error
+from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
+from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
-from lrd_exp.decompose.search import choose_ranks
+from lrd_exp.decompose.search import choose_ranks, write_timings
 
 log = logging.getLogger("lrd_exp")
 
 
-@dataclass
-class LayerPlan:
-    """One candidate layer and everything a rank policy needs to decide about it."""
-
-    name: str
-    module: nn.Module
-    kind: str  # svd | tucker2
-    n_in: int
-    n_out: int
-    k2: int  # kernel area (1 for svd)
-    in_shape: tuple[int, ...] | None = None  # per-sample input shape seen in the example forward
-    out_shape: tuple[int, ...] | None = None
-    moments: C.Moments | None = None  # input moments on the calibration inputs (fit=activations)
-    fit_note: str = ""  # why a layer of an activation fit was fitted to its weights
-    _spectra: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def full_ranks(self) -> tuple[int, ...]:
-        return (min(self.n_in, self.n_out),) if self.kind == "svd" else (self.n_in, self.n_out)
-
-    @property
-    def params_dense(self) -> int:
-        return self.n_in * self.n_out * self.k2
-
-    def params_for(self, ranks: tuple[int, ...]) -> int:
-        if self.kind == "svd":
-            return R.svd_params(self.n_in, self.n_out, ranks[0])
-        return R.tucker2_params(self.n_in, self.n_out, self.k2, *ranks)
-
-    def svd_matrix(self) -> torch.Tensor:
-        return self.module.weight.detach().flatten(1)
-
-    def svd_basis(self) -> tuple[str, torch.Tensor, torch.Tensor]:
-        if "svd" not in self._spectra:
-            self._spectra["svd"] = svd_basis(self.svd_matrix())
-        return self._spectra["svd"]
-
-    def singular_values(self) -> torch.Tensor:
-        return self.svd_basis()[2]
-
-    def mode_bases(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """((U_out, s_out), (U_in, s_in)) of the conv weight's channel unfoldings (cached)."""
-        if "modes" not in self._spectra:
-            w = self.module.weight.detach()
-            self._spectra["modes"] = (mode_singular(w, 0), mode_singular(w, 1))
-        return self._spectra["modes"]
-
-    def energy_spectra(self) -> tuple[torch.Tensor, ...]:
-        """The spectra whose energy gives the ranks, in rank order: the weight's singular values (per channel mode
-        for Tucker-2), or with calibration moments the whitened ones (the output error's own spectrum)."""
-        if self.moments is None:
-            if self.kind == "svd":
-                return (self.singular_values(),)
-            (_, s_out), (_, s_in) = self.mode_bases()
-            return (s_in, s_out)
-        if "whitened" not in self._spectra:
-            w, m = self.module.weight.detach(), self.moments.moment
-            out = Fn.whitened_spectrum(w, m)
-            self._spectra["whitened"] = out if self.kind == "svd" else (Fn.tucker2_input_spectrum(w, m), out)
-        spectra = self._spectra["whitened"]
-        return (spectra[1],) if self.kind == "svd" else (spectra[0][1], spectra[1][1])
-
-    def energy_ranks(self, energy: float) -> tuple[int, ...]:
-        return tuple(R.energy_rank(s, energy) for s in self.energy_spectra())
-
-    def forward_flops(self, ranks: tuple[int, ...] | None) -> int | None:
-        """Per-sample forward FLOPs (2 per multiply-add) of the dense layer (ranks None) or its factors."""
-        if self.in_shape is None or self.out_shape is None:
-            return None
-        if isinstance(self.module, nn.Linear):
-            tokens = math.prod(self.in_shape) // self.n_in
-            per_token = self.n_in * self.n_out if ranks is None else ranks[0] * (self.n_in + self.n_out)
-            return 2 * tokens * per_token
-        hw_in = math.prod(self.in_shape[1:])
-        hw_out = math.prod(self.out_shape[1:])
-        if ranks is None:
-            return 2 * hw_out * self.n_out * self.n_in * self.k2 // self.module.groups
-        if self.kind == "svd":
-            return 2 * hw_out * ranks[0] * (self.n_in + self.n_out)
-        r1, r2 = ranks
-        return 2 * (hw_in * self.n_in * r1 + hw_out * (r1 * r2 * self.k2 + r2 * self.n_out))
-
-
 def _plain(value: Any) -> Any:
-    """OmegaConf containers and enums -> plain Python, so ``decompose_model(model, **cfg.rank)`` works."""
-    if isinstance(value, (DictConfig, ListConfig)):
+    """OmegaConf containers and enums -> plain Python, so ``decompose_model(model, **cfg.rank)`` works. A container
+    is known by its module: the library does not import OmegaConf (whoever made the container did)."""
+    if type(value).__module__.startswith("omegaconf."):
+        from omegaconf import OmegaConf
+
         return OmegaConf.to_container(value, resolve=True)
     return enum_value(value)
 
@@ -308,7 +225,7 @@ def build_fitted(plan: LayerPlan, ranks: tuple[int, ...], moments: C.Moments) ->
     m, w = plan.module, plan.module.weight.detach()
     paired = moments.cross is not None
     target = Fn.least_squares_target(w, moments.moment, moments.cross) if paired else w
-    spectra = plan._spectra.get("whitened") if not paired else None
+    spectra = plan.cached_whitened_spectra() if not paired else None
     if plan.kind == "svd":
         factors = Fn.whitened_svd_factors(target.flatten(1), ranks[0], moments.moment, spectra)
         new = (SVDLinear if isinstance(m, nn.Linear) else SVDConv1x1).from_factors(m, *factors)
@@ -543,43 +460,26 @@ def _replace_all(model: nn.Module, plans: list[LayerPlan], chosen: dict[str, tup
             plan.moments = C.collect_paired(reference, model, plan.name, batches, seed=seed)
             seconds += time.perf_counter() - t0
         reports.append(_replace(model, plan, chosen.get(plan.name), reasons, settings["policy"]))
-        plan.moments = None
-        plan._spectra.clear()
+        plan.release()
     return reports, seconds
 
-def check_settings(*, policy: Any, ratio: Any, energy: Any, multiple: Any, rounding: Any, base: Any, rank: Any,
-                   window: Any, step: Any, objective: Any, tolerance: Any, budget: Any, include: Any, exclude: Any,
-                   skip_stem: bool, skip_head: bool, fit: Any, calibration_images: Any, calibrate: Any,
-                   recalibrate_bn: bool, calibration: Any) -> dict[str, Any]:
-    """Every keyword checked (one ValueError naming the key), as plain values: the report's ``settings``."""
-    policy = _plain(policy)
-    if policy not in R.POLICIES:
-        raise ValueError(f"rank.policy={policy!r} is not allowed: choose one of {', '.join(R.POLICIES)}")
-    rounding, base, objective = R.check_rounding(_plain(rounding)), _plain(base), _plain(objective)
-    budget = _plain(budget)
-    if budget not in R.BUDGETS:
-        raise ValueError(f"rank.budget={budget!r} is not allowed: choose one of {', '.join(R.BUDGETS)}")
-    if base not in R.BASES:
-        raise ValueError(f"rank.base={base!r} is not allowed: choose one of {', '.join(R.BASES)}")
-    rank, include, exclude = _plain(rank), patterns(_plain(include)), patterns(_plain(exclude))
-    R.check_ratio(ratio), R.check_energy(energy), R.check_multiple(multiple)  # whatever the policy, as the CLI
-    if policy == "fixed":
-        if rank is None:
-            raise ValueError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
-        if not isinstance(rank, Mapping):
-            R.check_rank(rank)
-    window, step, tolerance = check_window(window), check_step(step), check_tolerance(tolerance)
-    fit, calibrate, calibration_images = check_fit(_plain(fit), _plain(calibrate), _plain(calibration_images))
+
+def check_settings(*, include: Any, exclude: Any, skip_stem: bool, skip_head: bool, recalibrate_bn: bool,
+                   calibration: Any, **keys: Any) -> dict[str, Any]:
+    """Every keyword checked by the rules ``run.py`` applies (one ValueError naming the key), as plain values: the
+    report's ``settings``."""
+    checked = check_rank_keys(**{key: _plain(value) for key, value in keys.items()})
+    fit = checked["fit"]
     if fit == "activations" and calibration is None:
         raise ValueError("fit='activations' needs calibration=: a tensor or an iterable of batches of the model's "
                          "inputs (or use fit='weights')")
     fit = ("activations" if calibration is not None else "weights") if fit == "auto" else fit
-    return {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
-            "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
-            "tolerance": tolerance, "budget": budget, "include": list(include or []),
-            "exclude": list(exclude or []), "skip_stem": skip_stem, "skip_head": skip_head, "fit": fit,
-            "calibration_images": calibration_images, "calibrate": calibrate,
-            "recalibrate_bn": bool(recalibrate_bn)}
+    settings = {key: checked[key] for key in ("policy", "ratio", "energy", "multiple", "rounding", "base", "rank",
+                                              "window", "step", "objective", "tolerance", "budget")}
+    settings.update(include=patterns(_plain(include)), exclude=patterns(_plain(exclude)), skip_stem=skip_stem,
+                    skip_head=skip_head, fit=fit, calibration_images=checked["calibration_images"],
+                    calibrate=checked["calibrate"], recalibrate_bn=bool(recalibrate_bn))
+    return settings
 
 
 def _example(model: nn.Module, example_input: Any, input_size: tuple[int, ...] | None,
@@ -603,13 +503,17 @@ def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mappi
     policy = settings["policy"]
     keys = {k: settings[k] for k in ("ratio", "energy", "multiple", "rounding", "base", "rank")}
     if policy == "optimized":
+        context = dict(rank_search or {})
+        output_dir = context.pop("output_dir", None)  # where the timings go: the search itself writes nothing
         estimates = {p.name: estimate_ranks(p, "quantized", **keys) for p in plans}
-        chosen, reasons, stats = choose_ranks(
+        found = choose_ranks(
             plans, estimates, window=settings["window"], step=settings["step"], objective=settings["objective"],
             base=settings["base"], ratio=settings["ratio"], energy=settings["energy"],
-            tolerance=settings["tolerance"], budget=settings["budget"], **dict(rank_search or {}))
-        settings["rank_search"] = stats
-        return chosen, reasons
+            tolerance=settings["tolerance"], budget=settings["budget"], **context)
+        if output_dir:
+            write_timings(output_dir, found.timings)
+        settings["rank_search"] = found.stats
+        return found.chosen, found.reasons
     if policy == "none":
         return {}, {}
     return {p.name: estimate_ranks(p, policy, **keys) for p in plans}, {}

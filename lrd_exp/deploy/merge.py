@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrd_exp.config.values import canonical_precision
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, reconstruct_weight
 from lrd_exp.devices.resolve import DeviceInfo, synchronize
-from lrd_exp.timing.steps import autocast, cast_dtype, eval_forward, normalize_precision, time_fn
+from lrd_exp.timing.steps import autocast, cast_dtype, eval_forward, time_fn
 
 
 def merged_layer(layer: FactorizedLayer) -> nn.Module:
@@ -77,7 +78,7 @@ def merge_for_inference(model: nn.Module, example_input: torch.Tensor, *, device
     ``precision`` (cast for ``*-true``, autocast for ``*-mixed``), under ``torch.inference_mode``. A layer that no
     forward of ``example_input`` reaches keeps its factors. Ties keep the factors (fewer parameters).
     """
-    precision = normalize_precision(precision)
+    precision = canonical_precision(precision)
     dev = device.torch_device if device is not None else example_input.device
     cast = cast_dtype(precision)
     inputs = _inputs(model, example_input)

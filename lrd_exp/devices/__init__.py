@@ -1,15 +1,10 @@
 """Where a job runs: device resolution (resolve), the Lightning plumbing and Ascend NPUs (npu), and the opt-in
-host allocator tuning (allocator)."""
+host allocator tuning (allocator). The names load on first use: resolving a device needs no Lightning."""
 
-from lrd_exp.devices.npu import NPUAccelerator, count_devices, npu_trainer_kwargs, trainer_device_kwargs
-from lrd_exp.devices.resolve import (
-    DeviceInfo,
-    DeviceUnavailableError,
-    cpu_name,
-    npu_is_available,
-    resolve_device,
-    synchronize,
-)
+from lrd_exp.lazy import lazy_exports
 
-__all__ = ["DeviceInfo", "DeviceUnavailableError", "NPUAccelerator", "count_devices", "cpu_name", "npu_is_available",
-           "npu_trainer_kwargs", "resolve_device", "synchronize", "trainer_device_kwargs"]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "lrd_exp.devices.npu": ["NPUAccelerator", "count_devices", "npu_trainer_kwargs", "trainer_device_kwargs"],
+    "lrd_exp.devices.resolve": ["DeviceInfo", "DeviceUnavailableError", "cpu_name", "npu_is_available",
+                                "resolve_device", "synchronize"],
+})

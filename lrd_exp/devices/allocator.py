@@ -19,7 +19,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from lrd_exp.config.schema import MALLOC_MODES
+from lrd_exp.config.values import MALLOC_MODES
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lrd_exp.devices.resolve import DeviceInfo, DeviceUnavailableError, _npu_module, npu_is_available
-
-MIXED_PRECISIONS: tuple[str, ...] = ("16-mixed", "bf16-mixed")
+from lrd_exp.config.values import MIXED_PRECISIONS
+from lrd_exp.devices.resolve import DeviceInfo, DeviceUnavailableError, npu_is_available, npu_module
 
 
 def _npu_ids(devices: Any, available: int) -> list[int]:
@@ -58,13 +57,13 @@ class NPUAccelerator(Accelerator):
     def setup_device(self, device: torch.device) -> None:
         if device.type != "npu":
             raise MisconfigurationException(f"Device should be an NPU, got {device} instead")
-        _npu_module().set_device(device)
+        npu_module().set_device(device)
 
     def setup(self, trainer: Any) -> None:
         pass
 
     def get_device_stats(self, device: Any) -> dict[str, Any]:
-        npu = _npu_module()
+        npu = npu_module()
         return dict(npu.memory_stats(device)) if hasattr(npu, "memory_stats") else {}
 
     def teardown(self) -> None:
@@ -83,7 +82,7 @@ class NPUAccelerator(Accelerator):
     @staticmethod
     def auto_device_count() -> int:
         try:
-            return int(_npu_module().device_count())
+            return int(npu_module().device_count())
         except DeviceUnavailableError:
             return 0
 

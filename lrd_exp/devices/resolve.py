@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lrd_exp.config.schema import ACCELERATORS
+from lrd_exp.config.values import ACCELERATORS
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -47,7 +47,7 @@ def _import_torch_npu() -> ModuleType:
         ) from e
 
 
-def _npu_module() -> Any:
+def npu_module() -> Any:
     """``torch.npu`` after importing torch_npu."""
     _import_torch_npu()
     npu = getattr(torch, "npu", None)
@@ -59,7 +59,7 @@ def _npu_module() -> Any:
 def npu_is_available() -> bool:
     """True when torch_npu imports and sees at least one NPU; never raises."""
     try:
-        return bool(_npu_module().is_available())
+        return bool(npu_module().is_available())
     except Exception:
         return False
 
@@ -145,7 +145,7 @@ def resolve_device(accelerator: str | Enum = "auto") -> DeviceInfo:
         index = torch.cuda.current_device()
         return DeviceInfo("cuda", torch.device("cuda", index), torch.cuda.get_device_name(index))
     if name == "npu":
-        npu = _npu_module()
+        npu = npu_module()
         if not npu.is_available():
             raise DeviceUnavailableError(
                 "device=npu: torch_npu is installed but no Ascend NPU is visible "

@@ -98,7 +98,7 @@ class FreezeAwareDDPStrategy(DDPStrategy):
             self.model = self._setup_model(module)
             self._register_ddp_hooks()
         self._params = list(module.parameters())  # fixed during fit; iterating a list keeps the check cheap
-        self._signature = tuple(p.requires_grad for p in self._params)
+        self._signature = trainable_signature(module)
         self.rewraps.append({"step": step, "trainable_tensors": int(n_trainable),
                              "seconds": round(time.perf_counter() - started, 6)})
 

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lrd_exp.config.schema import MEASURED_IMPORTANCES as MEASURED
+from lrd_exp.config.values import MEASURED_IMPORTANCES as MEASURED
 from lrd_exp.freezing.factors import (
     Factor,
     collect_factors,
@@ -100,11 +100,11 @@ class FreezingCallback(pl.Callback):
         key = s.state_key(t)
         if key == self._key:
             return
-        if s.name == "sequential" and s.importance == "cost" and s.costs is None:
+        if s.kind == "sequential" and s.importance == "cost" and s.costs is None:
             s.costs = self._measure_costs(pl_module, batch)
-        order = self._importance_order() if s.name == "sequential" else None
+        order = self._importance_order() if s.kind == "sequential" else None
         self.frozen = self._agree(trainer, s.frozen_at(t, order=order,
-                                                      already=self.frozen if s.name == "sequential" else ()))
+                                                      already=self.frozen if s.kind == "sequential" else ()))
         s.apply(self.frozen)
         self._key = key
         self._take_snapshot()
@@ -157,7 +157,7 @@ class FreezingCallback(pl.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.is_global_zero:
             log.info(
-                f"[freeze] {self.schedule.name} @ {self.schedule.unit} {t}: {info['n_frozen']}/{info['n_factors']} "
+                f"[freeze] {self.schedule.kind} @ {self.schedule.unit} {t}: {info['n_frozen']}/{info['n_factors']} "
                 f"factors frozen, {info['trainable_fraction']:.1%} of parameters trainable"
                 + (f", {info['train_flops_per_step'] / 1e9:.3f} GFLOP/step" if "train_flops_per_step" in info else ""))
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrd_exp.config.validate import check_freeze, freeze_values
+from lrd_exp.config.validate import freeze_values
+from lrd_exp.config.values import check_freeze
 from lrd_exp.freezing.factors import (
     Factor,
     collect_factors,
@@ -31,7 +32,7 @@ class FreezeSchedule:
     def __init__(self, cfg: Any, factors: Sequence[Factor]) -> None:
         values = freeze_values(cfg)
         check_freeze(**values)
-        self.name = values["schedule"]
+        self.kind = values["schedule"]
         self.unit, self.warmup, self.period = values["unit"], values["warmup"], values["period"]
         self.per_stage, self.final_fraction = values["per_stage"], values["final_fraction"]
         self.importance, self.positions, self.phases = values["importance"], values["positions"], values["phases"]
@@ -91,11 +92,11 @@ class FreezeSchedule:
         return (t - self.warmup) // self.period % len(self.phases)
 
     def static_frozen(self) -> list[Factor]:
-        if self.name == "first":
+        if self.kind == "first":
             return [f for f in self.factors if f.position == "first"]
-        if self.name == "last":
+        if self.kind == "last":
             return [f for f in self.factors if f.position == "last"]
-        if self.name == "largest":
+        if self.kind == "largest":
             by_layer: dict[str, Factor] = {}
             for f in self.factors:
                 if f.layer not in by_layer or f.numel > by_layer[f.layer].numel:
@@ -105,20 +106,20 @@ class FreezeSchedule:
 
     def state_key(self, t: int) -> int:
         """Changes exactly when the frozen set may change."""
-        if self.name == "sequential":
+        if self.kind == "sequential":
             return self.n_frozen_at_stage(self.stage_at(t))
-        if self.name == "alternating":
+        if self.kind == "alternating":
             return self.phase_at(t)
         return 0
 
     def frozen_at(self, t: int, order: Sequence[Factor] | None = None,
                   already: Iterable[Factor] = ()) -> list[Factor]:
         """The factors frozen at ``t``. Sequential keeps ``already`` frozen and adds from ``order``."""
-        if self.name == "none":
+        if self.kind == "none":
             return []
-        if self.name in ("first", "last", "largest"):
+        if self.kind in ("first", "last", "largest"):
             return self.static_frozen()
-        if self.name == "alternating":
+        if self.kind == "alternating":
             phase = self.phase_at(t)
             if phase < 0:
                 return []
@@ -145,7 +146,7 @@ class FreezeSchedule:
         for t in range(max(total, 1)):
             k = self.state_key(t)
             if k != key:
-                frozen = self.frozen_at(t, already=frozen if self.name == "sequential" else ())
+                frozen = self.frozen_at(t, already=frozen if self.kind == "sequential" else ())
                 segments.append((t, 0, list(frozen)))
                 key = k
             s, length, fz = segments[-1]

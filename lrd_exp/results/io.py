@@ -1,84 +1,25 @@
-"""Files: atomic writes (a killed job never leaves a torn row), reading rows back, and collecting a sweep's rows.
-
-Writes go to a temp file in the same dir, are fsynced and renamed over the target, because a job killed
-mid-write must never leave a corrupt row that breaks the aggregation of a long sweep.
-"""
+"""Files of rows: a job's row and a model file written atomically (on :mod:`lrd_exp.results.atomic`), reading rows
+back, and collecting a sweep's rows."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from lrd_exp.results.row import (
-    RESULT_FILENAME,
-    _json_default,
-    _jsonable,
-    is_complete,
-    make_row,
-    rows_to_frame,
-)
-
-
-def _write_atomic(path: str | os.PathLike[str], mode: str, write: Callable[[Any], None]) -> Path:
-    """Write through ``write(file)`` so that readers see either the old file or the whole new one, never a torn
-    write: a temp file in the same dir, fsync, ``os.replace``, fsync of the dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:  # mkstemp creates 0600; keep the old file's mode, else a normal 0644
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` so that readers see either the old file or the whole new one, never a torn write."""
-    return _write_atomic(path, "w", lambda fh: fh.write(text))
+from lrd_exp.results.atomic import write_atomic, write_json_atomic
+from lrd_exp.results.row import RESULT_FILENAME, is_complete, make_row, rows_to_frame
 
 
 def write_torch_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """``torch.save(obj)`` so that readers see the old file or the whole new one, never a truncated one."""
-    return _write_atomic(path, "wb", lambda fh: torch.save(obj, fh))
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Serialize ``obj`` as strict JSON (NaN/inf become null; numpy, Path and Enum values converted), atomically."""
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False, default=_json_default) + "\n"
-    return write_text_atomic(path, text)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); best effort elsewhere."""
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    return write_atomic(path, "wb", lambda fh: torch.save(obj, fh))
 
 
 def write_result(output_dir: str | os.PathLike[str], row: Mapping[str, Any]) -> Path:

@@ -7,7 +7,6 @@ JSON-string columns.
 from __future__ import annotations
 
 import datetime as _dt
-import enum
 import json
 import math
 import os
@@ -16,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lrd_exp.results.atomic import json_default, jsonable
 
 RESULT_FILENAME = "result.json"
 
@@ -140,41 +141,6 @@ _DERIVED_RATIOS: dict[str, tuple[str, str]] = {
 }
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (_dt.datetime, _dt.date)):
-        return value.isoformat()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        try:
-            return _jsonable(value.item())
-        except (TypeError, ValueError):
-            pass
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return str(value)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Recursively replace non-finite floats by None (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        try:
-            return _jsonable(obj.item())
-        except (TypeError, ValueError):
-            return obj
-    return obj
-
-
 def finite_number(value: Any) -> float | None:
     """A finite float, or None (missing, NaN, bool, non-numeric)."""
     if value is None or isinstance(value, bool):
@@ -209,7 +175,7 @@ def _json_string(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, (Mapping, list, tuple)):
-        return json.dumps(_jsonable(value), sort_keys=True, default=_json_default)
+        return json.dumps(jsonable(value), sort_keys=True, default=json_default)
     return value
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from lrd_exp.results.io import write_text_atomic
+from lrd_exp.results.atomic import write_text_atomic
 from lrd_exp.results.replicates import aggregate_replicates, replicates_markdown
 from lrd_exp.results.row import STATUS_OK, UNSTABLE_ROUND_SPREAD, finite_number, is_missing, own_overrides
 

@@ -21,7 +21,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lrd_exp.config.schema import enum_value
+from lrd_exp.config.values import enum_value
 from lrd_exp.results.io import collect_rows
 from lrd_exp.results.tables import markdown_table, write_tables
 from lrd_exp.results.wandb import log_wandb_table

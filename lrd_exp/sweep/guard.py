@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from lrd_exp.config.schema import enum_value as _v
+from lrd_exp.config.values import enum_value as _v
 
 log = logging.getLogger("lrd_exp")
 

@@ -1,19 +1,13 @@
 """How speed is measured: a prepared training / inference step with synchronised timing (steps), FLOPs with
-freezing (flops), the memory of one training step (memory), the original and the decomposed model timed side by
-side, interleaved, every training state (compare), and what the training loop itself achieved (loop)."""
+freezing (flops), one training step's memory (memory), the original and the decomposed model timed side by side,
+interleaved, in every training state (compare), and what the training loop itself achieved (loop). The names load
+on first use: the rank search times layers without Lightning."""
 
-from lrd_exp.timing.compare import CompareSettings, Comparison, Measured, compare, round_spread
-from lrd_exp.timing.flops import count_flops, count_params
-from lrd_exp.timing.loop import BenchProbe, StepThroughput
-from lrd_exp.timing.steps import (
-           Timing,
-           measure_inference,
-           measure_train_step,
-           prepare_inference,
-           prepare_train_step,
-           time_fn,
-)
+from lrd_exp.lazy import lazy_exports
 
-__all__ = ["BenchProbe", "CompareSettings", "Comparison", "Measured", "StepThroughput", "Timing", "compare",
-           "count_flops", "count_params", "measure_inference", "measure_train_step", "prepare_inference",
-           "prepare_train_step", "round_spread", "time_fn"]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "lrd_exp.timing.compare": ["CompareSettings", "Comparison", "Measured", "compare", "round_spread"],
+    "lrd_exp.timing.flops": ["count_flops", "count_params"],
+    "lrd_exp.timing.loop": ["BenchProbe", "StepThroughput"],
+    "lrd_exp.timing.steps": ["Timing", "prepare_inference", "prepare_train_step", "time_fn"],
+})

@@ -94,10 +94,3 @@ def count_flops(model: nn.Module, x: torch.Tensor, *, train: bool, y: torch.Tens
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared ones once); ``trainable_only`` counts those with ``requires_grad``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def predicted_speedup(flops_original: float, flops_new: float) -> float:
-    """The speed-up FLOPs alone predict (original / new): what the measured ratio is compared with."""
-    if flops_new <= 0:
-        raise ValueError(f"flops_new must be > 0, got {flops_new}")
-    return float(flops_original) / float(flops_new)

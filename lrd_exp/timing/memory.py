@@ -18,9 +18,9 @@ from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.timing.steps import (
     OptimizerFactory,
     autocast,
+    canonical_precision,
     default_optimizer,
     logits_of,
-    normalize_precision,
     prepared_copy,
 )
 
@@ -54,7 +54,7 @@ def memory_parts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     The copy keeps ``requires_grad`` as it is, so a freeze state is measured as frozen; the caller's model is
     untouched. The step is the benchmark's: forward, cross-entropy, backward, optimizer step.
     """
-    precision = normalize_precision(precision)
+    precision = canonical_precision(precision)
     target = device.torch_device if device is not None else x.device
     acc = _accelerator(target.type)
     if acc is not None:

@@ -21,21 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrd_exp.config.schema import canonical_precision
+from lrd_exp.config.values import PRECISIONS, canonical_precision
 from lrd_exp.devices.resolve import DeviceInfo, synchronize
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-
-# precision flag -> (autocast dtype, cast dtype); the flags and their aliases are lrd_exp.config.schema's
-_PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
-    "32-true": (None, None),
-    "bf16-mixed": (torch.bfloat16, None),
-    "16-mixed": (torch.float16, None),
-    "bf16-true": (None, torch.bfloat16),
-    "16-true": (None, torch.float16),
-    "64-true": (None, torch.float64),
-}
-
 
 @dataclass
 class Timing:
@@ -127,9 +116,12 @@ def time_fn(
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def normalize_precision(precision: Any) -> str:
-    """Lightning precision flag in its long form; ValueError naming the allowed values otherwise."""
-    return canonical_precision(precision)
+
+
+def precision_dtypes(precision: Any) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(autocast dtype, cast dtype) of a precision flag or alias: the precision table as torch dtypes."""
+    amp, cast = PRECISIONS[canonical_precision(precision)]
+    return (getattr(torch, amp) if amp else None), (getattr(torch, cast) if cast else None)
 
 
 def eval_forward(model: nn.Module, x: torch.Tensor) -> Any:
@@ -147,7 +139,7 @@ def eval_forward(model: nn.Module, x: torch.Tensor) -> Any:
 
 def cast_dtype(precision: Any) -> torch.dtype | None:
     """The dtype a ``*-true`` precision casts model and inputs to; None keeps float32 (autocast or not)."""
-    return _PRECISIONS[normalize_precision(precision)][1]
+    return precision_dtypes(precision)[1]
 
 
 def _sync_for(device: DeviceInfo | None, torch_device: torch.device) -> Callable[[], None]:
@@ -168,7 +160,7 @@ def prepared_copy(
     tensors = list(tensors)
     first = next(t for t in tensors if t is not None)
     torch_device = device.torch_device if device is not None else first.device
-    cast = _PRECISIONS[precision][1]
+    cast = cast_dtype(precision)
     work = copy.deepcopy(model).to(torch_device)
     if cast is not None:
         work = work.to(cast)
@@ -189,7 +181,7 @@ def prepared_copy(
 
 
 def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
-    dtype = _PRECISIONS[precision][0]
+    dtype = precision_dtypes(precision)[0]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype)
@@ -220,9 +212,9 @@ def make_train_step(
     """One training step on ``model`` in place: forward, cross-entropy, backward, optimizer step.
 
     Only parameters with ``requires_grad`` reach the optimizer, so a frozen factor gets no update
-    (no momentum, no weight decay) and no weight gradient. Used by :func:`measure_train_step` on a copy.
+    (no momentum, no weight decay) and no weight gradient. Used by :func:`prepare_train_step` on a copy.
     """
-    precision = normalize_precision(precision)
+    precision = canonical_precision(precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (optimizer_factory or default_optimizer)(params) if params else None
     device_type = x.device.type
@@ -284,7 +276,7 @@ def prepare_train_step(
     model is untouched. ``device=None`` measures where ``x`` lives. ``compile=True`` wraps the copy in
     ``torch.compile``; warm-up steps absorb the compilation.
     """
-    precision = normalize_precision(precision)
+    precision = canonical_precision(precision)
     work, (xw, yw), torch_device = prepared_copy(
         model, (x, y), precision=precision, channels_last=channels_last, device=device
     )
@@ -304,7 +296,7 @@ def prepare_inference(
     device: DeviceInfo | None = None,
 ) -> PreparedStep:
     """A forward pass of a deep copy of ``model`` in eval mode under ``torch.inference_mode``."""
-    precision = normalize_precision(precision)
+    precision = canonical_precision(precision)
     work, (xw,), torch_device = prepared_copy(
         model, (x,), precision=precision, channels_last=channels_last, device=device
     )
@@ -317,51 +309,3 @@ def prepare_inference(
             run(xw)
 
     return PreparedStep(forward, _sync_for(device, torch_device), int(x.shape[0]))
-
-
-def measure_train_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    optimizer_factory: OptimizerFactory | None = None,
-    warmup: int = 3,
-    steps: int = 10,
-    precision: str = "32-true",
-    channels_last: bool = False,
-    compile: bool = False,
-    device: DeviceInfo | None = None,
-    min_time_s: float = 0.0,
-) -> Timing:
-    """Time full training steps of a deep copy of ``model`` (see :func:`prepare_train_step`)."""
-    prepared = prepare_train_step(model, x, y, optimizer_factory=optimizer_factory, precision=precision,
-                                  channels_last=channels_last, compile=compile, device=device)
-    return prepared.time(warmup=warmup, steps=steps, min_time_s=min_time_s)
-
-
-def measure_inference(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    warmup: int = 3,
-    steps: int = 10,
-    precision: str = "32-true",
-    channels_last: bool = False,
-    compile: bool = False,
-    device: DeviceInfo | None = None,
-    min_time_s: float = 0.0,
-) -> Timing:
-    """Time forward passes of a deep copy of ``model`` in eval mode (see :func:`prepare_inference`)."""
-    prepared = prepare_inference(model, x, precision=precision, channels_last=channels_last, compile=compile,
-                                 device=device)
-    return prepared.time(warmup=warmup, steps=steps, min_time_s=min_time_s)
-
-
-def synthetic_batch(
-    batch_size: int, in_chans: int, image_size: int, num_classes: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images and labels for throughput runs (the data's content does not change the timing)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, in_chans, image_size, image_size, generator=g)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g)
-    return x.to(device), y.to(device)

@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from lrd_exp.config.schema import canonical_precision
+from lrd_exp.config.values import canonical_precision
 from lrd_exp.results.io import write_torch_atomic
 
 log = logging.getLogger(__name__)

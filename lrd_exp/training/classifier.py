@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lrd_exp.config.schema import LR_SCHEDULES, OPTIMIZERS
+from lrd_exp.config.values import LR_SCHEDULES, OPTIMIZERS
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch import nn
 
-from lrd_exp.config.schema import canonical_precision
-from lrd_exp.config.schema import enum_value as _v
+from lrd_exp.config.values import canonical_precision
+from lrd_exp.config.values import enum_value as _v
 from lrd_exp.devices.npu import trainer_device_kwargs
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.distributed.ddp import ddp_strategy

@@ -1,0 +1,197 @@
+"""The allowed values of every enumerated key, and the checks of single values, in plain Python.
+
+The one list of allowed values: :mod:`lrd_exp.config.schema` builds its enums from these tuples, and both the
+config validation and the library (``decompose_model``, the freeze schedule) run these checks, so ``run.py`` and
+``decompose_model(**cfg.rank)`` give the same verdict. Imports neither torch nor Hydra / OmegaConf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+POLICIES = ("none", "ratio", "energy", "quantized", "optimized", "fixed")
+ROUNDINGS = ("nearest", "up", "down")
+BASES = ("ratio", "energy")  # the estimate quantized / optimized start from
+BUDGETS = ("layer", "model")
+# auto: activations wherever calibration inputs exist, weights otherwise; weights: the paper's truncated SVD /
+# HOSVD of the weights; activations: the least output error on the calibration inputs
+FITS = ("auto", "weights", "activations")
+# independent: every layer on the original model's inputs (one pass); sequential: each layer on the inputs of the
+# already decomposed earlier layers
+CALIBRATES = ("independent", "sequential")
+OBJECTIVES = ("train", "inference", "both")
+FREEZE_KINDS = ("none", "sequential", "alternating", "first", "last", "largest")
+FREEZE_UNITS = ("epoch", "step")
+IMPORTANCES = ("weight_change", "grad_norm", "depth", "reverse_depth", "size", "cost")
+MEASURED_IMPORTANCES = ("weight_change", "grad_norm")  # only a training run can measure these
+FACTOR_POSITIONS = ("first", "core", "last")  # a factorized layer's factors, in order
+TASKS = ("train", "benchmark", "evaluate", "advise")
+WANDB_MODES = ("offline", "online", "disabled")  # offline: sync later with `wandb sync`
+ADVISE_SPEEDS = ("train", "infer")
+ACCELERATORS = ("auto", "cpu", "cuda", "npu")
+MALLOC_MODES = ("system", "tuned")  # tuned (opt-in): freed host buffers stay in the process (devices.allocator)
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "none")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")  # lrd_exp.training.data builds each
+
+#: Lightning's precision flags -> (autocast dtype, cast dtype) as torch attribute names; None: float32 / no autocast.
+#: The one precision table: timing, the rank search and the NPU plugin read theirs from it.
+PRECISIONS: dict[str, tuple[str | None, str | None]] = {
+    "32-true": (None, None),
+    "bf16-mixed": ("bfloat16", None),
+    "16-mixed": ("float16", None),
+    "bf16-true": (None, "bfloat16"),
+    "16-true": (None, "float16"),
+    "64-true": (None, "float64"),
+}
+#: the short aliases both ``trainer.precision`` and ``bench.precision`` accept
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+MIXED_PRECISIONS = tuple(flag for flag, (amp, _) in PRECISIONS.items() if amp is not None)
+
+
+def enum_value(value: Any) -> Any:
+    """A config enum as its plain value (typed configs hand out Enum members; the library compares strings)."""
+    return getattr(value, "value", value)
+
+
+def check_choice(key: str, value: Any, allowed: Sequence[str]) -> str:
+    """``value`` (a string or a config enum) if it is one of ``allowed``; else one ValueError naming the key."""
+    value = enum_value(value)
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}")
+    return value
+
+
+def canonical_precision(value: Any) -> str:
+    """A precision flag or alias (str, int or a config enum) as Lightning's long form; ValueError otherwise."""
+    text = str(enum_value(value))
+    flag = PRECISION_ALIASES.get(text, text)
+    if flag not in PRECISIONS:
+        allowed = ", ".join([*PRECISIONS, *PRECISION_ALIASES])
+        raise ValueError(f"precision={text!r} is not allowed: choose one of {allowed}")
+    return flag
+
+
+# ------------------------------------------------------------------------------------------- rank keys
+def _is_number(value: Any) -> bool:
+    """A finite int or float (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_count(key: str, value: Any, what: str = "an integer") -> int:
+    """An int >= 1 (a bool is not), else one ValueError naming the key and ``what`` the value stands for."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed: {what} >= 1")
+    return value
+
+
+def check_fraction(key: str, value: Any) -> float:
+    """A number in [0, 1), else one ValueError naming the key."""
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed: a fraction in [0, 1)")
+    return float(value)
+
+
+def check_ratio(ratio: float) -> float:
+    if not _is_number(ratio) or ratio <= 1:
+        raise ValueError(f"rank.ratio={ratio!r} is not allowed: the compression ratio must be a number > 1")
+    return float(ratio)
+
+
+def check_energy(energy: float) -> float:
+    if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1:
+        raise ValueError(f"rank.energy={energy!r} is not allowed: the kept energy fraction must be in (0, 1]")
+    return float(energy)
+
+
+def check_multiple(multiple: int) -> int:
+    return check_count("rank.multiple", multiple, "the quantization step must be an integer")
+
+
+def check_rounding(rounding: str) -> str:
+    return check_choice("rank.rounding", rounding, ROUNDINGS)
+
+
+def check_rank(rank: int, key: str = "rank.rank") -> int:
+    return check_count(key, rank, "a rank must be an integer")
+
+
+def check_window(window: float) -> float:
+    return check_fraction("rank.window", window)
+
+
+def check_step(step: int) -> int:
+    return check_count("rank.step", step)
+
+
+def check_tolerance(tolerance: float) -> float:
+    return check_fraction("rank.tolerance", tolerance)
+
+
+def check_fit(fit: str, calibrate: str, calibration_images: int) -> tuple[str, str, int]:
+    """``rank.fit``, ``rank.calibrate`` and ``rank.calibration_images``: one ValueError naming the key."""
+    fit = check_choice("rank.fit", fit, FITS)
+    calibrate = check_choice("rank.calibrate", calibrate, CALIBRATES)
+    check_count("rank.calibration_images", calibration_images, "a number of training images")
+    return fit, calibrate, calibration_images
+
+
+def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, rounding: Any, base: Any, rank: Any,
+                    window: Any, step: Any, objective: Any, tolerance: Any, budget: Any, fit: Any,
+                    calibrate: Any, calibration_images: Any, **_: Any) -> dict[str, Any]:
+    """The ``rank`` node's rules, one ValueError naming the key: what ``run.py`` and ``decompose_model`` both run.
+
+    Every numeric key is checked whatever the policy (a bad value is a typo, used or not). Returns the checked
+    values, enums as their plain values (``include`` / ``exclude`` / ``skip_*`` are the caller's).
+    """
+    policy = check_choice("rank.policy", policy, POLICIES)
+    rounding = check_rounding(rounding)
+    budget = check_choice("rank.budget", budget, BUDGETS)
+    base = check_choice("rank.base", base, BASES)
+    objective = check_choice("rank.objective", objective, OBJECTIVES)
+    check_ratio(ratio), check_energy(energy), check_multiple(multiple)
+    if policy == "fixed":
+        check_fixed_rank(rank)
+    window, step, tolerance = check_window(window), check_step(step), check_tolerance(tolerance)
+    fit, calibrate, calibration_images = check_fit(fit, calibrate, calibration_images)
+    return {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
+            "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
+            "tolerance": tolerance, "budget": budget, "fit": fit, "calibrate": calibrate,
+            "calibration_images": calibration_images}
+
+
+def check_fixed_rank(rank: Any) -> None:
+    """``rank.rank`` under ``policy=fixed``: an int >= 1, or a mapping of name patterns to ints (checked per layer)."""
+    if rank is None:
+        raise ValueError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
+    if not isinstance(rank, Mapping):
+        check_rank(rank)
+
+
+# ------------------------------------------------------------------------------------------- freeze keys
+def check_freeze(*, schedule: str, unit: str, warmup: int, period: int, per_stage: float, final_fraction: float,
+                 importance: str, positions: Sequence[str], phases: Sequence[Sequence[str]], **_: Any) -> None:
+    """The ``freeze`` node's values, one ValueError naming the key, the value and what is allowed."""
+    check_choice("freeze.schedule", schedule, FREEZE_KINDS)
+    check_choice("freeze.unit", unit, FREEZE_UNITS)
+    if period <= 0:
+        raise ValueError(f"freeze.period={period} is not allowed: it must be an integer >= 1")
+    if warmup < 0:
+        raise ValueError(f"freeze.warmup={warmup} is not allowed: it must be an integer >= 0")
+    if not per_stage > 0:
+        raise ValueError(f"freeze.per_stage={per_stage} is not allowed: a count >= 1 or a fraction in (0, 1)")
+    if not 0 <= final_fraction <= 1:
+        raise ValueError(f"freeze.final_fraction={final_fraction} is not allowed: it must be in [0, 1]")
+    check_choice("freeze.importance", importance, IMPORTANCES)
+    _check_positions([*positions, *(p for phase in phases for p in phase)])
+    if not phases or not all(phases):
+        raise ValueError(f"freeze.phases={phases} is not allowed: give a non-empty list of non-empty position lists")
+
+
+def _check_positions(positions: Iterable[str]) -> None:
+    for p in positions:
+        if p not in FACTOR_POSITIONS:
+            raise ValueError(f"freeze position {p!r} is not allowed (freeze.positions / freeze.phases): "
+                             f"choose from {', '.join(FACTOR_POSITIONS)}")
