@@ -388,3 +388,20 @@ def test_recalibrate_bn_keeps_unreached_and_failed_statistics():
     with pytest.raises(CalibrationError):
         recalibrate_bn(model, torch.randn(8, 5, 6, 6))  # wrong channels: the pass fails
     assert torch.all(model.bn.running_mean == 7.0) and model.bn.momentum == 0.1
+
+
+class _CallsWithKeywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(input=torch.relu(self.a(input=x)))
+
+
+def test_layers_called_with_keyword_inputs_are_fitted_to_their_outputs_and_counted():
+    torch.manual_seed(0)
+    model = _CallsWithKeywords()
+    report = decompose_model(model, policy="ratio", ratio=2, skip_head=False, calibration=torch.randn(64, 16))
+    assert [layer.name for layer in report.decomposed] == ["a", "b"]
+    assert all(layer.error_of == "output" and layer.flops_before for layer in report.decomposed)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrd_exp.decompose.capture import watch
+
 Batch = Any  # torch.Tensor | tuple | list | dict
 #: positions (tokens, output pixels) sampled per layer over all calibration images; beyond it they are subsampled
 MAX_POSITIONS = 8192
@@ -250,24 +252,16 @@ def collect_moments(model: nn.Module, layers: Mapping[str, nn.Module], batches: 
     order: list[str] = []
     generator = torch.Generator()
 
-    def hook(name: str, module: nn.Module):
-        def fn(_m, args):
-            x = args[0]
-            _check_finite(name, x)
-            if name not in order:
-                order.append(name)
-            moments[name].add(moments[name].sample(module, x.detach(), generator))
-        return fn
+    def add(name: str, module: nn.Module, x: torch.Tensor, _out: Any) -> None:
+        _check_finite(name, x)
+        if name not in order:
+            order.append(name)
+        moments[name].add(moments[name].sample(module, x.detach(), generator))
 
-    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
-    try:
-        with EvalModes(model):
-            for i, batch in enumerate(batches):
-                generator.manual_seed(seed * 100003 + i)
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with watch(layers, add, before=True), EvalModes(model):
+        for i, batch in enumerate(batches):
+            generator.manual_seed(seed * 100003 + i)
+            run_batch(model, batch)
     return moments, order
 
 
@@ -279,34 +273,29 @@ def collect_paired(original: nn.Module, current: nn.Module, name: str, batches: 
     moments, captured = Moments(per_sample), {}
     generator = torch.Generator()
 
-    def grab(model: nn.Module, key: str):
-        module = model.get_submodule(name)
-
-        def fn(_m, args):
-            _check_finite(name, args[0])
-            captured[key] = (module, args[0].detach())
+    def grab(key: str) -> Any:
+        def fn(_name: str, module: nn.Module, x: torch.Tensor, _out: Any) -> None:
+            _check_finite(name, x)
+            captured[key] = (module, x.detach())
             raise _Stop
-        return module.register_forward_pre_hook(fn)
+        return fn
 
-    handles = [grab(original, "original"), grab(current, "current")]
-    try:
-        with EvalModes(original), EvalModes(current):
-            for i, batch in enumerate(batches):
-                captured.clear()
-                for model in (original, current):
-                    try:
-                        run_batch(model, batch)
-                    except _Stop:
-                        pass
-                if len(captured) < 2:
-                    raise CalibrationError(f"calibration: layer {name!r} did not run on a calibration batch")
-                generator.manual_seed(seed * 100003 + i)
-                x_hat = moments.sample(*captured["current"], generator)
-                generator.manual_seed(seed * 100003 + i)
-                moments.add(x_hat, moments.sample(*captured["original"], generator))
-    finally:
-        for h in handles:
-            h.remove()
+    watched = (watch({name: original.get_submodule(name)}, grab("original"), before=True),
+               watch({name: current.get_submodule(name)}, grab("current"), before=True))
+    with watched[0], watched[1], EvalModes(original), EvalModes(current):
+        for i, batch in enumerate(batches):
+            captured.clear()
+            for model in (original, current):
+                try:
+                    run_batch(model, batch)
+                except _Stop:
+                    pass
+            if len(captured) < 2:
+                raise CalibrationError(f"calibration: layer {name!r} did not run on a calibration batch")
+            generator.manual_seed(seed * 100003 + i)
+            x_hat = moments.sample(*captured["current"], generator)
+            generator.manual_seed(seed * 100003 + i)
+            moments.add(x_hat, moments.sample(*captured["original"], generator))
     return moments
 
 

@@ -29,10 +29,10 @@ class FactorizedLayer(nn.Module):
     def ranks(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's / nn.Conv2d's name: a drop-in
         for factor in self.factors().values():
-            x = factor(x)
-        return x
+            input = factor(input)
+        return input
 
 
 def _factory(layer: nn.Module) -> dict:

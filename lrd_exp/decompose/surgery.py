@@ -20,6 +20,7 @@ from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.attention import Unpacked, projection_names, repack, unpack_attention
+from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
@@ -75,21 +76,13 @@ def _forward(model: nn.Module, batch: C.Batch, what: str = "the example input") 
 
 def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Batch,
                    what: str = "the example input") -> None:
-    hooks = []
+    by_name = {plan.name: plan for plan in plans}
 
-    def hook(plan: LayerPlan):
-        def fn(_m, args, out):
-            plan.in_shape = tuple(args[0].shape[1:])
-            plan.out_shape = tuple(out.shape[1:])
-        return fn
+    def record(name: str, _module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        by_name[name].in_shape, by_name[name].out_shape = tuple(x.shape[1:]), tuple(out.shape[1:])
 
-    for plan in plans:
-        hooks.append(plan.module.register_forward_hook(hook(plan)))
-    try:
+    with watch({plan.name: plan.module for plan in plans}, record):
         _forward(model, example_input, what)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def patterns(value: str | Iterable[str] | None) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lrd_exp.config.values import canonical_precision
+from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, reconstruct_weight
 from lrd_exp.devices.resolve import DeviceInfo, synchronize
 from lrd_exp.timing.steps import autocast, cast_dtype, eval_forward, time_fn
@@ -59,13 +60,9 @@ class MergeReport:
 def _inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each factorized layer sees in one eval forward of ``example_input``."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0].detach()))
-             for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
-    try:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    with watch(layers, lambda name, _m, x, _out: seen.setdefault(name, x.detach()), before=True):
         eval_forward(model, example_input)
-    finally:
-        for h in hooks:
-            h.remove()
     return seen
 
 

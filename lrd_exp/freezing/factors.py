@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.layers import FactorizedLayer
 from lrd_exp.timing.steps import eval_forward
 
@@ -66,17 +67,12 @@ def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
     batch = max(int(example_input.shape[0]), 1)
     positions: dict[str, int] = {}
 
-    def recorder(key: str, out_features: int) -> Any:
-        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:  # a factor called twice costs twice
-            positions[key] = positions.get(key, 0) + max(out.numel() // (batch * out_features), 1)
-        return hook
+    def record(key: str, module: nn.Module, _x: torch.Tensor, out: torch.Tensor) -> None:
+        # a factor called twice costs twice
+        positions[key] = positions.get(key, 0) + max(out.numel() // (batch * module.weight.shape[0]), 1)
 
-    handles = [f.module.register_forward_hook(recorder(f.key, f.module.weight.shape[0])) for f in factors]
-    try:
+    with watch({f.key: f.module for f in factors}, record):
         eval_forward(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
     # a factor the eval forward never reached (a training-only branch) counts one position
     return {f.key: 2 * f.numel * positions.get(f.key, 1) for f in factors}
 
