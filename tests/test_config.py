@@ -407,6 +407,25 @@ def test_a_selection_that_selects_nothing_stops_before_any_work(cfg_factory, tmp
     assert not (tmp_path / "out" / "result.json").exists() and not (tmp_path / "cache").exists()
 
 
+def test_freezing_only_cores_of_a_model_without_kxk_convs_stops_before_any_work(cfg_factory, tmp_path):
+    from lrd_exp import tasks
+
+    with pytest.raises(ConfigError, match=r"freeze.positions=\[core\] selects no factor.*allowed here: first, last"):
+        tasks.run(cfg_factory(["trainer=smoke", "model=vit_tiny_digits", "freeze=sequential",
+                               "freeze.positions=[core]"]))
+    assert not (tmp_path / "out" / "result.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_freeze_schedule_whose_positions_select_no_factor_is_refused():
+    from lrd_exp import FreezeSchedule
+    from lrd_exp.freezing.factors import collect_factors
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    decompose_model(model, policy="ratio", ratio=4, skip_head=False)
+    with pytest.raises(ValueError, match=r"freeze.positions=\['core'\] selects no factor.*first, last"):
+        FreezeSchedule({"schedule": "sequential", "positions": ["core"]}, collect_factors(model))
+
+
 def test_a_rank_mapping_key_that_matches_nothing_is_refused_by_the_library():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"rank\.rank pattern 'fc\*' matches no"):

@@ -39,6 +39,10 @@ class FreezeSchedule:
         self.freeze_bias = values["freeze_bias"]
         self.factors = list(factors)
         self.candidates = [f for f in self.factors if f.position in self.positions]
+        if self.kind == "sequential" and self.factors and not self.candidates:
+            have = sorted({f.position for f in self.factors})
+            raise ValueError(f"freeze.positions={list(self.positions)} selects no factor of the decomposed model: "
+                             f"its factors are at {', '.join(have)}")
         self.costs: dict[str, int] | None = None  # importance=cost: factor_costs(); else 2 x weight elements
         self.user_frozen = frozen_parameters(self.factors)  # frozen before the schedule: never thawed by it
 

@@ -22,19 +22,28 @@ log = logging.getLogger("lrd_exp")
 
 
 def check_model_selection(cfg: DictConfig) -> None:
-    """``rank.include`` / ``rank.exclude`` patterns and ``rank.rank`` keys checked against the model's layers before
-    any work (a typo would otherwise run a whole job that decomposes nothing); ConfigError naming the pattern."""
-    from lrd_exp.decompose.surgery import check_selection
+    """``rank.include`` / ``rank.exclude`` patterns, ``rank.rank`` keys and ``freeze.positions`` checked against the
+    model's layers before any work (a typo would otherwise run a whole job that decomposes or freezes nothing);
+    ConfigError naming the pattern."""
+    from lrd_exp.decompose.surgery import check_selection, find_candidates
 
     r = cfg.rank
     mapping = r.rank if _v(r.policy) == "fixed" and isinstance(r.rank, DictConfig) else None
-    if _v(cfg.task) == "evaluate" or not (r.include or r.exclude or mapping) or is_model_file(cfg.model.checkpoint):
+    core_only = _v(cfg.freeze.schedule) == "sequential" and {_v(p) for p in cfg.freeze.positions} == {"core"}
+    if _v(cfg.task) == "evaluate" or is_model_file(cfg.model.checkpoint) or not (
+            r.include or r.exclude or mapping or core_only):
         return
     model = build_model(cfg, **data_shape(cfg.dataset), load=False)
     try:
         check_selection(model, include=r.include, exclude=r.exclude, rank=mapping)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if core_only and _v(r.policy) != "none":
+        plans, _ = find_candidates(model, include=r.include, exclude=r.exclude, skip_stem=r.skip_stem,
+                                   skip_head=r.skip_head)
+        if not any(plan.kind == "tucker2" for plan in plans):
+            raise ConfigError("freeze.positions=[core] selects no factor: only Tucker-2 (k x k conv) layers have a "
+                              "core, and this model decomposes none; allowed here: first, last")
 
 
 def calibration_inputs(cfg: DictConfig, dm: Any) -> list[Any] | None:
