@@ -379,6 +379,9 @@ NUMERIC_KEYS = [  # (override, key named in the error); the default policy (quan
     ("trainer.target_drop=-0.5", "trainer.target_drop"),
     ("trainer.distill.alpha=1.5", "trainer.distill.alpha"),
     ("trainer.distill.temperature=0", "trainer.distill.temperature"),
+    ("device.devices=0", "device.devices"),
+    ("device.num_nodes=0", "device.num_nodes"),
+    ("rank.rank=0", "rank.rank"),
 ]
 
 
@@ -407,6 +410,21 @@ def test_a_selection_that_selects_nothing_stops_before_any_work(cfg_factory, tmp
     assert not (tmp_path / "out" / "result.json").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("objective.metric=train_speedupp", "objective.metric='train_speedupp' is not a column of the result row; "
+                                        "did you mean train_speedup"),
+    ("device.strategy=dpp", "device.strategy='dpp' is not allowed: did you mean ddp"),
+    ("device.devices=[0,-1]", "device.devices=[0, -1] is not allowed"),
+])
+def test_free_string_keys_are_checked_before_any_work(cfg_factory, tmp_path, override, needle):
+    from lrd_exp import tasks
+
+    with pytest.raises(ConfigError) as info:
+        tasks.run(cfg_factory(["trainer=smoke", override]))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "result.json").exists() and not (tmp_path / "cache").exists()
+
+
 def test_freezing_only_cores_of_a_model_without_kxk_convs_stops_before_any_work(cfg_factory, tmp_path):
     from lrd_exp import tasks
 
@@ -430,6 +448,8 @@ def test_a_rank_mapping_key_that_matches_nothing_is_refused_by_the_library():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"rank\.rank pattern 'fc\*' matches no"):
         decompose_model(model, policy="fixed", rank={"fc*": 2})
+    with pytest.raises(ValueError, match=r"rank\.rank\['0'\]=0 is not allowed: a rank must be an integer >= 1"):
+        decompose_model(model, policy="fixed", rank={"0": 0})
     with pytest.warns(UserWarning, match="no layer was decomposed"):
         decompose_model(model, policy="fixed", rank={"0": 8})  # full rank: nothing shrinks
 

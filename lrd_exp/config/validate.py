@@ -15,6 +15,7 @@ from lrd_exp.config.values import (
     OPTIMIZERS,
     canonical_precision,
     check_choice,
+    check_count,
     check_freeze,
     check_rank_keys,
 )
@@ -88,6 +89,23 @@ def _validate(cfg: DictConfig) -> None:
     _check_calibration_images(cfg)
     _check_data_root(cfg)
     _check_model(cfg)
+    _check_device(cfg.device)
+
+
+def _check_device(d: Any) -> None:
+    """``device.devices``: a count (-1: all), "auto", or device indices ("0,1" or [0, 1]); ``device.num_nodes``."""
+    devices = d.devices
+    allowed = 'a count >= 1, -1 (all), "auto", or device indices such as "0,1" or [0, 1]'
+    if isinstance(devices, str):
+        text = devices.strip()
+        ok = text in ("auto", "-1") or all(part.strip().isdigit() for part in text.rstrip(",").split(","))
+    elif isinstance(devices, (list, tuple)) or hasattr(devices, "__len__"):
+        ok = len(devices) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in devices)
+    else:
+        ok = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
+    if not ok:
+        raise ConfigError(f"device.devices={devices!r} is not allowed: {allowed}")
+    check_count("device.num_nodes", d.num_nodes, "a number of nodes")
 
 
 def _check_trainer(t: DictConfig) -> None:

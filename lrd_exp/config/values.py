@@ -152,7 +152,7 @@ def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, roun
     base = check_choice("rank.base", base, BASES)
     objective = check_choice("rank.objective", objective, OBJECTIVES)
     check_ratio(ratio), check_energy(energy), check_multiple(multiple)
-    if policy == "fixed":
+    if policy == "fixed" or rank is not None:  # a rank given with another policy is unused, but still a typo
         check_fixed_rank(rank)
     window, step, tolerance = check_window(window), check_step(step), check_tolerance(tolerance)
     fit, calibrate, calibration_images = check_fit(fit, calibrate, calibration_images)
@@ -168,6 +168,9 @@ def check_fixed_rank(rank: Any) -> None:
         raise ValueError("rank.rank=None is not allowed with rank.policy=fixed: give an int or {pattern: int}")
     if not isinstance(rank, Mapping):
         check_rank(rank)
+        return
+    for pattern, value in rank.items():
+        check_rank(value, f"rank.rank[{str(pattern)!r}]")
 
 
 # ------------------------------------------------------------------------------------------- freeze keys

@@ -26,6 +26,7 @@ weights, the training curve and the freeze history come back to the job, which d
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -244,6 +245,20 @@ def external_launcher() -> str | None:
             and os.environ.get("SLURM_JOB_NAME", "") not in ("bash", "interactive")):
         return f"SLURM with {os.environ['SLURM_NTASKS']} tasks"
     return None
+
+
+
+def check_strategy(strategy: Any) -> None:
+    """``device.strategy`` before any work: one of this package's DDP names or a strategy Lightning registers
+    (a typo would otherwise fail only when the Trainer is built, after the baseline trained)."""
+    if not isinstance(strategy, str):
+        return
+    name = strategy.strip().lower()
+    allowed = sorted(set(DDP_NAMES) | set(StrategyRegistry.available_strategies()))
+    if name not in allowed:
+        close = difflib.get_close_matches(name, allowed, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"device.strategy={strategy!r} is not allowed: {hint}choose one of {', '.join(allowed)}")
 
 
 def ddp_strategy(device: Any, devices: Any, strategy: Any = "auto", *, num_nodes: int = 1,

@@ -20,6 +20,7 @@ from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.config.validate import validate
 from lrd_exp.devices.allocator import tune_malloc
 from lrd_exp.devices.resolve import resolve_device
+from lrd_exp.distributed.ddp import check_strategy
 from lrd_exp.results.row import STATUS_OK
 from lrd_exp.tasks.advise import advise
 from lrd_exp.tasks.benchmark import benchmark
@@ -27,7 +28,7 @@ from lrd_exp.tasks.checkpoint import check_model_checkpoint
 from lrd_exp.tasks.decomposition import check_model_selection
 from lrd_exp.tasks.evaluate import evaluate
 from lrd_exp.tasks.identity import output_dir
-from lrd_exp.tasks.job import JobFailed, job_rows
+from lrd_exp.tasks.job import JobFailed, check_objective, job_rows
 from lrd_exp.tasks.train import train
 
 TASKS = {"train": train, "benchmark": benchmark, "evaluate": evaluate, "advise": advise}
@@ -40,6 +41,8 @@ def run(cfg: DictConfig) -> float | None:
     raises :class:`JobFailed` after its row (``status: failed``, with the error) is written.
     """
     validate(cfg)
+    check_objective(cfg)
+    check_strategy(cfg.device.strategy)
     check_model_checkpoint(cfg)
     check_model_selection(cfg)
     tune_malloc(_v(cfg.device.malloc))

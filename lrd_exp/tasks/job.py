@@ -5,6 +5,7 @@ sweep objective of a row."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from lrd_exp import results
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.config.validate import ConfigError
 from lrd_exp.decompose.calibration import CalibrationError
-from lrd_exp.results.row import RESULT_FILENAME, STATUS_FAILED, STATUS_OK, STATUS_RUNNING
+from lrd_exp.results.row import RESULT_COLUMNS, RESULT_FILENAME, STATUS_FAILED, STATUS_OK, STATUS_RUNNING
 from lrd_exp.tasks.identity import identity_row, output_dir
 
 log = logging.getLogger("lrd_exp")
@@ -107,6 +108,15 @@ def job_rows(out_dir: str) -> list[dict]:
     """The rows this job wrote: its own, and one per benchmark variant (``variants/<label>/``)."""
     paths = [Path(out_dir) / RESULT_FILENAME, *sorted(Path(out_dir).glob(f"variants/*/{RESULT_FILENAME}"))]
     return [row for row in map(results.read_result, paths) if row is not None]
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """``objective.metric`` names a column of the result row (a typo would hand a sweeper None for every job)."""
+    metric = cfg.objective.metric
+    if metric not in RESULT_COLUMNS:
+        close = difflib.get_close_matches(str(metric), RESULT_COLUMNS, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see lrd_exp.results.row.RESULT_COLUMNS"
+        raise ConfigError(f"objective.metric={metric!r} is not a column of the result row{hint}")
 
 
 def objective_value(cfg: DictConfig, row: dict[str, Any]) -> float | None:
