@@ -75,9 +75,10 @@ class StepTimer(pl.Callback):
 class ReplicaStateDump(pl.Callback):
     """Saves, per rank, each parameter's value when it got frozen and every parameter at the end of fit.
 
-    Frozen: ``requires_grad`` off, or in a :class:`FreezingCallback`'s frozen set. ``<dir>/rank<r>.pt`` holds ``{"rank", "frozen_at": {name: (step, tensor)}, "final": {name: tensor},
-    "rewraps": [...], "step_times": [...]}``; :func:`compare_replicas` checks a set of them. Place it after the
-    freezing callback: a factor's value is taken right after it was frozen, before the next update.
+    Frozen: ``requires_grad`` off, or in a :class:`FreezingCallback`'s frozen set. ``<dir>/rank<r>.pt`` holds
+    ``{"rank", "frozen_at": {name: (step, tensor)}, "final": {name: tensor}, "rewraps": [...], "step_times": [...]}``;
+    :func:`compare_replicas` checks a set of them. Place it after the freezing callback: a factor's value is taken
+    right after it was frozen, before the next update.
     """
 
     def __init__(self, directory: str, timer: StepTimer | None = None) -> None:
@@ -212,7 +213,10 @@ def _summarize(variant: str, dump_dir: str, args: Any) -> dict[str, Any]:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    """``python experiments/ddp_freeze_bench.py``: step time of DDP + sequential freezing variants (2 CPU ranks, gloo)."""
+    """``python experiments/ddp_freeze_bench.py``: step time of DDP + sequential freezing variants.
+
+    Two CPU ranks, gloo.
+    """
     import argparse
     import tempfile
     import traceback

@@ -65,7 +65,8 @@ def _timings_frame() -> pd.DataFrame:
 def test_variant_label():
     assert F.variant_label({"rank_policy": "quantized", "rank_ratio": 2.0, "rank_multiple": 8,
                             "freeze": "sequential"}) == "quant r=2 m=8 | seq. freeze"
-    assert F.variant_label({"rank_policy": "energy", "rank_energy": 0.95, "freeze": None}) == "energy e=0.95 | no freeze"
+    assert (F.variant_label({"rank_policy": "energy", "rank_energy": 0.95, "freeze": None})
+            == "energy e=0.95 | no freeze")
     # benchmark rows carry the user's bench.variants label: two variants of one policy stay apart
     assert F.variant_label({"task": "benchmark", "variant": "quantized+seq-size", "rank_policy": "quantized",
                             "freeze": "sequential"}) == "quantized+seq-size"

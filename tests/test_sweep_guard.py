@@ -134,7 +134,8 @@ def test_guard_serialize_forces_one_joblib_job(monkeypatch):
 def test_guard_error_and_bad_action(monkeypatch):
     monkeypatch.delenv(PARALLEL_ENV, raising=False)
     with pytest.raises(RuntimeError, match="action=error"):
-        ParallelThroughputGuard(action="error").on_multirun_start(_sweep_cfg(["hydra/launcher=local", "task=benchmark"]))
+        ParallelThroughputGuard(action="error").on_multirun_start(
+            _sweep_cfg(["hydra/launcher=local", "task=benchmark"]))
     with pytest.raises(ValueError, match="warn, serialize, error"):
         ParallelThroughputGuard(action="maybe")
 

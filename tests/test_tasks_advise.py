@@ -264,11 +264,12 @@ def test_a_failing_configuration_is_kept_with_its_error_and_the_run_fails(cfg_fa
 
 
 def test_an_empty_grid_advises_on_the_runs_own_configuration_by_inference_speed(cfg_factory, single_thread):
-    """An empty grid (~advise.grid.rank ~advise.grid.freeze): one configuration, the run's rank / freeze config; advise.speed=infer without the deployed
-    form ranks by the factored form's inference speed."""
+    """An empty grid (~advise.grid.rank ~advise.grid.freeze): one configuration, the run's rank / freeze config;
+    advise.speed=infer without the deployed form ranks by the factored form's inference speed."""
     from lrd_exp.tasks import run
 
-    cfg = cfg_factory([*TINY, "~advise.grid.rank", "~advise.grid.freeze", "advise.speed=infer", "bench.deploy=false", "rank.ratio=3"])
+    cfg = cfg_factory([*TINY, "~advise.grid.rank", "~advise.grid.freeze", "advise.speed=infer", "bench.deploy=false",
+                       "rank.ratio=3"])
     run(cfg)
     table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv")
     assert table["configuration"].tolist() == ["original", "as configured"]
@@ -312,8 +313,9 @@ def test_a_configuration_that_decomposes_nothing_is_the_original_not_a_candidate
     original itself: listed as unchanged, not timed, never on the frontier or recommended."""
     from lrd_exp.tasks import run
 
-    cfg = cfg_factory([*TINY, "model.name=test_vit", "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[quantized]",
-                       "advise.grid.rank.multiple=[8,64]", "advise.grid.freeze.schedule=[none]", "rank.rounding=up"])
+    cfg = cfg_factory([*TINY, "model.name=test_vit", "advise.grid.rank.ratio=[2]",
+                       "advise.grid.rank.policy=[quantized]", "advise.grid.rank.multiple=[8,64]",
+                       "advise.grid.freeze.schedule=[none]", "rank.rounding=up"])
     run(cfg)
     table = pd.read_csv(f"{cfg.paths.output_dir}/advice.csv").set_index("rank.multiple", drop=False)
     assert table.loc[64, "status"] == "unchanged" and table.loc[64, "layers_decomposed"] == 0

@@ -218,8 +218,9 @@ def test_benchmark_and_measure_pair_pass_freeze_bias_to_the_states(cfg_factory, 
         return real_compare(original, decomposed, states, *args, **kwargs)
 
     monkeypatch.setattr(measure, "compare_states", spy)  # the benchmark task measures through lrd_exp.tasks.measure too
-    overrides = ["trainer=smoke", "dataset=digits", "model=resnet18", "freeze=last", f"freeze.freeze_bias={freeze_bias}",
-                 "bench.warmup=0", "bench.steps=1", "bench.batch_size=2", "device=cpu"]
+    overrides = ["trainer=smoke", "dataset=digits", "model=resnet18", "freeze=last",
+                 f"freeze.freeze_bias={freeze_bias}", "bench.warmup=0", "bench.steps=1", "bench.batch_size=2",
+                 "device=cpu"]
     cfg = cfg_factory(["task=benchmark", *overrides])
     device = resolve_device("cpu")
     assert benchmark.benchmark(cfg, device, cfg.paths.output_dir) is not None  # the variant ran

@@ -1,4 +1,5 @@
-"""Datamodules: split sizes and determinism, normalisation, pixel round trips on tiny generated files, error messages."""
+"""Datamodules: split sizes and determinism, normalisation, pixel round trips on tiny generated files, error
+messages."""
 
 from __future__ import annotations
 

@@ -122,7 +122,8 @@ def test_the_teacher_is_not_trained_optimized_or_saved(tmp_path):
 
 def test_the_teacher_follows_the_students_dtype_and_layout():
     torch.manual_seed(0)
-    conv = lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))  # noqa: E731
+    conv = lambda: nn.Sequential(  # noqa: E731
+        nn.Conv2d(2, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     student, teacher = conv(), conv()
     module = Classifier(student, 3, optim={"name": "sgd", "lr": 0.1, "scheduler": "none"}, teacher=teacher,
                         channels_last=True)

@@ -32,7 +32,8 @@ KEYS = ["train_ips_logged", "train_ips_decomposed", "train_ips_fidelity", "train
 def _setting(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition("=")
     if not name:
-        raise argparse.ArgumentTypeError(f"--setting {text!r}: expected NAME=override,override (overrides may be empty)")
+        raise argparse.ArgumentTypeError(
+            f"--setting {text!r}: expected NAME=override,override (overrides may be empty)")
     return name, [o for o in overrides.split(",") if o]
 
 

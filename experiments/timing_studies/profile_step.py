@@ -31,7 +31,9 @@ BACKWARD = {"aten::convolution_backward", "aten::mkldnn_convolution_backward", "
             "aten::cudnn_convolution_backward"}
 
 
-def split(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, channels_last: bool) -> dict[str, float]:
+def split(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, channels_last: bool
+) -> dict[str, float]:
     """Seconds per step by part (profiler self-time; mm/addmm of backward count as forward-type GEMMs)."""
     step = prepare_train_step(model, x, y, channels_last=channels_last).fn  # the benchmark's own step
     for _ in range(3):

@@ -78,7 +78,8 @@ def variant_label(row: Any) -> str:
         return str(_txt(get("variant")))  # bench.variants labels are the user's own names for them
     policy = _txt(get("rank_policy")) or "?"
     parts = [_POLICY_ABBREV.get(policy, policy)]
-    ratio, energy, multiple = finite_number(get("rank_ratio")), finite_number(get("rank_energy")), finite_number(get("rank_multiple"))
+    ratio, energy = finite_number(get("rank_ratio")), finite_number(get("rank_energy"))
+    multiple = finite_number(get("rank_multiple"))
     if policy != "none":
         if policy == "energy" and energy is not None:
             parts.append(f"e={energy:g}")

@@ -92,7 +92,8 @@ DEPLOY_COLUMNS: list[str] = [
 MEMORY_COLUMNS: list[str] = [
     "train_mem_mb_original",  # MiB one training step needs
     "train_mem_mb_decomposed",  # the largest over the freeze schedule's states (each state: freeze_stages)
-    "train_mem_kind",  # "allocator peak" (CUDA / NPU) or "counted" (CPU: params, grads, optimizer state, saved activations)
+    # "allocator peak" (CUDA / NPU) or "counted" (CPU: params, grads, optimizer state, saved activations)
+    "train_mem_kind",
 ]
 QUALITY_COLUMNS: list[str] = [
     "top1_original",
@@ -185,9 +186,9 @@ def make_row(**values: Any) -> dict[str, Any]:
     Derived columns are computed only when not given: ``params_ratio`` and ``flops_speedup_*`` are
     original/decomposed (>1 = smaller/cheaper), ``train_speedup`` / ``infer_speedup`` are decomposed/original
     images/s (>1 = faster), ``top1_drop`` = original - fine-tuned decomposed top-1 (same unit as the inputs,
-    percent points by convention), ``time_to_target_s`` = ``decompose_s`` + ``finetune_s_to_target``. ``rank_params`` / ``freeze_params`` given as dicts become JSON strings and
-    ``overrides`` given as a list becomes one space-separated string. Extra keys are kept after the contract
-    columns.
+    percent points by convention), ``time_to_target_s`` = ``decompose_s`` + ``finetune_s_to_target``.
+    ``rank_params`` / ``freeze_params`` given as dicts become JSON strings and ``overrides`` given as a list
+    becomes one space-separated string. Extra keys are kept after the contract columns.
     """
     row: dict[str, Any] = {col: None for col in RESULT_COLUMNS}
     for key, value in values.items():

@@ -90,80 +90,120 @@ def _latency(row: Mapping[str, Any], side: str) -> str:
     return f"{med:.2f}" + (f" [{p90:.2f}]" if p90 is not None else "")
 
 
-def format_summary(row: Mapping[str, Any]) -> str:
-    """End-of-run table, original vs decomposed, so a user reads the outcome without opening result.json."""
-    from tabulate import tabulate
+def _times(v: Any, suffix: str = "x") -> str:
+    """``2.50x`` (a ratio with its suffix), ``-`` when missing."""
+    n = finite_number(v)
+    return "-" if n is None else f"{n:.2f}{suffix}"
 
-    r = make_row(**dict(row))
 
-    def x(v: Any, suffix: str = "x") -> str:
-        n = finite_number(v)
-        return "-" if n is None else f"{n:.2f}{suffix}"
+def _pct(v: Any) -> str:
+    n = finite_number(v)
+    return "-" if n is None else f"{n:.2f}"
 
-    def pct(v: Any) -> str:
-        n = finite_number(v)
-        return "-" if n is None else f"{n:.2f}"
 
-    def drop(a: Any, b: Any) -> str:
-        na, nb = finite_number(a), finite_number(b)
-        return "-" if na is None or nb is None else f"{na - nb:+.2f} pt drop"
+def _drop(a: Any, b: Any) -> str:
+    na, nb = finite_number(a), finite_number(b)
+    return "-" if na is None or nb is None else f"{na - nb:+.2f} pt drop"
 
-    table = [
-        ["params", _human(r["params_original"]), _human(r["params_decomposed"]), x(r["params_ratio"]) + " smaller"
-         if r["params_ratio"] is not None else "-"],
+
+def _ratio_with(v: Any, words: str) -> str:
+    """``2.50x smaller`` / ``1.22x speedup``, ``-`` when the ratio is missing."""
+    return _times(v) + words if v is not None else "-"
+
+
+def _core_rows(r: Mapping[str, Any]) -> list[list[str]]:
+    """The rows every summary has: size, FLOPs, accuracy and the benchmark's throughput."""
+    return [
+        ["params", _human(r["params_original"]), _human(r["params_decomposed"]),
+         _ratio_with(r["params_ratio"], " smaller")],
         ["forward FLOPs / image", _human(r["flops_original"]), _human(r["flops_decomposed"]),
-         x(r["flops_speedup_infer"])],
+         _times(r["flops_speedup_infer"])],
         ["train FLOPs / step", _human(r["train_flops_original"]), _human(r["train_flops_decomposed"]),
-         x(r["flops_speedup_train"])],
-        ["top-1 % (before fine-tune)", pct(r["top1_original"]), pct(r["top1_decomposed_pre"]),
-         drop(r["top1_original"], r["top1_decomposed_pre"])],
-        ["top-1 % (after fine-tune)", pct(r["top1_original"]), pct(r["top1_decomposed"]),
-         drop(r["top1_original"], r["top1_decomposed"])],
+         _times(r["flops_speedup_train"])],
+        ["top-1 % (before fine-tune)", _pct(r["top1_original"]), _pct(r["top1_decomposed_pre"]),
+         _drop(r["top1_original"], r["top1_decomposed_pre"])],
+        ["top-1 % (after fine-tune)", _pct(r["top1_original"]), _pct(r["top1_decomposed"]),
+         _drop(r["top1_original"], r["top1_decomposed"])],
         ["train images/s [min-max]", _spread(r, "train_ips_original"), _spread(r, "train_ips_decomposed"),
-         x(r["train_speedup"]) + " speedup" if r["train_speedup"] is not None else "-"],
+         _ratio_with(r["train_speedup"], " speedup")],
         ["infer images/s [min-max]", _spread(r, "infer_ips_original"), _spread(r, "infer_ips_decomposed"),
-         x(r["infer_speedup"]) + " speedup" if r["infer_speedup"] is not None else "-"],
+         _ratio_with(r["infer_speedup"], " speedup")],
     ]
+
+
+def _deployment_rows(r: Mapping[str, Any]) -> list[list[str]]:
+    """The deployed (merged) model's throughput and the single-image latencies, when measured."""
+    rows = []
     if finite_number(r.get("infer_ips_deployed")) is not None:
         merged = finite_number(r.get("layers_merged"))
-        table.append(["deployed infer images/s", "-", f"{finite_number(r['infer_ips_deployed']):,.1f}",
-                      x(r.get("infer_speedup_deployed")) + " speedup"
-                      + (f" ({merged:.0f} layers merged)" if merged is not None else "")])
+        rows.append(["deployed infer images/s", "-", f"{finite_number(r['infer_ips_deployed']):,.1f}",
+                     _times(r.get("infer_speedup_deployed")) + " speedup"
+                     + (f" ({merged:.0f} layers merged)" if merged is not None else "")])
     if any(finite_number(r.get(f"latency_ms_{s}")) is not None for s in ("original", "decomposed")):
         deployed = finite_number(r.get("latency_ms_deployed"))
-        table.append(["latency ms, 1 image [p90]", _latency(r, "original"), _latency(r, "decomposed"),
-                      f"deployed {_latency(r, 'deployed')}" if deployed is not None else "-"])
+        rows.append(["latency ms, 1 image [p90]", _latency(r, "original"), _latency(r, "decomposed"),
+                     f"deployed {_latency(r, 'deployed')}" if deployed is not None else "-"])
+    return rows
+
+
+def _training_rows(r: Mapping[str, Any]) -> list[list[str]]:
+    """Training memory and the fine-tuning loop's own throughput against the benchmark, when measured."""
+    rows = []
     if any(finite_number(r.get(f"train_mem_mb_{s}")) is not None for s in ("original", "decomposed")):
         a, b = finite_number(r.get("train_mem_mb_original")), finite_number(r.get("train_mem_mb_decomposed"))
-        table.append([f"train memory MiB ({r.get('train_mem_kind') or '-'})", "-" if a is None else f"{a:,.1f}",
-                      "-" if b is None else f"{b:,.1f}", x(a / b) + " smaller" if a and b else "-"])
+        rows.append([f"train memory MiB ({r.get('train_mem_kind') or '-'})", "-" if a is None else f"{a:,.1f}",
+                     "-" if b is None else f"{b:,.1f}", _times(a / b) + " smaller" if a and b else "-"])
     if finite_number(r.get("train_ips_logged")) is not None:
-        table.append(["fine-tuning loop images/s", "-", f"{finite_number(r['train_ips_logged']):,.1f}",
-                      x(r.get("train_ips_fidelity")) + " of the benchmark"
-                      if finite_number(r.get("train_ips_fidelity")) is not None else "-"])
+        rows.append(["fine-tuning loop images/s", "-", f"{finite_number(r['train_ips_logged']):,.1f}",
+                     _times(r.get("train_ips_fidelity")) + " of the benchmark"
+                     if finite_number(r.get("train_ips_fidelity")) is not None else "-"])
     if finite_number(r.get("train_ips_probe")) is not None:
-        table.append(["benchmark between epochs", "-", f"{finite_number(r['train_ips_probe']):,.1f}",
-                      x(r.get("train_ips_fidelity_paired")) + " loop / benchmark, paired"])
+        rows.append(["benchmark between epochs", "-", f"{finite_number(r['train_ips_probe']):,.1f}",
+                     _times(r.get("train_ips_fidelity_paired")) + " loop / benchmark, paired"])
+    return rows
+
+
+def _heading(r: Mapping[str, Any]) -> str:
+    """``LRD result (model=..., dataset=..., ...)``: the run's identity, what of it the row has."""
     ident = ", ".join(
         f"{k}={r[k]}"
         for k in ("model", "dataset", "rank_policy", "rank_ratio", "rank_multiple", "freeze", "device_name")
         if r.get(k) is not None
     )
-    head = f"LRD result ({ident})" if ident else "LRD result"
-    status = r.get("status") or "-"
-    if r.get("error"):
-        status += f": {r['error']}"
+    return f"LRD result ({ident})" if ident else "LRD result"
+
+
+def _notes(r: Mapping[str, Any]) -> list[str]:
+    """The lines under the table: loop overhead, time to target, the machine's drift."""
     overhead = finite_number(r.get("train_loop_overhead"))
     notes = [f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
              "logging)" if overhead is not None else None, time_to_target_line(r), drift_fidelity_note(r),
              unstable_note(r)]
+    return [n for n in notes if n]
+
+
+def _status_line(r: Mapping[str, Any]) -> str:
+    """``status: ok (12 s)`` or ``status: failed: <error>``."""
+    status = r.get("status") or "-"
+    if r.get("error"):
+        status += f": {r['error']}"
+    duration = finite_number(r["duration_s"])
+    return f"status: {status}" + (f" ({duration:.0f} s)" if duration is not None else "")
+
+
+def format_summary(row: Mapping[str, Any]) -> str:
+    """End-of-run table, original vs decomposed, so a user reads the outcome without opening result.json."""
+    from tabulate import tabulate
+
+    r = make_row(**dict(row))
+    table = _core_rows(r) + _deployment_rows(r) + _training_rows(r)
     lines = [
-        head,
+        _heading(r),
         tabulate(table, headers=["", "original", "decomposed", "ratio"], tablefmt="simple",
                  disable_numparse=True, colalign=("left", "right", "right", "left")),
         "ratio: size rows original/decomposed (FLOP-predicted speedup); speed rows decomposed/original.",
-        *(n for n in notes if n),
-        f"status: {status}" + (f" ({finite_number(r['duration_s']):.0f} s)" if finite_number(r["duration_s"]) is not None else ""),
+        *_notes(r),
+        _status_line(r),
     ]
     if r.get("output_dir"):
         lines.append(f"output: {r['output_dir']}")

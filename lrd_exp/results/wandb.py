@@ -22,6 +22,32 @@ def _wandb_value(value: Any) -> Any:
     return value
 
 
+def _quiet_settings(wandb: Any) -> Any:
+    """W&B settings for an aggregate run: no console capture, stats, machine info, git or code upload."""
+    return wandb.Settings(
+        silent=True,
+        console="off",
+        x_disable_stats=True,
+        x_disable_machine_info=True,
+        disable_git=True,
+        disable_code=True,
+        init_timeout=60,
+    )
+
+
+def _results_payload(wandb: Any, df: pd.DataFrame, table: Any, group: str) -> dict[str, Any]:
+    """The Table ``results``, plus a throughput-vs-accuracy scatter when some row has both values."""
+    payload: dict[str, Any] = {"results": table}
+    y = "top1_decomposed"
+    for x in ("train_speedup", "train_ips_decomposed"):
+        if x in df.columns and y in df.columns and (df[x].notna() & df[y].notna()).any():
+            payload["throughput_vs_accuracy"] = wandb.plot.scatter(
+                table, x, y, title=f"{x} vs {y} ({group})"
+            )
+            break
+    return payload
+
+
 def log_wandb_table(
     df: pd.DataFrame,
     *,
@@ -62,26 +88,10 @@ def log_wandb_table(
             mode=mode,
             reinit="create_new",
             config={"n_rows": len(df), "sweep": group},
-            settings=wandb.Settings(
-                silent=True,
-                console="off",
-                x_disable_stats=True,
-                x_disable_machine_info=True,
-                disable_git=True,
-                disable_code=True,
-                init_timeout=60,
-            ),
+            settings=_quiet_settings(wandb),
         )
         table = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
-        payload: dict[str, Any] = {"results": table}
-        y = "top1_decomposed"
-        for x in ("train_speedup", "train_ips_decomposed"):
-            if x in df.columns and y in df.columns and (df[x].notna() & df[y].notna()).any():
-                payload["throughput_vs_accuracy"] = wandb.plot.scatter(
-                    table, x, y, title=f"{x} vs {y} ({group})"
-                )
-                break
-        run.log(payload)
+        run.log(_results_payload(wandb, df, table, group))
         run_dir = str(getattr(run.settings, "sync_dir", None) or Path(run.dir).parent)
     finally:
         if run is not None:

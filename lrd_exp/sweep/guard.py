@@ -37,7 +37,10 @@ def measures_throughput(cfg: Any) -> bool:
 
 
 def sweep_size(overrides: Iterable[str], params: dict[str, Any] | None = None) -> int | None:
-    """Jobs in a basic sweep (product of the discrete sweep overrides and ``hydra.sweeper.params``); None if not countable."""
+    """Jobs in a basic sweep (product of the discrete sweep overrides and ``hydra.sweeper.params``).
+
+    None if not countable.
+    """
     items = list(overrides) + [f"{k}={v}" for k, v in (params or {}).items()]
     try:
         parsed = OverridesParser.create().parse_overrides(items)

@@ -6,7 +6,8 @@ is decomposed once and measured as the benchmark measures: side by side with the
 freeze state timed and averaged by the time it lasts. Configurations that share a decomposition (the same rank
 settings, different schedules) share its preparation and timing. Per configuration: parameter and FLOP ratios,
 training speedup, deployed inference speedup, training memory, batch-1 latency, the accuracy proxy (mean relative
-approximation error of the weight layers) and, on a labelled dataset, top-1 before fine-tuning on a fixed validation subset.
+approximation error of the weight layers) and, on a labelled dataset, top-1 before fine-tuning on a fixed validation
+subset.
 The advice itself (table, frontier, recommendation, files) is :mod:`lrd_exp.tasks.advice_report`'s.
 """
 
@@ -93,7 +94,8 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
             log.exception("advise: %s failed", rank_label)
             rows += [{**config, "configuration": config_label(config), "status": STATUS_FAILED,
                       "error": f"{type(exc).__name__}: {exc}"} for config in members]
-        partial = advice_table(cfg, rows, reference, top1_original, device.name)  # an interrupted grid keeps what it measured
+        # an interrupted grid keeps what it measured
+        partial = advice_table(cfg, rows, reference, top1_original, device.name)
         results.write_text_atomic(os.path.join(out_dir, "advice.csv"), partial.to_csv(index=False))
     bar.close()
 
@@ -208,7 +210,8 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
     signature = tuple((layer.name, tuple(layer.ranks)) for layer in report.decomposed)
     if signature in seen:  # the same ranks as an earlier decomposition: its measurements hold
         log.info("advise: %s has the same ranks as an earlier configuration; its measurements are reused", label)
-        return [{**row, **config, "configuration": config_label(config)} for config, row in zip(members, seen[signature])]
+        return [{**row, **config, "configuration": config_label(config)}
+                for config, row in zip(members, seen[signature])]
     log.info("advise: %s: %s", label, report.summary())
     shared: dict[str, Any] = {"params_ratio": size[0] / max(count_params(decomposed), 1),
                               "flops_ratio": size[1] / max(count_flops(decomposed, x[:1], train=False), 1),

@@ -121,7 +121,8 @@ def print_benchmark(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
         if note:
             print(f"{row.get('variant')}: {note}")
     if stage_rows:
-        st = pd.DataFrame(stage_rows)[["variant", "label", "weight", "n_frozen", "train_ips", "train_flops", "train_mem_mb"]]
+        st = pd.DataFrame(stage_rows)[
+            ["variant", "label", "weight", "n_frozen", "train_ips", "train_flops", "train_mem_mb"]]
         st["train_flops"] = st["train_flops"] / 1e9
         print("\nFreeze states (time-weighted into the rows above):")
         print(st.rename(columns={"train_flops": "train GFLOP/step"}).to_string(

@@ -88,7 +88,8 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     target = target_callback(cfg, row)
     teacher = original if cfg.trainer.distill.enabled and not from_file else None
     if cfg.trainer.distill.enabled and from_file:
-        log.warning("trainer.distill ignored: a job that starts from a model file has no trained original to learn from")
+        log.warning("trainer.distill ignored: a job that starts from a model file has no trained original to "
+                    "learn from")
     history, speed, probe, finetune_curve = finetune(cfg, device, dm, decomposed, out_dir, wandb_logger,
                                                      teacher=teacher, target=target)
     row.update(target_fields(cfg, target))

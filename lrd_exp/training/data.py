@@ -52,7 +52,10 @@ def _stats(value: Any, default: Sequence[float], channels: int, key: str) -> tup
 
 
 def _resize(size: int) -> v2.Resize:
-    """Bilinear resize of (..., H, W) float tensors to ``size`` x ``size`` (antialiased, which matters when shrinking)."""
+    """Bilinear resize of (..., H, W) float tensors to ``size`` x ``size``.
+
+    Antialiased, which matters when shrinking.
+    """
     return v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-#: Points of top-1 the to-target columns measure against when ``trainer.target_drop`` is null (DESIGN.md).
+#: Points of top-1 the to-target columns measure against when ``trainer.target_drop`` is null.
 DEFAULT_TARGET_DROP = 0.5
 
 # top-1 values are 100 * k / n: a float comparison must not miss an exact tie with the target
