@@ -175,7 +175,8 @@ def low_rank_net() -> nn.Sequential:
     """A float64 net whose 3x3 conv has channel ranks (4, 4) and whose linear has rank 4: exactly low rank."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).double()
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(),
+                        nn.Linear(64, 10)).double()
     with torch.no_grad():
         core = torch.randn(4, 4, 3, 3, dtype=torch.float64)
         u_out, u_in = torch.randn(32, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)

@@ -18,6 +18,7 @@ from lrd_exp.decompose.calibration import (
     layer_positions,
     recalibrate_bn,
 )
+from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 
 
@@ -110,13 +111,13 @@ def _resnet18() -> nn.Module:
 
 def _layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     grabbed = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: grabbed.__setitem__(n, layer_positions(m, a[0]).reshape(-1, layer_positions(m, a[0]).shape[-1])))
-        for n in names]
-    with torch.no_grad():
+
+    def grab(name: str, module: nn.Module, inputs: torch.Tensor, _out: object) -> None:
+        positions = layer_positions(module, inputs)
+        grabbed[name] = positions.reshape(-1, positions.shape[-1])
+
+    with torch.no_grad(), watch({n: model.get_submodule(n) for n in names}, grab, before=True):
         model(x)
-    for h in hooks:
-        h.remove()
     return grabbed
 
 

@@ -121,7 +121,8 @@ def _check_trainer(t: DictConfig) -> None:
         raise ConfigError(f"trainer.target_drop={drop!r} is not allowed: null (every epoch) or points of top-1 >= 0")
     kd = t.get("distill") or {}
     if not 0 <= kd.get("alpha", 0.5) <= 1:
-        raise ConfigError(f"trainer.distill.alpha={kd.get('alpha')} is not allowed: the distillation weight is in [0, 1]")
+        raise ConfigError(f"trainer.distill.alpha={kd.get('alpha')} is not allowed: the distillation weight is "
+                          "in [0, 1]")
     if not kd.get("temperature", 2.0) > 0:
         raise ConfigError(f"trainer.distill.temperature={kd.get('temperature')} is not allowed: a temperature > 0")
 

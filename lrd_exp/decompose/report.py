@@ -122,7 +122,8 @@ class DecompositionReport:
         n_dec = len(self.decomposed)
         flops = ""
         if self.flops_ratio:
-            flops = f", forward FLOPs {self.flops_before / 1e6:.1f}M -> {self.flops_after / 1e6:.1f}M ({self.flops_ratio:.2f}x)"
+            flops = (f", forward FLOPs {self.flops_before / 1e6:.1f}M -> {self.flops_after / 1e6:.1f}M "
+                     f"({self.flops_ratio:.2f}x)")
         part = ""
         if n_dec:
             part = (f"; decomposed layers {self.decomposed_params_before:,} -> {self.decomposed_params_after:,} "

@@ -9,9 +9,10 @@ ops and any runtime that runs the original network runs the compressed one (ONNX
   ``onnxscript``), batch dimension dynamic by default.
 * :func:`run_onnx` -- run that file in ONNX Runtime on the CPU (checks, benchmarks).
 
-The ONNX extras are optional: ``pip install 'lrd-exp[export]'`` (``pip install -e '.[export]'`` in a checkout). Models whose weights exceed ONNX's 2 GB protobuf
-limit are written with their weights in a side file ``<name>.onnx.data`` next to the model (the exporter decides);
-keep the two files together. Small models are one self-contained file.
+The ONNX extras are optional: ``pip install 'lrd-exp[export]'`` (``pip install -e '.[export]'`` in a checkout).
+Models whose weights exceed ONNX's 2 GB protobuf limit are written with their weights in a side file
+``<name>.onnx.data`` next to the model (the exporter decides); keep the two files together. Small models are one
+self-contained file.
 """
 
 from __future__ import annotations
