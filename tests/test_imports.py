@@ -133,3 +133,27 @@ def test_the_public_api_is_importable_by_name():
     for name in lrd_exp.__all__:
         assert getattr(lrd_exp, name) is not None, name
     from lrd_exp import FreezingCallback, decompose_model, load_decomposed  # noqa: F401
+
+
+def test_no_function_in_the_library_is_over_60_lines():
+    """Short functions over named steps (a task reads top to bottom)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "lrd_exp"
+    long = [f"{path.relative_to(root)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in root.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long
+
+
+def test_every_package_docstring_names_its_modules():
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "lrd_exp"
+    missing = {init.parent.name: [p.stem for p in init.parent.glob("*.py")
+                                  if p.stem != "__init__" and p.stem not in (ast.get_docstring(
+                                      ast.parse(init.read_text())) or "")]
+               for init in root.glob("*/__init__.py")}
+    assert not {k: v for k, v in missing.items() if v}, missing

@@ -1,7 +1,7 @@
 """Low-rank decomposition: the linear algebra (functional), factorized layers (layers), torch's attention and
-transformer layers unpacked so their projections factorize (attention), calibration inputs (calibration), rank
-formulas (ranks), one candidate layer (plan), measured ranks (search), model surgery (surgery) and what it did
-(report). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
+transformer layers unpacked so their projections factorize (attention), watching layers in a forward (capture),
+calibration inputs (calibration), rank formulas (ranks), one candidate layer (plan), measured ranks (search),
+model surgery (surgery) and what it did (report). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
 
 from lrd_exp.decompose.attention import (
     FactorizableDecoderLayer,

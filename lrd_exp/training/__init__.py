@@ -1,5 +1,5 @@
-"""Training: the LightningModule (classifier), datamodules (data), the baseline cache (baseline) and the Trainer
-of a job (trainer)."""
+"""Training: the LightningModule (classifier), datamodules (data), the baseline cache (baseline), the Trainer
+of a job (trainer) and the fine-tuning time to a target accuracy (target)."""
 
 from lrd_exp.training.classifier import Classifier, make_optimizer
 from lrd_exp.training.data import build_datamodule
