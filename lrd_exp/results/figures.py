@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 
 from lrd_exp.results.io import collect_rows, read_result
 from lrd_exp.results.replicates import aggregate_replicates, mean_ci95
-from lrd_exp.results.row import finite_number
+from lrd_exp.results.row import RESULT_FILENAME, STATUS_OK, finite_number
 
 DPI = 150
 FIGSIZE = (7.0, 4.5)
@@ -120,8 +120,8 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def _ok_rows(df: pd.DataFrame) -> pd.DataFrame:
-    if "status" in df.columns and (df["status"] == "ok").any():
-        return df[df["status"] == "ok"]
+    if "status" in df.columns and (df["status"] == STATUS_OK).any():
+        return df[df["status"] == STATUS_OK]
     return df
 
 
@@ -437,7 +437,7 @@ def _find(dirs: Iterable[str | os.PathLike[str]], filename: str) -> list[Path]:
 def job_row(curves_path: Path) -> dict[str, Any]:
     """The result.json of the job that wrote ``curves_path`` (same dir or a parent within 2 levels)."""
     for d in [curves_path.parent, *list(curves_path.parents)[1:3]]:
-        row = read_result(d / "result.json")
+        row = read_result(d / RESULT_FILENAME)
         if row is not None:
             return row
     return {}

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrd_exp.config.values import enum_value
 from lrd_exp.results.io import collect_rows
+from lrd_exp.results.row import STATUS_OK
 from lrd_exp.results.tables import markdown_table, write_tables
 from lrd_exp.results.wandb import log_wandb_table
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def failed_jobs_line(df) -> str | None:
     """One line counting the sweep's failed jobs and naming the first error, or None when every job is ok."""
-    failed = df[df["status"] != "ok"]
+    failed = df[df["status"] != STATUS_OK]
     if failed.empty:
         return None
     first = failed.iloc[0]
@@ -67,7 +68,7 @@ class AggregateResults(Callback):
             return
 
         csv_path, md_path = write_tables(df, sweep_dir)
-        n_ok = int((df["status"] == "ok").sum())
+        n_ok = int((df["status"] == STATUS_OK).sum())
         if self.print_table:
             print(f"\n[lrd_exp] sweep results ({len(df)} jobs, {n_ok} ok): {csv_path}")
             print(markdown_table(df))
