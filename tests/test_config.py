@@ -525,3 +525,27 @@ def test_rank_rules_give_one_verdict_through_both_paths(cfg_factory, override):
     if cli is not None:
         with pytest.raises(ConfigError, match=re.escape(cli)):
             validate(cfg)
+
+
+@pytest.mark.parametrize("override", ["freeze=sequential", "freeze.period=0", "freeze.warmup=-1",
+                                      "freeze.per_stage=0", "freeze.final_fraction=1.5", "freeze.positions=[]",
+                                      "freeze=alternating", "freeze.phases=[]"])
+def test_freeze_rules_give_one_verdict_through_both_paths(cfg_factory, override):
+    """``run.py``'s validation and the library's ``FreezeSchedule(cfg.freeze, factors)`` run the same rules."""
+    from lrd_exp import FreezeSchedule
+    from lrd_exp.freezing.factors import collect_factors
+
+    cfg = cfg_factory([override])
+    try:
+        validate(cfg)
+        cli = None
+    except ConfigError as exc:
+        cli = str(exc)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4))
+    decompose_model(model, policy="ratio", ratio=2, skip_stem=False, skip_head=False)
+    try:
+        FreezeSchedule(cfg.freeze, collect_factors(model))
+        library = None
+    except ValueError as exc:
+        library = str(exc)
+    assert cli == library

@@ -189,6 +189,9 @@ def check_freeze(*, schedule: str, unit: str, warmup: int, period: int, per_stag
         raise ValueError(f"freeze.final_fraction={final_fraction} is not allowed: it must be in [0, 1]")
     check_choice("freeze.importance", importance, IMPORTANCES)
     _check_positions([*positions, *(p for phase in phases for p in phase)])
+    if schedule == "sequential" and not list(positions):
+        raise ValueError(f"freeze.positions={list(positions)} is not allowed with freeze.schedule=sequential: it "
+                         f"would freeze nothing; give some of {', '.join(FACTOR_POSITIONS)}")
     if not phases or not all(phases):
         raise ValueError(f"freeze.phases={phases} is not allowed: give a non-empty list of non-empty position lists")
 
