@@ -277,3 +277,27 @@ def test_grouped_conv_skipped_and_works_with_rank_config_node():
     assert "grouped/depthwise conv (not supported)" in reasons
     assert report.params_after == _count(model)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+class _Tied(nn.Module):
+    """One linear registered under two names and called twice (weight tying, a shared block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(32, 32)
+        self.again = self.shared
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.again(torch.relu(self.shared(x)))))
+
+
+def test_a_layer_registered_under_two_names_is_replaced_at_both_and_stays_shared():
+    torch.manual_seed(0)
+    model = _Tied()
+    x = torch.randn(8, 32)
+    report = decompose_model(model, policy="ratio", ratio=2, example_input=x)
+    assert [layer.name for layer in report.decomposed] == ["shared"]
+    assert isinstance(model.shared, SVDLinear) and model.again is model.shared
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert report.flops_before == 2 * 2 * 32 * 32  # both calls counted: 2 FLOPs per multiply-add, one token each

@@ -29,6 +29,8 @@ class LayerPlan:
     k2: int  # kernel area (1 for svd)
     in_shape: tuple[int, ...] | None = None  # per-sample input shape seen in the example forward
     out_shape: tuple[int, ...] | None = None
+    #: (in_shape, out_shape) of every call in the example forward: a layer called twice costs twice
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     moments: C.Moments | None = None  # input moments on the calibration inputs (fit=activations)
     fit_note: str = ""  # why a layer of an activation fit was fitted to its weights
     _spectra: dict = field(default_factory=dict, repr=False)
@@ -92,15 +94,21 @@ class LayerPlan:
         return tuple(R.energy_rank(s, energy) for s in self.energy_spectra())
 
     def forward_flops(self, ranks: tuple[int, ...] | None) -> int | None:
-        """Per-sample forward FLOPs (2 per multiply-add) of the dense layer (ranks None) or its factors."""
-        if self.in_shape is None or self.out_shape is None:
+        """Per-sample forward FLOPs (2 per multiply-add) of the dense layer (ranks None) or its factors, summed over
+        the calls of the example forward."""
+        calls = self.calls or ([(self.in_shape, self.out_shape)] if self.in_shape and self.out_shape else [])
+        if not calls:
             return None
+        return sum(self._call_flops(ranks, shape_in, shape_out) for shape_in, shape_out in calls)
+
+    def _call_flops(self, ranks: tuple[int, ...] | None, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+                    ) -> int:
         if isinstance(self.module, nn.Linear):
-            tokens = math.prod(self.in_shape) // self.n_in
+            tokens = math.prod(in_shape) // self.n_in
             per_token = self.n_in * self.n_out if ranks is None else ranks[0] * (self.n_in + self.n_out)
             return 2 * tokens * per_token
-        hw_in = math.prod(self.in_shape[1:])
-        hw_out = math.prod(self.out_shape[1:])
+        hw_in = math.prod(in_shape[1:])
+        hw_out = math.prod(out_shape[1:])
         if ranks is None:
             return 2 * hw_out * self.n_out * self.n_in * self.k2 // self.module.groups
         if self.kind == "svd":

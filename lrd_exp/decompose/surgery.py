@@ -79,7 +79,10 @@ def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Ba
     by_name = {plan.name: plan for plan in plans}
 
     def record(name: str, _module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        by_name[name].in_shape, by_name[name].out_shape = tuple(x.shape[1:]), tuple(out.shape[1:])
+        plan = by_name[name]
+        plan.calls.append((tuple(x.shape[1:]), tuple(out.shape[1:])))
+        if plan.in_shape is None:  # the first call's shapes are the ones a rank search times
+            plan.in_shape, plan.out_shape = plan.calls[0]
 
     with watch({plan.name: plan.module for plan in plans}, record):
         _forward(model, example_input, what)
@@ -310,8 +313,14 @@ def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: l
         error, missed = _forward_error(model, x)
 
 
+def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered: a layer shared under two names (tied) stays shared."""
+    for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is old]:
+        model.set_submodule(name, new)
+
+
 def _restore(model: nn.Module, originals: dict[str, nn.Module], r: LayerReport, reason: str) -> None:
-    model.set_submodule(r.name, originals[r.name])
+    _swap(model, model.get_submodule(r.name), originals[r.name])
     r.action, r.reason = "kept", reason
     r.factor_shapes, r.params_after, r.flops_after, r.rel_error = [], r.params_before, r.flops_before, 0.0
 
@@ -515,7 +524,7 @@ def _replace(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...] | None, r
     reason = reasons.get(plan.name, "")
     if plan.fit_note:
         reason = "; ".join(filter(None, [reason, plan.fit_note]))
-    model.set_submodule(plan.name, new)
+    _swap(model, plan.module, new)
     return LayerReport(
         name=plan.name, kind=plan.kind, action="decomposed", weight_shape=weight_shape,
         factor_shapes=_shapes(new), ranks=tuple(new.ranks), full_ranks=plan.full_ranks,
