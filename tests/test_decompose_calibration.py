@@ -350,7 +350,7 @@ def test_only_the_layer_read_directly_is_given_back():
 
 
 @pytest.mark.slow  # about 10 s alone: torchvision's swin_t at 224 px, one forward per give-back round
-def test_swin_keeps_only_its_attention_projections():
+def test_swin_keeps_only_its_attention_projections_shrinks_and_trains():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.swin_t(weights=None).eval()
     report = decompose_model(model, policy="quantized", ratio=2, input_size=(3, 224, 224))
@@ -360,6 +360,9 @@ def test_swin_keeps_only_its_attention_projections():
     assert all(kept[n] == "its parent reads .weight of it directly" for n in kept if "attn" in n)
     assert {n for n in decomposed if "mlp" in n} and {n for n in decomposed if n.endswith("reduction")}
     assert report.params_after < 0.7 * report.params_before
+    model.train()(torch.randn(2, 3, 224, 224)).logsumexp(1).mean().backward()
+    mlp = next(m for n, m in model.named_modules() if n.endswith("mlp.0"))
+    assert mlp.first.weight.grad is not None and mlp.first.weight.grad.abs().sum() > 0
 
 
 def test_same_and_reflect_padding_patches_match_the_conv():
