@@ -293,3 +293,62 @@ def test_torchvision_vit_b_16_shrinks_by_the_ratio_and_trains():
     nn.functional.cross_entropy(model.train()(x), torch.tensor([1, 2])).backward()
     opt.step()
     assert model.eval()(x).shape == (2, 10)
+
+
+def test_shared_attention_and_tied_encoder_layers_stay_shared():
+    """An attention used by two blocks, and one encoder layer listed twice (ALBERT), are unpacked once."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.ModuleDict({"a": layer, "b": layer}), nn.Linear(16, 2))
+    model.forward = lambda x: model[1](model[0]["b"](model[0]["a"](x)))  # noqa: E731 - two calls of one layer
+    before = sum(p.numel() for p in model.parameters())
+    report = decompose_model(model, policy="fixed", rank=4, example_input=torch.randn(2, 5, 16))
+    assert model[0]["a"] is model[0]["b"] and isinstance(model[0]["a"].self_attn.q_proj, SVDLinear)
+    assert report.params_after == sum(p.numel() for p in model.parameters()) < before
+    assert report.params_before - report.params_after == sum(
+        layer.params_before - layer.params_after for layer in report.decomposed)
+
+
+def test_a_nested_tensor_encoder_runs_masked_inference_once_unpacked():
+    """torch's encoder reads its layers' packed weights on its nested-tensor path (eval, a padding mask)."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+    model = nn.Sequential(encoder)
+    x, padding = torch.randn(2, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    decompose_model(model, policy="fixed", rank=4, skip_stem=False, skip_head=False, example_input=x)
+    assert isinstance(encoder.layers[0].self_attn.q_proj, SVDLinear)
+    assert encoder.eval()(x, src_key_padding_mask=padding).shape == (2, 5, 16)
+    dense = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2))
+    decompose_model(dense, policy="fixed", rank=16, skip_stem=False, skip_head=False, example_input=x)
+    assert dense[0].use_nested_tensor  # left dense: torch's own layers and fast path again
+
+
+def test_a_key_padding_mask_of_the_wrong_shape_is_refused_as_torch_does():
+    mha = nn.MultiheadAttention(8, 2)
+    q = torch.randn(3, 2, 8)
+    wrong = torch.zeros(3, 2, dtype=torch.bool)  # (L, N) by mistake
+    with pytest.raises((AssertionError, RuntimeError)):
+        mha(q, q, q, key_padding_mask=wrong)
+    with pytest.raises(RuntimeError, match="key_padding_mask"):
+        unpacked(mha)(q, q, q, key_padding_mask=wrong)
+
+
+def test_a_new_factorizable_attention_is_initialised_as_torch_initialises():
+    """Xavier-uniform over the packed 3E x E matrix (bound sqrt(6 / 4E)), zero biases, finite bias_k / bias_v."""
+    torch.manual_seed(0)
+    mine = FactorizableMultiheadAttention(64, 4, add_bias_kv=True)
+    packed = torch.cat([mine.q_proj.weight, mine.k_proj.weight, mine.v_proj.weight]).detach()
+    bound = (6 / (64 + 3 * 64)) ** 0.5
+    assert packed.abs().max() <= bound and packed.abs().max() > 0.9 * bound
+    assert not any(p.bias.any() for p in (mine.q_proj, mine.k_proj, mine.v_proj, mine.out_proj))
+    assert torch.isfinite(mine.bias_k).all() and 0 < mine.bias_k.std() < 1
+
+
+def test_every_projection_counts_the_flops_of_every_token():
+    """out_proj runs on torch's sequence-first layout inside; it still counts one sample's 10 tokens."""
+    torch.manual_seed(0)
+    model = TinyTransformer(dim=16, layers=1)
+    report = decompose_model(model, policy="fixed", rank=4, example_input=torch.randn(3, 10, 8))
+    flops = {layer.name.rsplit(".", 1)[-1]: layer.flops_before for layer in report.decomposed}
+    assert flops["q_proj"] == flops["out_proj"] == 2 * 10 * 16 * 16
+    assert flops["linear1"] == 2 * 10 * 16 * 32

@@ -13,6 +13,7 @@ kernel, nested tensors that return zeros at padded positions) are gone.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -70,6 +71,26 @@ class FactorizableMultiheadAttention(Unpacked):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory)) if add_bias_kv else None
         self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory)) if add_bias_kv else None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """torch's initialisation: Xavier-uniform projections (drawn as one packed matrix when q, k and v share
+        the embedding size, as torch draws them), zero biases, Xavier-normal ``bias_k`` / ``bias_v``."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        with torch.no_grad():
+            if self.kdim == self.vdim == self.embed_dim:
+                packed = nn.init.xavier_uniform_(torch.empty(3 * self.embed_dim, self.embed_dim))
+                for proj, w in zip(projections, packed.chunk(3)):
+                    proj.weight.copy_(w)
+            else:
+                for proj in projections:
+                    nn.init.xavier_uniform_(proj.weight)
+            for proj in (*projections, self.out_proj):
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            for extra in (self.bias_k, self.bias_v):
+                if extra is not None:
+                    nn.init.xavier_normal_(extra)
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> FactorizableMultiheadAttention:
@@ -126,6 +147,10 @@ class FactorizableMultiheadAttention(Unpacked):
                key_padding_mask: torch.Tensor | None, is_causal: bool, need_weights: bool
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """Float masks, ``attn_mask`` as (1 | N, 1 | heads, L, S), and the causal hint, as torch resolves them."""
+        n, length, source = query.shape[0], query.shape[1], key.shape[1]
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (n, source):
+            raise RuntimeError(f"The shape of key_padding_mask is {tuple(key_padding_mask.shape)}, but should be "
+                               f"{(n, source)} (batch, source length) or ({source},) for an unbatched input.")
         key_padding_mask = _float_mask(key_padding_mask, query.dtype)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
@@ -134,7 +159,6 @@ class FactorizableMultiheadAttention(Unpacked):
             return None, None, True  # SDPA applies the causal mask itself
         attn_mask = _float_mask(attn_mask, query.dtype)
         if attn_mask is not None:
-            n, length, source = query.shape[0], query.shape[1], key.shape[1]
             expected = (length, source) if attn_mask.dim() == 2 else (n * self.num_heads, length, source)
             if tuple(attn_mask.shape) != expected:
                 raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, "
@@ -158,7 +182,8 @@ class FactorizableMultiheadAttention(Unpacked):
                 key_padding_mask: torch.Tensor | None, is_causal: bool, need_weights: bool
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, heads, L, head_dim) attention output, and the per-head weights when asked for."""
-        for _ in range((self.bias_k is not None) + self.add_zero_attn):  # the extra keys are always attended
+        extra_keys = int(self.bias_k is not None) + int(self.add_zero_attn)  # always attended
+        for _ in range(extra_keys):
             attn_mask, key_padding_mask = _pad_key(attn_mask), _pad_key(key_padding_mask)
         if key_padding_mask is not None:
             kpm = key_padding_mask.view(k.shape[0], 1, 1, k.shape[2])
@@ -177,6 +202,8 @@ class _TransformerLayer(Unpacked):
     """Shared by the encoder and decoder layers: the original's norms, dropouts and feed-forward, taken over."""
 
     def _take(self, layer: nn.Module, names: tuple[str, ...]) -> None:
+        """Share the original's children (no copy): putting the original back then undoes nothing but the swap,
+        and a child factorized here is replaced in this module only."""
         for name in ("self_attn", "multihead_attn"):  # torch's order: attention first
             attn = getattr(layer, name, None)
             if attn is not None:
@@ -241,24 +268,24 @@ class FactorizableDecoderLayer(_TransformerLayer):
                 memory_is_causal: bool = False) -> torch.Tensor:
         x = tgt
         if self.norm_first:
-            x = x + self._attend(self.self_attn, self.norm1(x), x_kv=None, mask=tgt_mask,
-                                 padding=tgt_key_padding_mask, is_causal=tgt_is_causal, drop=self.dropout1)
-            x = x + self._attend(self.multihead_attn, self.norm2(x), x_kv=memory, mask=memory_mask,
-                                 padding=memory_key_padding_mask, is_causal=memory_is_causal, drop=self.dropout2)
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
             return x + self._ff_block(self.norm3(x))
-        x = self.norm1(x + self._attend(self.self_attn, x, x_kv=None, mask=tgt_mask, padding=tgt_key_padding_mask,
-                                        is_causal=tgt_is_causal, drop=self.dropout1))
-        x = self.norm2(x + self._attend(self.multihead_attn, x, x_kv=memory, mask=memory_mask,
-                                        padding=memory_key_padding_mask, is_causal=memory_is_causal,
-                                        drop=self.dropout2))
+        x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+        x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
         return self.norm3(x + self._ff_block(x))
 
-    @staticmethod
-    def _attend(attn: nn.Module, x: torch.Tensor, *, x_kv: torch.Tensor | None, mask: torch.Tensor | None,
-                padding: torch.Tensor | None, is_causal: bool, drop: nn.Module) -> torch.Tensor:
-        kv = x if x_kv is None else x_kv
-        return drop(attn(x, kv, kv, attn_mask=mask, key_padding_mask=padding, is_causal=is_causal,
-                         need_weights=False)[0])
+    def _sa_block(self, x: torch.Tensor, mask: torch.Tensor | None, padding: torch.Tensor | None,
+                  is_causal: bool) -> torch.Tensor:
+        out = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, is_causal=is_causal,
+                             need_weights=False)[0]
+        return self.dropout1(out)
+
+    def _mha_block(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None,
+                   padding: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        out = self.multihead_attn(x, memory, memory, attn_mask=mask, key_padding_mask=padding, is_causal=is_causal,
+                                  need_weights=False)[0]
+        return self.dropout2(out)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
@@ -268,6 +295,16 @@ class FactorizableDecoderLayer(_TransformerLayer):
 UNPACKED: dict[type[nn.Module], type[Unpacked]] = {
     cls.replaces: cls for cls in (FactorizableMultiheadAttention, FactorizableEncoderLayer, FactorizableDecoderLayer)
 }
+#: torch's layers that read some children's weights themselves, and which (a layer that stays packed, e.g. a
+#: subclass, keeps those children dense): F.multi_head_attention_forward takes out_proj.weight, and the encoder /
+#: decoder layers' inference fast path hands linear1/linear2.weight to a fused kernel
+WEIGHT_READERS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),
+    nn.TransformerDecoderLayer: ("linear1", "linear2"),
+}
+# an nn.TransformerEncoder's nested-tensor path reads its layers' packed weights: off while they are unpacked
+_NESTED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def unpacked(module: nn.Module) -> nn.Module:
@@ -276,9 +313,15 @@ def unpacked(module: nn.Module) -> nn.Module:
     return cls.from_torch(module) if cls is not None else module
 
 
+def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered in ``model``: a module shared under two names stays shared."""
+    for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]:
+        model.set_submodule(name, new)
+
+
 def packed_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of the outermost torch attention / transformer layers inside ``model`` that unpack (not
-    ``model`` itself: in-place surgery cannot replace the root; use :func:`unpacked` for that)."""
+    """(name, module) of the outermost torch attention / transformer layers inside ``model`` that unpack, each
+    once (not ``model`` itself: in-place surgery cannot replace the root; use :func:`unpacked` for that)."""
     inside: list[str] = []
     for name, m in model.named_modules():
         if name and type(m) in UNPACKED and not any(name.startswith(p + ".") for p in inside):
@@ -287,11 +330,16 @@ def packed_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def unpack_attention(model: nn.Module) -> dict[str, nn.Module]:
-    """Swap, in place, every torch attention / transformer layer of ``model`` for its equivalent; returns
-    name -> the original, to put back (:func:`repack`) where nothing inside gets factorized."""
+    """Swap, in place, every torch attention / transformer layer of ``model`` for its equivalent (at every name it
+    is registered under); returns name -> the original, to put back (:func:`repack`) where nothing inside gets
+    factorized."""
     originals = dict(packed_layers(model))
-    for name, original in originals.items():
-        model.set_submodule(name, unpacked(original))
+    for original in originals.values():
+        swap_module(model, original, unpacked(original))
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and any(isinstance(m, Unpacked) for m in encoder.layers):
+            _NESTED.setdefault(encoder, encoder.use_nested_tensor)
+            encoder.use_nested_tensor = False
     return originals
 
 
@@ -300,14 +348,18 @@ def repack(model: nn.Module, originals: dict[str, nn.Module], *, keep: type[nn.M
     None), so a model left dense keeps torch's fast paths; returns the names put back."""
     back = []
     for name, original in originals.items():
-        if keep is None or not any(isinstance(m, keep) for m in model.get_submodule(name).modules()):
-            model.set_submodule(name, original)
+        current = model.get_submodule(name)
+        if keep is None or not any(isinstance(m, keep) for m in current.modules()):
+            swap_module(model, current, original)
             back.append(name)
+    for encoder in model.modules():
+        if encoder in _NESTED and not any(isinstance(m, Unpacked) for m in encoder.layers):
+            encoder.use_nested_tensor = _NESTED.pop(encoder)
     return back
 
 
 def projection_names(model: nn.Module) -> list[str]:
-    """The names the query/key/value projections of torch's packed attentions get once unpacked."""
-    return [f"{name}.{p}" if name else p for name, m in model.named_modules()
-            if type(m) is nn.MultiheadAttention for p in ("q_proj", "k_proj", "v_proj")]
-
+    """The names the query/key/value projections of torch's packed attentions get once unpacked (the model's
+    own root is never unpacked)."""
+    return [f"{name}.{p}" for name, m in model.named_modules()
+            if name and type(m) is nn.MultiheadAttention for p in ("q_proj", "k_proj", "v_proj")]

@@ -19,7 +19,14 @@ from lrd_exp.config.values import check_rank_keys, enum_value
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
-from lrd_exp.decompose.attention import Unpacked, projection_names, repack, unpack_attention
+from lrd_exp.decompose.attention import (
+    WEIGHT_READERS,
+    Unpacked,
+    projection_names,
+    repack,
+    swap_module,
+    unpack_attention,
+)
 from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
@@ -77,10 +84,17 @@ def _forward(model: nn.Module, batch: C.Batch, what: str = "the example input") 
 def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Batch,
                    what: str = "the example input") -> None:
     by_name = {plan.name: plan for plan in plans}
+    batch = C.batch_size_of(example_input)
+
+    def per_sample(t: torch.Tensor) -> tuple[int, ...]:
+        """The shape one sample sees; a sequence-first (L, N, E) input becomes (L, E)."""
+        if t.dim() < 2 or t.shape[0] == batch:
+            return tuple(t.shape[1:])
+        return (t.numel() // (batch * t.shape[-1]), t.shape[-1])
 
     def record(name: str, _module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         plan = by_name[name]
-        plan.calls.append((tuple(x.shape[1:]), tuple(out.shape[1:])))
+        plan.calls.append((per_sample(x), per_sample(out)))
         if plan.in_shape is None:  # the first call's shapes are the ones a rank search times
             plan.in_shape, plan.out_shape = plan.calls[0]
 
@@ -98,13 +112,9 @@ def patterns(value: str | Iterable[str] | None) -> list[str]:
 def weights_read_directly(model: nn.Module) -> dict[str, str]:
     """Layers whose parent reads ``.weight`` itself instead of calling them: a factorized layer there would break
     the parent's forward, so they stay dense (name -> reason)."""
-    readers = {nn.MultiheadAttention: ("out_proj",),  # F.multi_head_attention_forward takes out_proj.weight
-               # their inference fast path hands linear1/linear2.weight to a fused kernel
-               nn.TransformerEncoderLayer: ("linear1", "linear2"),
-               nn.TransformerDecoderLayer: ("linear1", "linear2")}
     out = {}
     for name, m in model.named_modules():
-        for cls, children in readers.items():
+        for cls, children in WEIGHT_READERS.items():
             if isinstance(m, cls):
                 for child in children:
                     if isinstance(getattr(m, child, None), nn.Linear):
@@ -280,7 +290,7 @@ def _keep_unpacked_runnable(model: nn.Module, packed: dict[str, nn.Module], x: C
     """Put back the torch attention layers whose parents read an attribute of them that the equivalent lacks (a
     subclassed encoder layer's fast path reads ``self_attn.in_proj_weight``); their linears then stay as they are."""
     while packed:  # one forward stops at the first such parent
-        error, missed = _forward_error(model, x, Unpacked, None)
+        error, missed = _forward_error(model, x, Unpacked, names=None)
         if error is None or not missed:
             return  # runs, or fails for a reason of its own that the shape recording will report
         culprits = {name: attr for name in packed for m in model.get_submodule(name).modules()
@@ -289,7 +299,7 @@ def _keep_unpacked_runnable(model: nn.Module, packed: dict[str, nn.Module], x: C
             return
         for name, attr in culprits.items():
             log.info("%s stays torch's %s: its parent reads .%s of it", name, type(packed[name]).__name__, attr)
-            model.set_submodule(name, packed.pop(name))
+            swap_module(model, model.get_submodule(name), packed.pop(name))
 
 
 def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: list[LayerReport],
@@ -313,14 +323,8 @@ def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: l
         error, missed = _forward_error(model, x)
 
 
-def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is registered: a layer shared under two names (tied) stays shared."""
-    for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is old]:
-        model.set_submodule(name, new)
-
-
 def _restore(model: nn.Module, originals: dict[str, nn.Module], r: LayerReport, reason: str) -> None:
-    _swap(model, model.get_submodule(r.name), originals[r.name])
+    swap_module(model, model.get_submodule(r.name), originals[r.name])
     r.action, r.reason = "kept", reason
     r.factor_shapes, r.params_after, r.flops_after, r.rel_error = [], r.params_before, r.flops_before, 0.0
 
@@ -374,7 +378,9 @@ def decompose_model(
     except BaseException:
         repack(model, packed)
         raise
-    repack(model, packed, keep=FactorizedLayer)  # those left dense keep torch's fused inference paths
+    if repack(model, packed, keep=FactorizedLayer):  # those left dense keep torch's fused inference paths
+        existing = {name for name, _ in model.named_modules()}  # their q/k/v projections are gone again
+        report.layers = [layer for layer in report.layers if layer.name in existing]
     report.params_before, report.params_after = params_before, _count(model)
     report.decompose_s = time.perf_counter() - started
     if settings["policy"] != "none" and not report.decomposed:
@@ -524,7 +530,7 @@ def _replace(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...] | None, r
     reason = reasons.get(plan.name, "")
     if plan.fit_note:
         reason = "; ".join(filter(None, [reason, plan.fit_note]))
-    _swap(model, plan.module, new)
+    swap_module(model, plan.module, new)
     return LayerReport(
         name=plan.name, kind=plan.kind, action="decomposed", weight_shape=weight_shape,
         factor_shapes=_shapes(new), ranks=tuple(new.ranks), full_ranks=plan.full_ranks,

@@ -125,6 +125,9 @@ def apply_structure(model: nn.Module, layers: list[dict[str, Any]], *, source: s
             layer = None
         if type(layer).__name__ == kind and isinstance(layer, Unpacked):
             continue  # unpacked with the layer around it
+        if not name:
+            raise ModelFileError(f"{source} holds a model whose root is a {kind}: loading in place cannot replace "
+                                 "the root; save and load a module that contains it")
         if not isinstance(layer, replaced) or (kind == "SVDConv1x1" and layer.kernel_size != (1, 1)):
             found = "no such layer" if layer is None else type(layer).__name__
             raise ModelFileError(f"{source} does not fit this model: layer {name!r} is {found}, the file holds a "
