@@ -2,7 +2,7 @@
 # Regenerates everything under results/ that this CPU can produce (about 2 hours on 2 cores, half of it the compression sweep).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
 #   bash experiments/reproduce_cpu.sh [step ...]
-#   steps: paper vit convergence freeze_order compression calibration distill calibration_time bench resnet50 advise
+#   steps: paper vit convergence freeze_order compression calibration distill calibration_time attention bench resnet50 advise
 #          advise_proxy advise_proxy_calibrated fidelity figures
 # (bench: three default benchmark invocations + 60 s of timing_studies/machine_drift.py)
 set -euo pipefail
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
 mkdir -p "$RUNS"  # a step run on its own (tee writes its log there) on a fresh clone
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression calibration distill calibration_time bench resnet50 advise advise_proxy advise_proxy_calibrated fidelity figures)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression calibration distill calibration_time attention bench resnet50 advise advise_proxy advise_proxy_calibrated fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 TIMING=(device.malloc=tuned)  # careful timing on a noisy host (docs/measurement.md): the allocator keeps its buffers
 
@@ -69,6 +69,8 @@ for step in "${steps[@]}"; do
       provenance "$dest" "OMP_NUM_THREADS=1 $PY run.py experiment=$name hydra.sweeper.params.arch={resnet18|vit_tiny_digits} paths.cache_dir=$RUNS/calibration_cache (the two in parallel)"
       echo "- threads: 1 per half (OMP_NUM_THREADS=1), the two halves side by side, one per core" >> "$dest/PROVENANCE.md"
       $PY -c "import sys; from lrd_exp.results import collect_rows, write_tables; write_tables(collect_rows(sys.argv[1]), sys.argv[2])" "$RUNS/$name" "$dest" ;;
+    attention)  # torch's own TransformerEncoder on digits: top-1 before fine-tuning, weight vs activation fit
+      $PY experiments/attention_fit_check.py --out results/attention_digits/fit_check.md ;;
     calibration_time)  # resnet50 at 224 px, 256 images: calibrated decomposition time against the weight fit
       $PY experiments/calibration_time.py --model resnet50 --image-size 224 --images 256 --out results/calibration_cpu ;;
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
