@@ -199,7 +199,8 @@ class FactorizableMultiheadAttention(Unpacked):
 
 
 class _TransformerLayer(Unpacked):
-    """Shared by the encoder and decoder layers: the original's norms, dropouts and feed-forward, taken over."""
+    """Shared by the encoder and decoder layers: the original's children taken over, self-attention and the
+    feed-forward block."""
 
     def _take(self, layer: nn.Module, names: tuple[str, ...]) -> None:
         """Share the original's children (no copy): putting the original back then undoes nothing but the swap,
@@ -213,6 +214,16 @@ class _TransformerLayer(Unpacked):
         self.norm_first = layer.norm_first
         self.activation = layer.activation
         self.train(layer.training)
+
+    @classmethod
+    def from_torch(cls, layer: nn.Module) -> _TransformerLayer:
+        return cls(layer)
+
+    def _sa_block(self, x: torch.Tensor, mask: torch.Tensor | None, padding: torch.Tensor | None,
+                  is_causal: bool) -> torch.Tensor:
+        out = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False,
+                             is_causal=is_causal)[0]
+        return self.dropout1(out)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
@@ -228,10 +239,6 @@ class FactorizableEncoderLayer(_TransformerLayer):
         super().__init__()
         self._take(layer, ("linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"))
 
-    @classmethod
-    def from_torch(cls, layer: nn.TransformerEncoderLayer) -> FactorizableEncoderLayer:
-        return cls(layer)
-
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         x = src
@@ -240,12 +247,6 @@ class FactorizableEncoderLayer(_TransformerLayer):
             return x + self._ff_block(self.norm2(x))
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
         return self.norm2(x + self._ff_block(x))
-
-    def _sa_block(self, x: torch.Tensor, mask: torch.Tensor | None, padding: torch.Tensor | None,
-                  is_causal: bool) -> torch.Tensor:
-        out = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False,
-                             is_causal=is_causal)[0]
-        return self.dropout1(out)
 
 
 class FactorizableDecoderLayer(_TransformerLayer):
@@ -257,10 +258,6 @@ class FactorizableDecoderLayer(_TransformerLayer):
         super().__init__()
         self._take(layer, ("linear1", "dropout", "linear2", "norm1", "norm2", "norm3", "dropout1", "dropout2",
                            "dropout3"))
-
-    @classmethod
-    def from_torch(cls, layer: nn.TransformerDecoderLayer) -> FactorizableDecoderLayer:
-        return cls(layer)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
@@ -274,12 +271,6 @@ class FactorizableDecoderLayer(_TransformerLayer):
         x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
         x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
         return self.norm3(x + self._ff_block(x))
-
-    def _sa_block(self, x: torch.Tensor, mask: torch.Tensor | None, padding: torch.Tensor | None,
-                  is_causal: bool) -> torch.Tensor:
-        out = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, is_causal=is_causal,
-                             need_weights=False)[0]
-        return self.dropout1(out)
 
     def _mha_block(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None,
                    padding: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
