@@ -43,6 +43,8 @@ def _env():
     (["trainer.finetune_optim.lr=0"], ["trainer.finetune_optim.lr", "0", "> 0"]),
     (["rank.calibration_images=0"], ["rank.calibration_images", "0", ">= 1"]),
     (["rank.calibration_images=1438"], ["rank.calibration_images", "1438", "1437 images"]),
+    (["rank.check_images=-5"], ["rank.check_images", "-5", ">= 0"]),
+    (["rank.min_agreement=2"], ["rank.min_agreement", "2", "[0, 1]"]),
 ])
 def test_bad_input_one_line_no_files(tmp_path, capsys, overrides, needles):
     if "device=cuda" in overrides and torch.cuda.is_available():

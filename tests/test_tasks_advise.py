@@ -143,6 +143,27 @@ def test_a_labelled_dataset_gives_top1_before_fine_tuning(cfg_factory, single_th
     # 64 images: every top-1 is a multiple of 100/64 points
     assert all(math.isclose(v * 64 / 100, round(v * 64 / 100), abs_tol=1e-6) for v in table["top1_pre"])
     assert "first 64 validation images" in open(f"{cfg.paths.output_dir}/advice.md").read()
+    # the training job's end-to-end check, on held-out training images: the original agrees with itself
+    assert table["agreement"].iloc[0] == 1.0 and table["agreement"].iloc[1:].between(0, 1).all()
+    assert (table["check_kl"].iloc[1:] >= 0).all() and (table["check_error"].iloc[1:] > 0).all()
+
+
+def test_a_grid_where_every_configuration_collapses_says_so_and_recommends_none(cfg_factory):
+    from lrd_exp.tasks.advice_report import advice_table, collapse_note
+
+    cfg = cfg_factory(["task=advise", "advise.grid.rank.ratio=[2,8]", "advise.grid.rank.policy=[quantized]",
+                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]"])
+    rows = [{"rank.ratio": r, "rank.policy": "quantized", "rank.multiple": 8, "freeze.schedule": "none",
+             "configuration": f"ratio={r}", "train_speedup": s, "approx_error": e, "agreement": a, "status": "ok"}
+            for r, s, e, a in ((2, 1.5, 0.2, 0.3), (8, 2.5, 0.5, 0.1))]
+    table = advice_table(cfg, rows, {}, None)
+    assert not table["recommended"].any()  # both are faster, on the frontier, and destroyed
+    note = collapse_note(cfg, table)
+    assert "No configuration in this grid stays within the end-to-end check" in note and "30.0%" in note
+    rows[0]["agreement"] = 0.8
+    table = advice_table(cfg, rows, {}, None)
+    assert collapse_note(cfg, table) is None
+    assert table.loc[table["recommended"], "configuration"].tolist() == ["ratio=2"]
 
 
 # ------------------------------------------------------------------------------------------- the frontier

@@ -98,7 +98,8 @@ def test_cli_numbers_agree_with_independent_counts(cli_runs):
 def test_cli_prints_the_summary_table(cli_runs):
     out = cli_runs["first"].stdout
     assert "LRD result (model=resnet18" in out
-    for label in ("params", "forward FLOPs / image", "top-1 % (after fine-tune)", "train images/s", "status: ok"):
+    for label in ("params", "forward FLOPs / image", "top-1 % (after fine-tune)", "train images/s", "status: ok",
+                  "right after decomposing, against the original on 256 held-out training images: top-1 agreement"):
         assert label in out, label
     assert f"result row: {cli_runs['dir1'] / 'result.json'}" in out
 
@@ -191,6 +192,11 @@ def test_pipeline_run_in_process(cfg_factory, tmp_path):
     assert row["fit"] == "activations" and row["calibration_images"] == 256
     assert 0 < row["calibration_s"] <= row["decompose_s"]
     assert "output_error" in (out / "decomposition.txt").read_text()
+    # the end-to-end check: 256 further training images (not the calibration ones), no labels
+    assert row["check_images"] == 256 and row["check_held_out"] is True
+    assert 0 <= row["check_agreement"] <= 1 and row["check_kl"] >= 0 and row["check_rel_error"] >= 0
+    assert row["bn_recalibration"] in ("kept", "rejected")
+    assert "against the original: agreement" in (out / "decomposition.txt").read_text()
     assert row["baseline_cache_hit"] is False
     assert row["channels_last"] is False
     from lrd_exp.devices.allocator import malloc_mode

@@ -496,3 +496,16 @@ def test_calibration_images_come_from_the_training_split_seeded():
     assert torch.equal(torch.cat(again.calibration_batches(100, 32)), torch.cat(batches))
     with pytest.raises(ValueError, match=r"rank\.calibration_images=5000"):
         dm.calibration_batches(5000)
+
+
+def test_check_images_are_further_training_images_never_calibration_or_validation():
+    dm = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=3)
+    calibration = torch.cat(dm.calibration_batches(100, 32))
+    held = dm.held_out_batches(50, skip=100, batch_size=32)
+    assert [len(b) for b in held] == [32, 18]
+    order = torch.randperm(len(dm.train_dataset), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat(held), dm.train_dataset.tensors[0][order[100:150].sort().values])
+    assert not (torch.cdist(torch.cat(held).flatten(1), calibration.flatten(1)) == 0).any()
+    assert not set(order[100:150].tolist()) & set(dm.calibration_indices.tolist())
+    assert sum(len(b) for b in dm.held_out_batches(500, skip=len(dm.train_dataset) - 20)) == 20  # what is left
+    assert dm.held_out_batches(10, skip=len(dm.train_dataset)) == []

@@ -101,6 +101,8 @@ class RankConfig:
     calibration_images: int = 256  # training images the activations are fitted on (and BatchNorm re-estimated)
     calibrate: Calibrate = Calibrate.independent  # fit=activations: independent | sequential
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration images after decomposing
+    check_images: int = 256  # held-out training images the decomposed model is checked on against the original; 0: off
+    min_agreement: float = 0.5  # warn when fewer predictions than this stay unchanged (the model is destroyed)
 
 
 @dataclass

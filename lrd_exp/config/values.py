@@ -138,9 +138,20 @@ def check_fit(fit: str, calibrate: str, calibration_images: int) -> tuple[str, s
     return fit, calibrate, calibration_images
 
 
+def check_end_to_end(check_images: Any, min_agreement: Any) -> tuple[int, float]:
+    """``rank.check_images`` (held-out samples of the end-to-end check; 0: off) and ``rank.min_agreement`` (the share
+    of unchanged predictions below which a decomposition warns): one ValueError naming the key."""
+    if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 0:
+        raise ValueError(f"rank.check_images={check_images!r} is not allowed: a number of images >= 0 (0: no check)")
+    if not _is_number(min_agreement) or not 0 <= min_agreement <= 1:
+        raise ValueError(f"rank.min_agreement={min_agreement!r} is not allowed: a fraction in [0, 1]")
+    return check_images, float(min_agreement)
+
+
 def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, rounding: Any, base: Any, rank: Any,
                     window: Any, step: Any, objective: Any, tolerance: Any, budget: Any, fit: Any,
-                    calibrate: Any, calibration_images: Any, **_: Any) -> dict[str, Any]:
+                    calibrate: Any, calibration_images: Any, check_images: Any = 256, min_agreement: Any = 0.5,
+                    **_: Any) -> dict[str, Any]:
     """The ``rank`` node's rules, one ValueError naming the key: what ``run.py`` and ``decompose_model`` both run.
 
     Every numeric key is checked whatever the policy (a bad value is a typo, used or not). Returns the checked
@@ -156,10 +167,11 @@ def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, roun
         check_fixed_rank(rank)
     window, step, tolerance = check_window(window), check_step(step), check_tolerance(tolerance)
     fit, calibrate, calibration_images = check_fit(fit, calibrate, calibration_images)
+    check_images, min_agreement = check_end_to_end(check_images, min_agreement)
     return {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
             "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
             "tolerance": tolerance, "budget": budget, "fit": fit, "calibrate": calibrate,
-            "calibration_images": calibration_images}
+            "calibration_images": calibration_images, "check_images": check_images, "min_agreement": min_agreement}
 
 
 def check_fixed_rank(rank: Any) -> None:

@@ -300,6 +300,19 @@ def collect_paired(original: nn.Module, current: nn.Module, name: str, batches: 
 
 
 # ---------------------------------------------------------------------------------------------------- BatchNorm
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether the model has a BatchNorm that keeps running statistics (what :func:`recalibrate_bn` changes)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every BatchNorm's running statistics by state-dict key: ``model.load_state_dict(state,
+    strict=False)`` puts them back."""
+    return {f"{name}.{key}" if name else key: value.clone()
+            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for key, value in m.state_dict().items() if "running" in key or "tracked" in key}
+
+
 def recalibrate_bn(model: nn.Module, batches: torch.Tensor | Iterable[Batch]) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (EagleEye): the statistics are reset and
     recomputed as the plain average over the batches (momentum None) in train mode, with every other module in eval

@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from lrd_exp.decompose.check import OutputCheck
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -41,6 +43,12 @@ class DecompositionReport:
     calibration_images: int = 0  # samples the activations were fitted on (and BatchNorm re-estimated)
     calibration_s: float = 0.0  # forward passes and moments on them, and the BatchNorm re-estimation
     decompose_s: float = 0.0  # the whole decomposition, calibration included
+    check: OutputCheck | None = None  # the end-to-end check against the original (None: no inputs, or off)
+    # BatchNorm re-estimation: kept (the check says it helped) | rejected (it hurt: the old statistics stay) |
+    # unchecked (no check inputs) | off (not asked, or no calibration inputs) | no BatchNorm
+    bn_recalibration: str = "off"
+    bn_damage: tuple[float, float] | None = None  # the check's damage without and with re-estimation
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. a collapsed model
 
     @property
     def error_column(self) -> str:
@@ -115,6 +123,9 @@ class DecompositionReport:
             "calibration_images": self.calibration_images,
             "calibration_s": self.calibration_s,
             "decompose_s": self.decompose_s,
+            "check": self.check.to_dict() if self.check is not None else None,
+            "bn_recalibration": self.bn_recalibration,
+            "warnings": list(self.warnings),
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -131,7 +142,17 @@ class DecompositionReport:
         fit = (f"; fitted to the outputs of {self.calibration_images} calibration samples ({self.calibration_s:.1f} s)"
                if self.fit == "activations" else "")
         return (f"policy={self.policy}: {n_dec}/{len(self.layers)} candidate layers decomposed; "
-                f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.2f}x){part}{flops}{fit}")
+                f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.2f}x){part}{flops}{fit}"
+                f"{self.check_line()}")
+
+    def check_line(self) -> str:
+        """``; against the original: agreement ..., BatchNorm re-estimation kept`` (empty without a check)."""
+        if self.check is None:
+            return ""
+        bn = {"kept": "; BatchNorm re-estimated (it helped)",
+              "rejected": "; BatchNorm re-estimation rejected (it hurt: the original statistics kept)",
+              "unchecked": "; BatchNorm re-estimated"}.get(self.bn_recalibration, "")
+        return f"; against the original: {self.check.describe()}{bn}"
 
     def table(self, max_rows: int | None = 60) -> str:
         df = self.to_frame()
@@ -144,7 +165,7 @@ class DecompositionReport:
         df = df.rename(columns={"rel_error": self.error_column})
         if max_rows is not None and len(df) > max_rows:
             df = df.iloc[list(range(max_rows // 2)) + list(range(len(df) - max_rows // 2, len(df)))]
-        return df.to_string(index=False) + "\n" + self.summary()
+        return "\n".join([df.to_string(index=False), self.summary(), *(f"WARNING: {w}" for w in self.warnings)])
 
     def __str__(self) -> str:
         return self.table()

@@ -28,6 +28,7 @@ from lrd_exp.decompose.attention import (
     unpack_attention,
 )
 from lrd_exp.decompose.capture import watch
+from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_warning
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
@@ -342,8 +343,9 @@ def decompose_model(
     rounding: str = "nearest", base: str = "ratio", rank: Any = None, window: float = 0.25, step: int = 8,
     objective: str = "train", tolerance: float = 0.03, budget: str = "model", include: Iterable[str] = (),
     exclude: Iterable[str] = (), skip_stem: bool = True, skip_head: bool = True, fit: str = "auto",
-    calibration_images: int = 256, calibrate: str = "independent", recalibrate_bn: bool = True, *,
-    calibration: torch.Tensor | Iterable[Any] | None = None, example_input: Any = None,
+    calibration_images: int = 256, calibrate: str = "independent", recalibrate_bn: bool = True,
+    check_images: int = 256, min_agreement: float = 0.5, *, calibration: torch.Tensor | Iterable[Any] | None = None,
+    evaluation: torch.Tensor | Iterable[Any] | None = None, example_input: Any = None,
     input_size: tuple[int, ...] | None = None, rank_search: Mapping[str, Any] | None = None, seed: int = 0,
 ) -> DecompositionReport:
     """Decompose ``model`` in place and report what changed.
@@ -356,6 +358,11 @@ def decompose_model(
     sample) gives the activation shapes for FLOP counts; ``rank_search`` holds the measuring context of
     ``policy="optimized"`` (batch size, device, precision, cache dir; see
     :func:`lrd_exp.decompose.search.choose_ranks`). ``seed`` picks the subsampled calibration positions.
+
+    The end-to-end check (``report.check``) compares the decomposed model with the original on the first
+    ``check_images`` samples of ``evaluation`` (batches the fit did not use; without them, the calibration batches,
+    and the report says so): relative output error, top-1 agreement and KL. BatchNorm re-estimation is kept only
+    where it lowers that damage (``report.bn_recalibration``); an agreement below ``min_agreement`` warns.
     """
     started = time.perf_counter()
     settings = check_settings(policy=policy, ratio=ratio, energy=energy, multiple=multiple, rounding=rounding,
@@ -363,8 +370,10 @@ def decompose_model(
                               tolerance=tolerance, budget=budget, include=include, exclude=exclude,
                               skip_stem=skip_stem, skip_head=skip_head, fit=fit,
                               calibration_images=calibration_images, calibrate=calibrate,
-                              recalibrate_bn=recalibrate_bn, calibration=calibration)
+                              recalibrate_bn=recalibrate_bn, check_images=check_images,
+                              min_agreement=min_agreement, calibration=calibration)
     batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
+    reference = _reference(model, settings, evaluation, batches, seed)
     check_selection(model, include=settings["include"], exclude=settings["exclude"],
                     rank=settings["rank"] if settings["policy"] == "fixed" else None)
     params_before = _count(model)
@@ -381,6 +390,8 @@ def decompose_model(
     if repack(model, packed, keep=FactorizedLayer):  # those left dense keep torch's fused inference paths
         existing = {name for name, _ in model.named_modules()}  # their q/k/v projections are gone again
         report.layers = [layer for layer in report.layers if layer.name in existing]
+    if report.decomposed:
+        report.calibration_s += _recalibrate_and_check(model, report, settings, batches, reference)
     report.params_before, report.params_after = params_before, _count(model)
     report.decompose_s = time.perf_counter() - started
     if settings["policy"] != "none" and not report.decomposed:
@@ -414,10 +425,6 @@ def _decompose(model: nn.Module, settings: dict[str, Any], batches: list[Any], e
 
     if example is not None and any(r.action == "decomposed" for r in reports):
         _keep_runnable(model, {p.name: p.module for p in plans}, reports, example)
-    if settings["recalibrate_bn"] and batches and policy != "none" and any(r.action == "decomposed" for r in reports):
-        t0 = time.perf_counter()
-        settings["bn_recalibrated"] = C.recalibrate_bn(model, batches)
-        calibration_s += time.perf_counter() - t0
     report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=0, params_after=0,
                                  settings=settings, fit=fit,
                                  calibration_images=sum(C.batch_size_of(b) for b in batches),
@@ -466,8 +473,52 @@ def check_settings(*, include: Any, exclude: Any, skip_stem: bool, skip_head: bo
                                               "window", "step", "objective", "tolerance", "budget")}
     settings.update(include=patterns(_plain(include)), exclude=patterns(_plain(exclude)), skip_stem=skip_stem,
                     skip_head=skip_head, fit=fit, calibration_images=checked["calibration_images"],
-                    calibrate=checked["calibrate"], recalibrate_bn=bool(recalibrate_bn))
+                    calibrate=checked["calibrate"], recalibrate_bn=bool(recalibrate_bn),
+                    check_images=checked["check_images"], min_agreement=checked["min_agreement"])
     return settings
+
+
+def _reference(model: nn.Module, settings: dict[str, Any], evaluation: Any, batches: list[Any],
+               seed: int) -> Reference | None:
+    """The original's outputs on the check's inputs (``evaluation``, else the calibration batches), recorded before
+    the surgery; None when the check is off (``check_images=0``, policy none) or there are no inputs."""
+    if settings["policy"] == "none" or not settings["check_images"] or (evaluation is None and not batches):
+        return None
+    held_out = evaluation is not None
+    inputs = C.calibration_batches(evaluation if held_out else batches, settings["check_images"])
+    return Reference(model, inputs, held_out=held_out, seed=seed)
+
+
+def _recalibrate_and_check(model: nn.Module, report: DecompositionReport, settings: dict[str, Any],
+                           batches: list[Any], reference: Reference | None) -> float:
+    """BatchNorm re-estimated on the calibration batches and kept only where the end-to-end check says it helped;
+    then the check itself (``report.check``), and a one-line warning when the model collapsed. Returns the seconds
+    spent re-estimating."""
+    seconds, before = 0.0, None
+    wants_bn = settings["recalibrate_bn"] and bool(batches)
+    if wants_bn and not C.has_batchnorm(model):
+        report.bn_recalibration = "no BatchNorm"
+    elif wants_bn:
+        before = reference.compare(model) if reference is not None else None
+        saved = C.batchnorm_state(model)
+        t0 = time.perf_counter()
+        C.recalibrate_bn(model, batches)
+        seconds = time.perf_counter() - t0
+        report.bn_recalibration = "unchecked"
+    if reference is not None:
+        report.check = reference.compare(model)
+        if before is not None:
+            report.bn_damage = (before.damage, report.check.damage)
+            if report.check.damage > before.damage:  # re-estimation made it worse here: the old statistics stay
+                model.load_state_dict(saved, strict=False)
+                report.check, report.bn_recalibration = before, "rejected"
+            else:
+                report.bn_recalibration = "kept"
+        message = collapse_warning(report.check, report.decomposed, settings["min_agreement"])
+        if message:
+            report.warnings.append(message)
+            warnings.warn(f"decompose_model: {message}", DecompositionWarning, stacklevel=3)
+    return seconds
 
 
 def _example(model: nn.Module, example_input: Any, input_size: tuple[int, ...] | None,

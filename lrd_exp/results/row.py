@@ -105,6 +105,14 @@ QUALITY_COLUMNS: list[str] = [
     "calibration_images",  # training images the activation fit used
     "calibration_s",  # seconds collecting the calibration activations (part of decompose_s)
     "distill_alpha",  # weight of the knowledge-distillation term in fine-tuning; null: no distillation
+    # the end-to-end check right after decomposing: the decomposed model against the original, no labels
+    "check_images",  # samples compared (further training images, not the calibration ones)
+    "check_held_out",  # false: no held-out inputs, the calibration images were reused
+    "check_agreement",  # share of predictions unchanged (top-1 agreement), 0-1
+    "check_kl",  # mean KL(original || decomposed) of the predicted distributions, nats
+    "check_rel_error",  # ||f'(x) - f(x)|| / ||f(x)|| of the outputs
+    "bn_recalibration",  # kept | rejected (re-estimation hurt on the check) | unchecked | off | no BatchNorm
+    "decomposition_warning",  # the collapse warning (agreement below rank.min_agreement), else null
 ]
 TARGET_COLUMNS: list[str] = [
     "decompose_s",  # the whole decomposition, calibration included

@@ -62,6 +62,24 @@ def time_to_target_line(row: Mapping[str, Any]) -> str | None:
     return line + (f"; {kd}" if kd else "")
 
 
+def check_line(row: Mapping[str, Any]) -> str | None:
+    """The end-to-end check right after decomposing, in one line (and the collapse warning, if any); None without."""
+    images, error = finite_number(row.get("check_images")), finite_number(row.get("check_rel_error"))
+    if images is None or error is None:
+        return None
+    agreement, kl = finite_number(row.get("check_agreement")), finite_number(row.get("check_kl"))
+    parts = ([f"top-1 agreement {100 * agreement:.1f} %"] if agreement is not None else []) + (
+        [f"KL {kl:.3g}"] if kl is not None else []) + [f"output error {error:.3g}"]
+    where = "held-out training images" if row.get("check_held_out") else "calibration images (none held out)"
+    line = f"right after decomposing, against the original on {images:.0f} {where}: {', '.join(parts)}"
+    bn = {"kept": "BatchNorm re-estimation kept (it helped)",
+          "rejected": "BatchNorm re-estimation rejected (it hurt; the original statistics kept)"}.get(
+        str(row.get("bn_recalibration")))
+    line += f"; {bn}" if bn else ""
+    warning = row.get("decomposition_warning")
+    return line + (f"\nWARNING: {warning}" if warning else "")
+
+
 def _human(value: Any, unit: str = "") -> str:
     num = finite_number(value)
     if num is None:
@@ -177,7 +195,8 @@ def _notes(r: Mapping[str, Any]) -> list[str]:
     """The lines under the table: loop overhead, time to target, the machine's drift."""
     overhead = finite_number(r.get("train_loop_overhead"))
     notes = [f"fine-tuning loop: {overhead:.0%} of its wall time was spent between steps (data loading, hooks, "
-             "logging)" if overhead is not None else None, time_to_target_line(r), drift_fidelity_note(r),
+             "logging)" if overhead is not None else None, check_line(r), time_to_target_line(r),
+             drift_fidelity_note(r),
              unstable_note(r)]
     return [n for n in notes if n]
 

@@ -30,12 +30,14 @@ ORIGINAL = "original"
 UNCHANGED = "unchanged"  # a configuration that decomposes no layer (it is the original): listed, not timed or ranked
 #: advice.csv's columns after the identity and the grid's keys, in order.
 COLUMNS = ["configuration", "params_ratio", "flops_ratio", "train_speedup", "infer_speedup",
-           "infer_speedup_deployed", "train_mem_mb", "latency_ms", "latency_ms_p90", "approx_error", "top1_pre",
+           "infer_speedup_deployed", "train_mem_mb", "latency_ms", "latency_ms_p90", "approx_error", "agreement",
+           "check_kl", "check_error", "top1_pre",
            "layers_decomposed", "layers_merged", "train_ips", "infer_ips_deployed", "frontier", "recommended",
            "status", "error"]
 FORMATS = {"params_ratio": "{:.2f}", "flops_ratio": "{:.2f}", "train_speedup": "{:.2f}", "infer_speedup": "{:.2f}",
            "infer_speedup_deployed": "{:.2f}", "train_mem_mb": "{:,.0f}", "latency_ms": "{:.2f}",
-           "latency_ms_p90": "{:.2f}", "approx_error": "{:.3f}", "top1_pre": "{:.1f}", "train_ips": "{:,.1f}",
+           "latency_ms_p90": "{:.2f}", "approx_error": "{:.3f}", "agreement": "{:.3f}", "check_kl": "{:.3g}",
+           "check_error": "{:.3f}", "top1_pre": "{:.1f}", "train_ips": "{:,.1f}",
            "infer_ips_deployed": "{:,.1f}"}
 
 
@@ -57,6 +59,7 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
     keys = list(grid.axes(cfg.advise.grid))
     base = {"configuration": ORIGINAL, "params_ratio": 1.0, "flops_ratio": 1.0, "train_speedup": 1.0,
             "infer_speedup": 1.0, "infer_speedup_deployed": 1.0 if cfg.bench.deploy else None, "approx_error": 0.0,
+            "agreement": 1.0, "check_kl": 0.0, "check_error": 0.0,
             "top1_pre": top1_original, "layers_decomposed": 0, "layers_merged": 0 if cfg.bench.deploy else None,
             "train_ips": reference.get("train_ips"), "infer_ips_deployed": reference.get("infer_ips"),
             "train_mem_mb": reference.get("train_mem_mb"), "latency_ms": reference.get("latency_ms"),
@@ -73,13 +76,32 @@ def advice_table(cfg: DictConfig, rows: list[dict[str, Any]], reference: dict[st
     numeric = df[[speed, "approx_error"]].apply(pd.to_numeric, errors="coerce").where(df["status"] == STATUS_OK)
     df["frontier"] = pareto_mask(numeric, speed, "approx_error")
     pick = recommend(numeric, speed, "approx_error", max_error=cfg.advise.max_error,
-                     candidates=(df["configuration"] != ORIGINAL) & (numeric[speed] > 1.0))
+                     candidates=(df["configuration"] != ORIGINAL) & (numeric[speed] > 1.0) & within_check(cfg, df))
     df["recommended"] = df.index == pick if pick is not None else False
     identity = (("model", cfg.model.name), ("dataset", cfg.dataset.name), ("seed", cfg.seed),
                 ("device_name", device_name))
     for i, (col, value) in enumerate(identity):
         df.insert(i, col, value)
     return df
+
+
+def within_check(cfg: DictConfig, df: pd.DataFrame) -> pd.Series:
+    """Rows whose top-1 agreement with the original (the training job's end-to-end check) is at least
+    ``rank.min_agreement``, or was not measured: only these may be recommended."""
+    agreement = pd.to_numeric(df["agreement"], errors="coerce")
+    return agreement.isna() | (agreement >= float(cfg.rank.min_agreement))
+
+
+def collapse_note(cfg: DictConfig, table: pd.DataFrame) -> str | None:
+    """One plain line when no measured configuration stays within ``rank.min_agreement``, else None."""
+    rows = table[(table["configuration"] != ORIGINAL) & (table["status"] == STATUS_OK)]
+    agreement = pd.to_numeric(rows["agreement"], errors="coerce").dropna()
+    if agreement.empty or (agreement >= float(cfg.rank.min_agreement)).any():
+        return None
+    return (f"No configuration in this grid stays within the end-to-end check: every one agrees with the original "
+            f"on fewer than {float(cfg.rank.min_agreement):.0%} of predictions (rank.min_agreement; the best: "
+            f"{agreement.max():.1%}). They are likely destroyed: try lower ratios, rank.policy=energy, or excluding "
+            "the thinnest layers; low-rank decomposition suits layers that are not already thin.")
 
 
 def recommended_command(cfg: DictConfig, row: pd.Series) -> str:
@@ -139,11 +161,16 @@ def write_advice(cfg: DictConfig, device: DeviceInfo, table: pd.DataFrame, out_d
         "speedups are ratios of medians (on a noisy host good to about +-15 %)",
         f"- frontier: no other row is both faster ({speed}) and closer to the original (approx_error: the mean "
         f"relative approximation error of the model's weight layers, the accuracy proxy); {accuracy}",
+        f"- agreement, check_kl, check_error: the end-to-end check a training job runs right after decomposing (top-1 "
+        f"agreement with the original, KL, relative output error on held-out training images); only configurations "
+        f"with agreement >= rank.min_agreement={float(cfg.rank.min_agreement):g} may be recommended",
         *[f"- {note}" for note in notes],
         "",
         markdown(table),
         "",
     ]
+    note = collapse_note(cfg, table)
+    lines += [f"**{note}**", ""] if note else []
     if command:
         r = rec.iloc[0]
         lines += [f"**Recommended: {r['configuration']}** ({speed} {r[speed]:.2f}x, approx_error "
@@ -160,7 +187,8 @@ def print_advice(cfg: DictConfig, table: pd.DataFrame, command: str | None, out_
     cols = {"configuration": "configuration", "params_ratio": "params x", "flops_ratio": "FLOPs x",
             "train_speedup": "train speedup", "infer_speedup": "infer speedup (factored)",
             "infer_speedup_deployed": "infer speedup (deployed)", "train_mem_mb": "train MiB",
-            "latency_ms": "latency ms", "approx_error": "approx error", "top1_pre": "top-1 before FT",
+            "latency_ms": "latency ms", "approx_error": "approx error", "agreement": "agreement",
+            "top1_pre": "top-1 before FT",
             "frontier": "frontier", "status": "status"}
     df = table.sort_values(speed, ascending=False, na_position="last")
     shown = [c for c in cols if c in df.columns and (df[c].notna().any() or c == speed)]
@@ -171,6 +199,9 @@ def print_advice(cfg: DictConfig, table: pd.DataFrame, command: str | None, out_
     df.loc[table["recommended"], "frontier"] = "* <- recommended"
     print(f"\nAdvice ({cfg.model.name}; speedups vs the original, measured side by side, no fine-tuning):")
     print(df.rename(columns=cols).to_string(index=False, float_format=lambda v: f"{v:,.3f}"))
+    note = collapse_note(cfg, table)
+    if note:
+        print(f"\n{note}")
     if command:
         print(f"\nTrain the recommended configuration:\n  {command}")
     else:

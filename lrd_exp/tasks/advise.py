@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -32,6 +33,7 @@ from lrd_exp.config import grid
 from lrd_exp.config.schema import MEASURED_IMPORTANCES
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.decompose import DecompositionReport, decompose_model
+from lrd_exp.decompose.check import DecompositionWarning
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import FreezeState, schedule_states
 from lrd_exp.results.row import STATUS_FAILED, STATUS_OK
@@ -43,7 +45,7 @@ from lrd_exp.tasks.advice_report import (
     speed_column,
     write_advice,
 )
-from lrd_exp.tasks.decomposition import calibration_inputs, rank_search_context
+from lrd_exp.tasks.decomposition import calibration_inputs, check_inputs, log_warnings, rank_search_context
 from lrd_exp.tasks.identity import slug
 from lrd_exp.tasks.job import JobFailed
 from lrd_exp.tasks.measure import compare_states, deploy
@@ -66,6 +68,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same original (and data) as a training job's
     dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
     calibration = calibration_inputs(cfg, dm)  # the same training images a training job fits to
+    evaluation = check_inputs(cfg, dm, calibration)  # and is checked on
     original, top1_original = original_model(cfg, device, dm, out_dir)
     batch = bench_batch_size(cfg)
     x, y = dm.example_batch(batch)
@@ -89,7 +92,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
         log.info("advise: decomposition %d/%d: %s", i + 1, len(groups), rank_label or "the run's rank config")
         try:
             rows += measure_decomposition(cfg, device, dm, original, size, x, y, members, out_dir, seen,
-                                          reference, calibration)
+                                          reference, calibration, evaluation)
         except Exception as exc:
             log.exception("advise: %s failed", rank_label)
             rows += [{**config, "configuration": config_label(config), "status": STATUS_FAILED,
@@ -194,13 +197,15 @@ def union_states(per_config: list[list[FreezeState]]) -> tuple[list[FreezeState]
 def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, size: tuple[int, int],
                           x: torch.Tensor, y: torch.Tensor, members: list[dict[str, Any]], out_dir: str,
                           seen: dict[tuple, list[dict[str, Any]]], reference: dict[str, Any],
-                          calibration: list[Any] | None = None) -> list[dict[str, Any]]:
+                          calibration: list[Any] | None = None, evaluation: list[Any] | None = None
+                          ) -> list[dict[str, Any]]:
     """One decomposition (prepared once) and its freeze schedules, timed side by side with the original
     (``size``: the original's parameters and forward FLOPs per sample). ``seen`` holds the rows of earlier ranks
     (the same ranks are measured once); ``reference`` gets the original's own numbers from the first timing."""
     cfgs = [grid.apply(cfg, config) for config in members]
     label = grid.label(rank_keys(members[0])) or "as configured"
-    decomposed, report = decompose_group(cfg, cfgs[0], device, dm, original, x, out_dir, label, calibration)
+    decomposed, report = decompose_group(cfg, cfgs[0], device, dm, original, x, out_dir, label, calibration,
+                                         evaluation)
     if not report.decomposed:  # every layer kept dense: this configuration is the original, nothing to time
         log.info("advise: %s decomposes no layer here: it is the original", label)
         return [{**config, "configuration": config_label(config), "params_ratio": 1.0, "approx_error": 0.0,
@@ -215,7 +220,8 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
     log.info("advise: %s: %s", label, report.summary())
     shared: dict[str, Any] = {"params_ratio": size[0] / max(count_params(decomposed), 1),
                               "flops_ratio": size[1] / max(count_flops(decomposed, x[:1], train=False), 1),
-                              "approx_error": report.approx_error, "layers_decomposed": len(report.decomposed)}
+                              "approx_error": report.approx_error, "layers_decomposed": len(report.decomposed),
+                              **check_columns(report)}
     if wants_top1(cfg):
         shared["top1_pre"] = subset_top1(cfg, device, decomposed, dm, out_dir)
     states, plans = union_states([schedule_states(decomposed, c.freeze, freeze_total_units(c), example_input=x[:1])
@@ -231,16 +237,27 @@ def measure_decomposition(cfg: DictConfig, device: DeviceInfo, dm: Any, original
 
 
 def decompose_group(cfg: DictConfig, first: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module,
-                    x: torch.Tensor, out_dir: str, label: str, calibration: list[Any] | None
-                    ) -> tuple[nn.Module, DecompositionReport]:
+                    x: torch.Tensor, out_dir: str, label: str, calibration: list[Any] | None,
+                    evaluation: list[Any] | None = None) -> tuple[nn.Module, DecompositionReport]:
     """A group's decomposition (its first configuration's rank settings), its table in ``configs/<label>/``."""
     cdir = os.path.join(out_dir, "configs", folder_name(label))
     os.makedirs(cdir, exist_ok=True)
     decomposed = copy.deepcopy(original)
-    report = decompose_model(decomposed, **first.rank, example_input=x[:1], calibration=calibration,
-                             seed=cfg.seed, rank_search=rank_search_context(first, device, dm) | {"output_dir": cdir})
+    with warnings.catch_warnings():  # logged below, one line each
+        warnings.simplefilter("ignore", DecompositionWarning)
+        report = decompose_model(decomposed, **first.rank, example_input=x[:1], calibration=calibration,
+                                 evaluation=evaluation, seed=cfg.seed,
+                                 rank_search=rank_search_context(first, device, dm) | {"output_dir": cdir})
+    log_warnings(report)
     results.write_text_atomic(os.path.join(cdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
     return decomposed, report
+
+
+def check_columns(report: DecompositionReport) -> dict[str, Any]:
+    """The end-to-end check of a configuration, as the training job measures it (null without check inputs)."""
+    c = report.check
+    return {"agreement": c.agreement if c else None, "check_kl": c.kl if c else None,
+            "check_error": c.rel_error if c else None}
 
 
 def time_group(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decomposed: nn.Module,

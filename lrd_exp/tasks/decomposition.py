@@ -62,6 +62,36 @@ def calibration_inputs(cfg: DictConfig, dm: Any) -> list[Any] | None:
         raise ConfigError(str(exc)) from None
 
 
+def check_inputs(cfg: DictConfig, dm: Any, calibration: list[Any] | None) -> list[Any] | None:
+    """The end-to-end check's inputs: ``rank.check_images`` further training images of the run's seeded order, after
+    the calibration ones (never validation: top-1 is reported there), or None (check off, policy none, no real data:
+    then ``decompose_model`` checks on the calibration images, if any, and says so)."""
+    n = int(cfg.rank.check_images)
+    if not n or _v(cfg.rank.policy) == "none" or not dm.has_real_data:
+        return None
+    skip = sum(len(b) for b in calibration) if calibration else int(cfg.rank.calibration_images)
+    batches = dm.held_out_batches(n, skip, cfg.trainer.batch_size)
+    if not batches:
+        log.warning("rank.check_images=%d: the training split has no image left after the %d calibration images; "
+                    "the end-to-end check reuses the calibration images", n, skip)
+    return batches or None
+
+
+def check_fields(report: Any) -> dict[str, Any]:
+    """The row's end-to-end check columns (null without a check) and what became of BatchNorm re-estimation."""
+    c = report.check
+    return {"check_images": c.images if c else None, "check_held_out": c.held_out if c else None,
+            "check_agreement": c.agreement if c else None, "check_kl": c.kl if c else None,
+            "check_rel_error": c.rel_error if c else None, "bn_recalibration": report.bn_recalibration,
+            "decomposition_warning": report.warnings[0] if report.warnings else None}
+
+
+def log_warnings(report: Any) -> None:
+    """A decomposition's warnings (a collapsed model), each one line in the job's log."""
+    for message in report.warnings:
+        log.warning("decomposition: %s", message)
+
+
 def rank_search_context(cfg: DictConfig, device: DeviceInfo, dm: Any) -> dict[str, Any]:
     """What rank.policy=optimized needs to time candidates like the run will execute them."""
     b = cfg.bench

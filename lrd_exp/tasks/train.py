@@ -11,6 +11,7 @@ import copy
 import inspect
 import logging
 import os
+import warnings
 from typing import Any
 
 import pandas as pd
@@ -21,6 +22,7 @@ from torch import nn
 from lrd_exp import results
 from lrd_exp.config.schema import canonical_precision
 from lrd_exp.decompose import decompose_model
+from lrd_exp.decompose.check import DecompositionWarning
 from lrd_exp.deploy.model_file import read_model_file, save_decomposed, structure
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
@@ -28,7 +30,14 @@ from lrd_exp.freezing.callback import FreezingCallback
 from lrd_exp.results.row import RESULT_FILENAME
 from lrd_exp.sweep.guard import warn_parallel_throughput
 from lrd_exp.tasks.checkpoint import is_model_file
-from lrd_exp.tasks.decomposition import calibration_inputs, rank_search_context, require_decomposed
+from lrd_exp.tasks.decomposition import (
+    calibration_inputs,
+    check_fields,
+    check_inputs,
+    log_warnings,
+    rank_search_context,
+    require_decomposed,
+)
 from lrd_exp.tasks.identity import identity_row
 from lrd_exp.tasks.job import JobRow, objective_value
 from lrd_exp.tasks.measure import measure_pair
@@ -68,6 +77,7 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
                           data_dir=cfg.paths.data_dir)
     row: dict[str, Any] = {}
     calibration = None if is_model_file(cfg.model.checkpoint) else calibration_inputs(cfg, dm)  # before any work
+    evaluation = None if is_model_file(cfg.model.checkpoint) else check_inputs(cfg, dm, calibration)
 
     from_file = is_model_file(cfg.model.checkpoint)
     if from_file:  # a saved decomposed model: fine-tune it further, no SVD again
@@ -79,7 +89,8 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
         row["top1_original"] = evaluate(cfg, device, original, dm, out_dir)
 
         # 2. decompose
-        decomposed, fitted = decompose(cfg, device, dm, original, out_dir, calibration=calibration)
+        decomposed, fitted = decompose(cfg, device, dm, original, out_dir, calibration=calibration,
+                                       evaluation=evaluation)
         row.update(fitted)
     row["top1_decomposed_pre"] = evaluate(cfg, device, decomposed, dm, out_dir)
 
@@ -161,19 +172,25 @@ def save_model(cfg: DictConfig, model: nn.Module, dm: Any, out_dir: str, **row: 
 
 
 def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, out_dir: str, *,
-              calibration: list[Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+              calibration: list[Any] | None = None, evaluation: list[Any] | None = None
+              ) -> tuple[nn.Module, dict[str, Any]]:
     """A decomposed copy of ``original`` by the run's rank policy, fitted to ``calibration`` (training images) when
-    given; the per-layer report goes to the output dir. Returns (model, the row's fit columns)."""
+    given and checked against the original on ``evaluation`` (further training images); the per-layer report goes
+    to the output dir. Returns (model, the row's fit and check columns)."""
     x, _ = dm.example_batch(1)
     decomposed = copy.deepcopy(original)
-    report = decompose_model(decomposed, **cfg.rank, calibration=calibration, example_input=x, seed=cfg.seed,
-                             rank_search=rank_search_context(cfg, device, dm))
+    with warnings.catch_warnings():  # the job logs them (one line each), not Python's warning printer
+        warnings.simplefilter("ignore", DecompositionWarning)
+        report = decompose_model(decomposed, **cfg.rank, calibration=calibration, evaluation=evaluation,
+                                 example_input=x, seed=cfg.seed, rank_search=rank_search_context(cfg, device, dm))
     log.info("decomposition: %s", report.summary())
+    log_warnings(report)
     report.to_frame().to_csv(os.path.join(out_dir, "decomposition.csv"), index=False)
     results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), report.table(max_rows=None) + "\n")
     require_decomposed(cfg, report)
     return decomposed, {"fit": report.fit, "calibration_images": report.calibration_images,
-                        "calibration_s": round(report.calibration_s, 3), "decompose_s": round(report.decompose_s, 3)}
+                        "calibration_s": round(report.calibration_s, 3), "decompose_s": round(report.decompose_s, 3),
+                        **check_fields(report)}
 
 
 def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module, out_dir: str,

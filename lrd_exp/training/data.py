@@ -188,17 +188,32 @@ class _BaseDataModule(pl.LightningDataModule):
         """``n`` images of the training split (never validation), chosen by a generator seeded with the run's seed,
         in batches: the inputs a decomposition is fitted to and BatchNorm re-estimated on. Their indices into the
         training split are kept in ``calibration_indices``."""
-        if self.train_dataset is None:
-            self.setup("fit")
-        total = len(self.train_dataset)
+        total = self._train_size()
         if not 1 <= n <= total:
             raise ValueError(f"rank.calibration_images={n} is not allowed here: between 1 and the training split's "
                              f"{total} images")
-        g = torch.Generator().manual_seed(self.seed)
-        self.calibration_indices = torch.randperm(total, generator=g)[:n].sort().values
+        self.calibration_indices = self._training_order()[:n].sort().values
+        return self._batches(self.calibration_indices, batch_size)
+
+    def held_out_batches(self, n: int, skip: int, batch_size: int | None = None) -> list[torch.Tensor]:
+        """Up to ``n`` further training images, after the first ``skip`` of the same seeded order (the calibration
+        images): inputs the fit did not see, for the end-to-end check. Empty when the split has none left."""
+        order = self._training_order()[skip:skip + n]
+        return self._batches(order.sort().values, batch_size) if len(order) else []
+
+    def _train_size(self) -> int:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return len(self.train_dataset)
+
+    def _training_order(self) -> torch.Tensor:
+        """The training split's indices in the run's seeded order: calibration takes the first, the check the next."""
+        return torch.randperm(self._train_size(), generator=torch.Generator().manual_seed(self.seed))
+
+    def _batches(self, indices: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:
         size = int(batch_size or self.batch_size)
-        images = [self.train_dataset[int(i)][0] for i in self.calibration_indices]
-        return [torch.stack(images[i:i + size]) for i in range(0, n, size)]
+        images = [self.train_dataset[int(i)][0] for i in indices]
+        return [torch.stack(images[i:i + size]) for i in range(0, len(images), size)]
 
     def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A seeded random batch of the real input shape, for throughput measurement (reads no data)."""
