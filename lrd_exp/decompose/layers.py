@@ -37,7 +37,8 @@ class FactorizedLayer(nn.Module):
 
 
 def _factory(layer: nn.Module) -> dict:
-    return {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    weight = R.weight_matrix(layer)  # a registered linear-like type may keep its weight under another name
+    return {"device": weight.device, "dtype": weight.dtype}
 
 
 class SVDLinear(FactorizedLayer):

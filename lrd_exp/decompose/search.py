@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lrd_exp.config.values import canonical_precision
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.decompose.plan import LayerPlan
-from lrd_exp.decompose.registry import is_linear
+from lrd_exp.decompose.registry import is_linear, layer_bias
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo, resolve_device
 from lrd_exp.results.atomic import write_json_atomic, write_text_atomic
@@ -184,7 +184,7 @@ class TimingCache:
             ) -> str:
         m = plan.module
         geometry = {"type": type(m).__name__, "in": plan.n_in, "out": plan.n_out, "in_shape": plan.in_shape,
-                    "bias": m.bias is not None}
+                    "bias": layer_bias(m) is not None}
         if isinstance(m, nn.Conv2d):
             geometry.update(k=m.kernel_size, s=m.stride, p=m.padding, d=m.dilation)
         precision = canonical_precision(precision)
