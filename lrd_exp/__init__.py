@@ -8,7 +8,8 @@ product: a self-describing file (:func:`save_decomposed`, :func:`load_decomposed
 :mod:`lrd_exp.cli`), and so does the ``hydra_plugins`` module Hydra imports before a bare compose.
 
 Subpackages: config, decompose, freezing, timing, training, tasks, devices, distributed, deploy, sweep, results;
-modules: cli (what run.py needs), lazy (these lazy namespaces).
+modules: cli (what run.py needs), lazy (these lazy namespaces), batches (a model input as a tensor, tuple or
+dict).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lrd_exp.lazy import lazy_exports
 __version__ = "0.1.0"
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "lrd_exp.decompose": ["DecompositionReport", "FactorizedLayer", "SVDConv1x1", "SVDLinear", "Tucker2Conv",
-                          "decompose_model", "recalibrate_bn"],
+                          "decompose_model", "recalibrate_bn", "register_linear"],
     "lrd_exp.freezing": ["FreezeSchedule", "FreezingCallback"],
     "lrd_exp.deploy": ["load_decomposed", "merge_for_inference", "save_decomposed"],
 })

@@ -107,12 +107,13 @@ def test_subpackages_import_each_other_one_way():
 
 
 def test_the_decomposition_library_imports_with_torch_alone():
-    """``lrd_exp.decompose`` (and ``decompose_model`` through the package) loads no Hydra, OmegaConf, pandas or
-    Lightning; importing the package registers no Hydra schema."""
+    """``lrd_exp.decompose`` (and ``decompose_model`` through the package) loads no Hydra, OmegaConf, pandas,
+    Lightning or transformers (its ``Conv1D`` is matched only once the user's model has loaded it); importing the
+    package registers no Hydra schema."""
     code = ("import sys\n"
             "import lrd_exp.decompose, lrd_exp.decompose.search, lrd_exp.decompose.calibration\n"
             "from lrd_exp import decompose_model\n"
-            "heavy = ('hydra', 'omegaconf', 'pandas', 'pytorch_lightning', 'lightning')\n"
+            "heavy = ('hydra', 'omegaconf', 'pandas', 'pytorch_lightning', 'lightning', 'transformers')\n"
             "print('LOADED', sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "LOADED []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""Low-rank decomposition: the linear algebra (functional), factorized layers (layers), torch's attention and
+"""Low-rank decomposition: the linear algebra (functional), the linear-like layer types it factorizes as linears
+(registry: nn.Linear, transformers' Conv1D, your own), factorized layers (layers), torch's attention and
 transformer layers unpacked so their projections factorize (attention), watching layers in a forward (capture),
 calibration inputs (calibration), rank formulas (ranks), one candidate layer (plan), measured ranks (search),
 model surgery (surgery) and what it did (report). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
@@ -10,6 +11,7 @@ from lrd_exp.decompose.attention import (
 )
 from lrd_exp.decompose.calibration import recalibrate_bn
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
+from lrd_exp.decompose.registry import LinearType, is_linear, register_linear
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.surgery import decompose_model, find_candidates
 
@@ -20,11 +22,14 @@ __all__ = [
     "FactorizableMultiheadAttention",
     "FactorizedLayer",
     "LayerReport",
+    "LinearType",
     "SVDConv1x1",
     "SVDLinear",
     "Tucker2Conv",
     "decompose_model",
     "find_candidates",
+    "is_linear",
     "recalibrate_bn",
     "reconstruct_weight",
+    "register_linear",
 ]

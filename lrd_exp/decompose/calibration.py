@@ -9,16 +9,20 @@ seconds.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrd_exp.batches import Batch, batch_size_of, feed, first_samples, shapes, to_device
 from lrd_exp.decompose.capture import watch
+from lrd_exp.decompose.registry import is_linear
 
-Batch = Any  # torch.Tensor | tuple | list | dict
+__all__ = ["Batch", "CalibrationError", "EvalModes", "Moments", "batch_size_of", "calibration_batches",
+           "collect_moments", "collect_paired", "first_samples", "layer_positions", "recalibrate_bn", "run_batch",
+           "shapes"]
 #: positions (tokens, output pixels) sampled per layer over all calibration images; beyond it they are subsampled
 MAX_POSITIONS = 8192
 #: a single tensor given as ``calibration=`` is fed in chunks of this many samples
@@ -34,40 +38,6 @@ class _Stop(BaseException):
 
 
 # ------------------------------------------------------------------------------------------------------- batches
-def batch_size_of(batch: Batch) -> int:
-    """Samples in a batch: the leading size of its first tensor."""
-    for value in _tensors(batch):
-        return int(value.shape[0]) if value.dim() else 1
-    raise CalibrationError(f"calibration: a batch holds no tensor ({type(batch).__name__})")
-
-
-def _tensors(batch: Batch) -> Iterator[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        yield batch
-    elif isinstance(batch, Mapping):
-        for v in batch.values():
-            yield from _tensors(v)
-    elif isinstance(batch, (tuple, list)):
-        for v in batch:
-            yield from _tensors(v)
-
-
-def _map(batch: Batch, fn) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return {k: _map(v, fn) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map(v, fn) for v in batch)
-    return batch
-
-
-def first_samples(batch: Batch, n: int) -> Batch:
-    """The first ``n`` samples of every tensor that has the batch's leading size."""
-    size = batch_size_of(batch)
-    return _map(batch, lambda t: t[:n] if t.dim() and t.shape[0] == size else t)
-
-
 def calibration_batches(calibration: torch.Tensor | Iterable[Batch], limit: int | None = None) -> list[Batch]:
     """``calibration=`` as a list of batches holding at most ``limit`` samples (a tensor is split into chunks)."""
     if calibration is None:
@@ -90,28 +60,14 @@ def calibration_batches(calibration: torch.Tensor | Iterable[Batch], limit: int 
     return out
 
 
-def shapes(batch: Batch) -> str:
-    if isinstance(batch, torch.Tensor):
-        return "x".join(map(str, batch.shape)) or "scalar"
-    if isinstance(batch, Mapping):
-        return "{" + ", ".join(f"{k}: {shapes(v)}" for k, v in batch.items()) + "}"
-    if isinstance(batch, (tuple, list)):
-        return "(" + ", ".join(shapes(v) for v in batch) + ")"
-    return type(batch).__name__
-
-
 def run_batch(model: nn.Module, batch: Batch, what: str = "a calibration batch") -> Any:
     """``model(x)``, ``model(*x)`` or ``model(**x)`` on the model's device; a failure is one line with the batch's
     shapes."""
     p = next(model.parameters(), None)
     if p is not None:
-        batch = _map(batch, lambda t: t.to(p.device, p.dtype if t.is_floating_point() else None))
+        batch = to_device(batch, p.device, p.dtype)
     try:
-        if isinstance(batch, Mapping):
-            return model(**batch)
-        if isinstance(batch, (tuple, list)):
-            return model(*batch)
-        return model(batch)
+        return feed(model, batch)
     except (_Stop, CalibrationError):
         raise
     except Exception as exc:
@@ -148,7 +104,7 @@ def layer_positions(module: nn.Module, x: torch.Tensor, per_sample: int | None =
     """A layer's input as samples x positions x features: tokens of a linear layer, im2col patches of a conv (in
     ``F.unfold``'s order: channel, then kernel row and column). With ``per_sample``, at most that many positions of
     each sample, drawn at random: a conv's patches are gathered only there, never unfolded whole."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         pos = x.reshape(x.shape[0], -1, x.shape[-1])
         return _subsample(pos, per_sample, generator)
     pad = list(module._reversed_padding_repeated_twice)  # any padding: ints, "same" (uneven too), "valid"

@@ -15,6 +15,7 @@ from torch import nn
 
 from lrd_exp.config.schema import FACTOR_POSITIONS as POSITIONS
 from lrd_exp.decompose import functional as Fn
+from lrd_exp.decompose import registry as R
 
 
 class FactorizedLayer(nn.Module):
@@ -36,13 +37,16 @@ class FactorizedLayer(nn.Module):
 
 
 def _factory(layer: nn.Module) -> dict:
-    return {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    weight = R.weight_matrix(layer)  # a registered linear-like type may keep its weight under another name
+    return {"device": weight.device, "dtype": weight.dtype}
 
 
 class SVDLinear(FactorizedLayer):
     """``in -> r`` (no bias) then ``r -> out`` (original bias)."""
 
     kind = "svd"
+    #: the registered linear-like type it replaces (what a merged layer is built as)
+    dense_type: str = R.LINEAR.name
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, **factory) -> None:
         super().__init__()
@@ -54,20 +58,26 @@ class SVDLinear(FactorizedLayer):
         return (self.first.out_features,)
 
     @classmethod
-    def like(cls, layer: nn.Linear, rank: int) -> SVDLinear:
-        return cls(layer.in_features, layer.out_features, rank, layer.bias is not None, **_factory(layer))
+    def like(cls, layer: nn.Module, rank: int) -> SVDLinear:
+        """``layer``: any registered linear-like layer (:mod:`~lrd_exp.decompose.registry`); merging builds that
+        type back."""
+        in_features, out_features = R.linear_features(layer)
+        new = cls(in_features, out_features, rank, R.linear_bias(layer) is not None, **_factory(layer))
+        new.dense_type = R.linear_type(layer).name
+        return new
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, rank: int, *, basis: Fn.Basis | None = None,
+    def from_linear(cls, layer: nn.Module, rank: int, *, basis: Fn.Basis | None = None,
                     moment: torch.Tensor | None = None) -> SVDLinear:
         """Truncated SVD of the weight, or, given the input moment ``moment`` (X X^T of calibration inputs), the
-        rank-``rank`` layer with the least output error (:func:`~lrd_exp.decompose.functional.whitened_svd_factors`)."""
-        w = layer.weight.detach()
+        rank-``rank`` layer with the least output error (:func:`~lrd_exp.decompose.functional.whitened_svd_factors`).
+        ``layer``: ``nn.Linear`` or any registered linear-like layer (transformers' ``Conv1D``)."""
+        w = R.linear_weight(layer)
         factors = Fn.svd_factors(w, rank, basis) if moment is None else Fn.whitened_svd_factors(w, rank, moment)
         return cls.from_factors(layer, *factors)
 
     @classmethod
-    def from_factors(cls, layer: nn.Linear, first: torch.Tensor, last: torch.Tensor) -> SVDLinear:
+    def from_factors(cls, layer: nn.Module, first: torch.Tensor, last: torch.Tensor) -> SVDLinear:
         """The layer ``last @ first`` with ``layer``'s bias (first: r x in, last: out x r)."""
         new = cls.like(layer, first.shape[0])
         _load(new, layer, first=first, last=last)
@@ -158,8 +168,9 @@ def _load(new: FactorizedLayer, layer: nn.Module, **factors: torch.Tensor) -> No
     with torch.no_grad():
         for position, weight in factors.items():
             getattr(new, position).weight.copy_(weight)
-        if layer.bias is not None:
-            new.last.bias.copy_(layer.bias)
+        bias = R.layer_bias(layer)
+        if bias is not None:
+            new.last.bias.copy_(bias)
 
 
 def reconstruct_weight(layer: FactorizedLayer) -> torch.Tensor:

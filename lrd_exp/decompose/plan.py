@@ -15,6 +15,7 @@ from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.functional import mode_singular, svd_basis
+from lrd_exp.decompose.registry import is_linear, weight_matrix
 
 
 @dataclass
@@ -48,8 +49,13 @@ class LayerPlan:
             return R.svd_params(self.n_in, self.n_out, ranks[0])
         return R.tucker2_params(self.n_in, self.n_out, self.k2, *ranks)
 
+    def weight(self) -> torch.Tensor:
+        """The layer's weight, detached: ``out x in`` for any linear-like layer (a ``Conv1D`` stores it transposed),
+        the conv's kernel otherwise."""
+        return weight_matrix(self.module)
+
     def svd_matrix(self) -> torch.Tensor:
-        return self.module.weight.detach().flatten(1)
+        return self.weight().flatten(1)
 
     def svd_basis(self) -> tuple[str, torch.Tensor, torch.Tensor]:
         if "svd" not in self._spectra:
@@ -62,7 +68,7 @@ class LayerPlan:
     def mode_bases(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """((U_out, s_out), (U_in, s_in)) of the conv weight's channel unfoldings (cached)."""
         if "modes" not in self._spectra:
-            w = self.module.weight.detach()
+            w = self.weight()
             self._spectra["modes"] = (mode_singular(w, 0), mode_singular(w, 1))
         return self._spectra["modes"]
 
@@ -75,7 +81,7 @@ class LayerPlan:
             (_, s_out), (_, s_in) = self.mode_bases()
             return (s_in, s_out)
         if "whitened" not in self._spectra:
-            w, m = self.module.weight.detach(), self.moments.moment
+            w, m = self.weight(), self.moments.moment
             out = Fn.whitened_spectrum(w, m)
             self._spectra["whitened"] = out if self.kind == "svd" else (Fn.tucker2_input_spectrum(w, m), out)
         spectra = self._spectra["whitened"]
@@ -103,7 +109,7 @@ class LayerPlan:
 
     def _call_flops(self, ranks: tuple[int, ...] | None, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
                     ) -> int:
-        if isinstance(self.module, nn.Linear):
+        if is_linear(self.module):
             tokens = math.prod(in_shape) // self.n_in
             per_token = self.n_in * self.n_out if ranks is None else ranks[0] * (self.n_in + self.n_out)
             return 2 * tokens * per_token

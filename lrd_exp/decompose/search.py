@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from lrd_exp.config.values import canonical_precision
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.registry import is_linear, layer_bias
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo, resolve_device
 from lrd_exp.results.atomic import write_json_atomic, write_text_atomic
@@ -93,14 +94,14 @@ def _layer_modules(plan: LayerPlan, ranks: tuple[int, ...] | None, device: torch
     m = copy.deepcopy(plan.module).to(device)
     if ranks is None:
         module = m
-    elif isinstance(m, nn.Linear):
+    elif is_linear(m):
         module = SVDLinear.like(m, ranks[0])
     elif plan.kind == "svd":
         module = SVDConv1x1.like(m, ranks[0])
     else:
         module = Tucker2Conv.like(m, ranks[0], ranks[1])
     module = module.to(device=device, dtype=dtype)
-    if channels_last and not isinstance(m, nn.Linear):
+    if channels_last and not is_linear(m):
         module = module.to(memory_format=torch.channels_last)
     return module
 
@@ -183,7 +184,7 @@ class TimingCache:
             ) -> str:
         m = plan.module
         geometry = {"type": type(m).__name__, "in": plan.n_in, "out": plan.n_out, "in_shape": plan.in_shape,
-                    "bias": m.bias is not None}
+                    "bias": layer_bias(m) is not None}
         if isinstance(m, nn.Conv2d):
             geometry.update(k=m.kernel_size, s=m.stride, p=m.padding, d=m.dilation)
         precision = canonical_precision(precision)

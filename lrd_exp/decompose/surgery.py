@@ -32,6 +32,7 @@ from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_wa
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.registry import dense_attributes, is_linear, linear_features, weight_matrix
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.search import choose_ranks, write_timings
 
@@ -65,7 +66,7 @@ def stem_and_head(model: nn.Module) -> tuple[set[str], set[str]]:
         first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
         stems = {first} if first else set()
     if not heads:
-        last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        last = [n for n, m in model.named_modules() if is_linear(m)]
         heads = {last[-1]} if last else set()
     return stems, heads
 
@@ -118,7 +119,7 @@ def weights_read_directly(model: nn.Module) -> dict[str, str]:
         for cls, children in WEIGHT_READERS.items():
             if isinstance(m, cls):
                 for child in children:
-                    if isinstance(getattr(m, child, None), nn.Linear):
+                    if is_linear(getattr(m, child, None)):
                         out[f"{name}.{child}" if name else child] = (f"read directly by its {cls.__module__}."
                                                                      f"{cls.__name__} ({child}.weight)")
     return out
@@ -128,7 +129,7 @@ def check_selection(model: nn.Module, *, include: Iterable[str] = (), exclude: I
                     rank: Any = None) -> None:
     """A ``rank.include`` / ``rank.exclude`` pattern or a ``rank.rank`` key that matches no Linear / Conv2d layer is
     a typo that would run a whole job for nothing: one ValueError naming it, with the closest layer names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))] + projection_names(model)
+    names = [n for n, m in model.named_modules() if is_linear(m) or isinstance(m, nn.Conv2d)] + projection_names(model)
     keyed = [("rank.include", p) for p in patterns(include)] + [("rank.exclude", p) for p in patterns(exclude)]
     if isinstance(rank, Mapping):
         keyed += [("rank.rank", str(p)) for p in rank]
@@ -147,7 +148,7 @@ def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: I
     direct = weights_read_directly(model)
     plans, skipped = [], []
     for name, m in model.named_modules():
-        if isinstance(m, FactorizedLayer) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, FactorizedLayer) or not (is_linear(m) or isinstance(m, nn.Conv2d)):
             continue
         if include and not _matches(name, include):
             continue
@@ -164,13 +165,12 @@ def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: I
         elif skip_head and name in heads and not forced:
             reason = "classifier head"
         if reason:
-            skipped.append(LayerReport(name=name, kind=type(m).__name__, action="kept",
-                                       weight_shape=tuple(m.weight.shape),
-                                       params_before=m.weight.numel(), params_after=m.weight.numel(),
-                                       reason=reason))
+            w = weight_matrix(m)
+            skipped.append(LayerReport(name=name, kind=type(m).__name__, action="kept", weight_shape=tuple(w.shape),
+                                       params_before=w.numel(), params_after=w.numel(), reason=reason))
             continue
-        if isinstance(m, nn.Linear):
-            plans.append(LayerPlan(name, m, "svd", m.in_features, m.out_features, 1))
+        if is_linear(m):
+            plans.append(LayerPlan(name, m, "svd", *linear_features(m), 1))
         else:
             k2 = m.kernel_size[0] * m.kernel_size[1]
             plans.append(LayerPlan(name, m, "svd" if k2 == 1 else "tucker2", m.in_channels, m.out_channels, k2))
@@ -216,7 +216,7 @@ def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[Factorize
         return build_fitted(plan, ranks, plan.moments)
     if plan.kind == "svd":
         basis = plan.svd_basis()
-        if isinstance(m, nn.Linear):
+        if is_linear(m):
             new = SVDLinear.from_linear(m, ranks[0], basis=basis)
         else:
             new = SVDConv1x1.from_conv(m, ranks[0], basis=basis)
@@ -229,13 +229,13 @@ def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[Factorize
 def build_fitted(plan: LayerPlan, ranks: tuple[int, ...], moments: C.Moments) -> tuple[FactorizedLayer, float]:
     """The replacement fitted to the layer's outputs. Paired moments (sequential calibration) fit the original
     output ``W X`` from the decomposed model's inputs ``X^``: the closed form applied to the least-squares target."""
-    m, w = plan.module, plan.module.weight.detach()
+    m, w = plan.module, plan.weight()
     paired = moments.cross is not None
     target = Fn.least_squares_target(w, moments.moment, moments.cross) if paired else w
     spectra = plan.cached_whitened_spectra() if not paired else None
     if plan.kind == "svd":
         factors = Fn.whitened_svd_factors(target.flatten(1), ranks[0], moments.moment, spectra)
-        new = (SVDLinear if isinstance(m, nn.Linear) else SVDConv1x1).from_factors(m, *factors)
+        new = (SVDLinear if is_linear(m) else SVDConv1x1).from_factors(m, *factors)
     else:
         factors = Fn.tucker2_fitted_factors(target, ranks[0], ranks[1], moments.moment,
                                             spectra[0] if spectra else None)
@@ -246,9 +246,10 @@ def build_fitted(plan: LayerPlan, ranks: tuple[int, ...], moments: C.Moments) ->
     return new, Fn.output_error(w, w_hat, moments.moment)
 
 
-#: attributes of the dense layer that a parent may read itself (``F.linear(x, self.qkv.weight)``)
-DENSE_ATTRIBUTES = frozenset({"weight", "bias", "in_features", "out_features", "in_channels", "out_channels",
-                              "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"})
+#: attributes of the dense layer that a parent may read itself (``F.linear(x, self.qkv.weight)``); those of the
+#: registered linear-like types (``in_features``, ``Conv1D.nf``) are added when a lookup is watched
+DENSE_ATTRIBUTES = frozenset({"weight", "bias", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+                              "dilation", "groups", "padding_mode"})
 
 
 @contextlib.contextmanager
@@ -257,6 +258,7 @@ def _missing_lookups(cls: type[nn.Module], names: frozenset[str] | None = None) 
     looked up on them (id -> the attribute): the modules whose parents read them as the layer they replaced."""
     missed: dict[int, str] = {}
     base = nn.Module.__getattr__
+    names = None if names is None else names | dense_attributes()
 
     def lookup(self: nn.Module, name: str) -> Any:
         try:
@@ -562,7 +564,7 @@ def _replace(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...] | None, r
              policy: str) -> LayerReport:
     """Swap one layer for its factorized form (or keep it, saying why) and report it."""
     dense_flops = plan.forward_flops(None)
-    weight_shape = tuple(plan.module.weight.shape)
+    weight_shape = tuple(plan.weight().shape)
     kept = LayerReport(name=plan.name, kind=type(plan.module).__name__, action="kept",
                        weight_shape=weight_shape, full_ranks=plan.full_ranks,
                        params_before=plan.params_dense, params_after=plan.params_dense,

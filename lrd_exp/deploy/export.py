@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lrd_exp.batches import Batch, as_call, batch_size_of, first_tensor
+
 _EXTRA_HINT = "pip install 'lrd-exp[export]' (in a checkout: pip install -e '.[export]')"
 
 
@@ -53,12 +55,26 @@ def _eval_no_grad(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _batch_dynamic_shapes(example_input: torch.Tensor, dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
+def _batch_dynamic_shapes(example_input: Batch, dynamic_batch: bool) -> Any:
+    """Dim 0 of every input that has the batch's leading size marked as one dynamic ``batch`` dim, in the
+    structure of the call (a tuple of positional inputs, a dict of keyword inputs)."""
     if not dynamic_batch:
         return None
-    if example_input.dim() == 0:
+    if first_tensor(example_input).dim() == 0:
         raise ValueError("dynamic_batch needs an example input with a batch dimension (dim 0)")
-    return ({0: torch.export.Dim("batch")},)
+    size, dim = batch_size_of(example_input), torch.export.Dim("batch")
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {0: dim} if value.dim() and value.shape[0] == size else None
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(spec(v) for v in value)
+        return None
+
+    args, kwargs = as_call(example_input)
+    return spec(kwargs) if kwargs else spec(args)
 
 
 def _size_oblivious(enabled: bool) -> contextlib.AbstractContextManager:
@@ -69,24 +85,28 @@ def _size_oblivious(enabled: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def export_program(model: nn.Module, example_input: torch.Tensor, *,
+def export_program(model: nn.Module, example_input: Batch, *,
                    dynamic_batch: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export`` the model in eval mode (no grad) on ``example_input``; the model's modes are restored.
+    """``torch.export`` the model in eval mode (no grad) on ``example_input`` (a tensor, a tuple of positional
+    inputs, or a dict of keyword inputs such as a tokenizer's output); the model's modes are restored.
 
     ``dynamic_batch`` marks dim 0 of the input dynamic (default: the program is specialised to the example's shape);
     an example batch of 1 works too (sizes 0/1 are traced size-obliviously, as ``torch.onnx.export`` does).
     """
+    args, kwargs = as_call(example_input)
     with _eval_no_grad(model), _size_oblivious(dynamic_batch):
-        return torch.export.export(model, (example_input,),
+        return torch.export.export(model, args, kwargs=kwargs or None,
                                    dynamic_shapes=_batch_dynamic_shapes(example_input, dynamic_batch))
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
+def export_onnx(model: nn.Module, example_input: Batch, path: str | os.PathLike, *,
                 opset: int | None = None, dynamic_batch: bool = True) -> Path:
     """Write ``model`` as an ONNX file at ``path`` with the dynamo-based exporter; returns the path.
 
-    One input ``input`` and one output ``output``; with ``dynamic_batch`` dim 0 of both is symbolic, so the file
-    runs on any batch size. ``opset`` is the ``ai.onnx`` opset (``None``: the exporter's recommended one).
+    A tensor ``example_input`` is the one input ``input``; a dict's keys name the inputs (keyword arguments, as a
+    tokenizer's output), a tuple's are ``input_0``, ``input_1``, ... The first output is ``output``. With
+    ``dynamic_batch`` dim 0 of every batched input and output is symbolic, so the file runs on any batch size.
+    ``opset`` is the ``ai.onnx`` opset (``None``: the exporter's recommended one).
     The file is written in a temporary folder beside ``path`` and moved into place (external data first, then
     the model), so a reader never sees a half-written model.
     """
@@ -94,10 +114,12 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     _require("onnxscript", "ONNX export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    args, kwargs = as_call(example_input)
+    names = list(kwargs) if kwargs else (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     with _eval_no_grad(model):
         program = torch.onnx.export(
-            model, (example_input,), dynamo=True, opset_version=opset, verbose=False,
-            input_names=["input"], output_names=["output"],
+            model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset, verbose=False,
+            input_names=names, output_names=["output"],
             dynamic_shapes=_batch_dynamic_shapes(example_input, dynamic_batch),
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -111,10 +133,21 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     return path
 
 
-def run_onnx(path: str | os.PathLike, x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Run the ONNX model at ``path`` on ``x`` with ONNX Runtime (CPU); returns its first output."""
+def run_onnx(path: str | os.PathLike, x: Any) -> np.ndarray:
+    """Run the ONNX model at ``path`` on ``x`` with ONNX Runtime (CPU); returns its first output. ``x`` is what
+    the model was exported on: a tensor or array, a tuple (by position) or a dict (by input name)."""
     ort = _require("onnxruntime", "Running an ONNX model")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0]
+    names = [i.name for i in session.get_inputs()]
+
+    def array(value: Any) -> np.ndarray:
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return np.ascontiguousarray(value)
+
+    if isinstance(x, dict):
+        feeds = {k: array(v) for k, v in x.items() if k in names}  # an input the graph dropped is not fed
+    elif isinstance(x, (tuple, list)):
+        feeds = {name: array(v) for name, v in zip(names, x)}
+    else:
+        feeds = {names[0]: array(x)}
+    return session.run(None, feeds)[0]

@@ -16,26 +16,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrd_exp.batches import Batch, first_tensor
 from lrd_exp.config.values import canonical_precision
 from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, reconstruct_weight
+from lrd_exp.decompose.registry import build_dense
 from lrd_exp.devices.resolve import DeviceInfo, synchronize
 from lrd_exp.timing.steps import autocast, cast_dtype, eval_forward, time_fn
 
 
 def merged_layer(layer: FactorizedLayer) -> nn.Module:
-    """The dense layer computing the same function as ``layer``: weight = the product of its factors."""
+    """The dense layer computing the same function as ``layer``: weight = the product of its factors. A linear
+    one is of the type it replaced (a ``Conv1D`` stays a ``Conv1D``), so its weight has the layout the original's
+    parent and a model file expect."""
     weight = reconstruct_weight(layer)
     last = layer.factors()["last"]
     bias = last.bias.detach() if last.bias is not None else None
-    factory = {"device": weight.device, "dtype": weight.dtype}
     if isinstance(layer, SVDLinear):
-        dense: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
-    else:
-        geometry = layer.first if isinstance(layer, SVDConv1x1) else layer.core  # where stride & padding live
-        dense = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], stride=geometry.stride,
-                          padding=geometry.padding, dilation=geometry.dilation, bias=bias is not None,
-                          padding_mode=geometry.padding_mode, **factory)
+        return build_dense(layer.dense_type, weight, bias)
+    geometry = layer.first if isinstance(layer, SVDConv1x1) else layer.core  # where stride & padding live
+    dense = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], stride=geometry.stride,
+                      padding=geometry.padding, dilation=geometry.dilation, bias=bias is not None,
+                      padding_mode=geometry.padding_mode, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         dense.weight.copy_(weight)
         if bias is not None:
@@ -57,7 +59,7 @@ class MergeReport:
         return f"deployed: {self.layers_merged} of {len(self.layers)} decomposed layers merged (faster dense)"
 
 
-def _inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
+def _inputs(model: nn.Module, example_input: Batch) -> dict[str, torch.Tensor]:
     """The input each factorized layer sees in one eval forward of ``example_input``."""
     seen: dict[str, torch.Tensor] = {}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
@@ -66,17 +68,18 @@ def _inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Te
     return seen
 
 
-def merge_for_inference(model: nn.Module, example_input: torch.Tensor, *, device: DeviceInfo | None = None,
+def merge_for_inference(model: nn.Module, example_input: Batch, *, device: DeviceInfo | None = None,
                         precision: str = "32-true", channels_last: bool = False, warmup: int = 3,
                         steps: int = 20) -> MergeReport:
     """Replace, in place, every factorized layer whose merged dense form infers faster; return what was chosen.
 
-    Each layer is timed alone at the input it sees for ``example_input`` (its batch, shape and layout), in
+    ``example_input``: a tensor, a tuple (``model(*x)``) or a dict (``model(**x)``, a tokenizer's output). Each
+    layer is timed alone at the input it sees for it (its batch, shape and layout), in
     ``precision`` (cast for ``*-true``, autocast for ``*-mixed``), under ``torch.inference_mode``. A layer that no
     forward of ``example_input`` reaches keeps its factors. Ties keep the factors (fewer parameters).
     """
     precision = canonical_precision(precision)
-    dev = device.torch_device if device is not None else example_input.device
+    dev = device.torch_device if device is not None else first_tensor(example_input).device
     cast = cast_dtype(precision)
     inputs = _inputs(model, example_input)
     report = MergeReport()

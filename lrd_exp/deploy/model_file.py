@@ -20,11 +20,13 @@ from torch import nn
 
 from lrd_exp.decompose.attention import UNPACKED, Unpacked
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv
+from lrd_exp.decompose.registry import is_linear
 from lrd_exp.results.io import write_torch_atomic
 
 FORMAT = "lrd-exp/decomposed-model"
 VERSION = 1
-#: factorized layer class -> (the layer type it replaces, how to rebuild it from that layer and its ranks)
+#: factorized layer class -> (the layer type it replaces, how to rebuild it from that layer and its ranks); an
+#: SVDLinear replaces any registered linear-like type (:mod:`lrd_exp.decompose.registry`)
 KINDS: dict[str, tuple[type[nn.Module], Any]] = {
     "SVDLinear": (nn.Linear, SVDLinear.like),
     "SVDConv1x1": (nn.Conv2d, SVDConv1x1.like),
@@ -128,10 +130,12 @@ def apply_structure(model: nn.Module, layers: list[dict[str, Any]], *, source: s
         if not name:
             raise ModelFileError(f"{source} holds a model whose root is a {kind}: loading in place cannot replace "
                                  "the root; save and load a module that contains it")
-        if not isinstance(layer, replaced) or (kind == "SVDConv1x1" and layer.kernel_size != (1, 1)):
+        fits = is_linear(layer) if replaced is nn.Linear else isinstance(layer, replaced)
+        if not fits or (kind == "SVDConv1x1" and layer.kernel_size != (1, 1)):
             found = "no such layer" if layer is None else type(layer).__name__
+            built = "a linear-like layer" if replaced is nn.Linear else f"an nn.{replaced.__name__}"
             raise ModelFileError(f"{source} does not fit this model: layer {name!r} is {found}, the file holds a "
-                                 f"{kind} built from an nn.{replaced.__name__}")
+                                 f"{kind} built from {built}")
         model.set_submodule(name, like(layer, *ranks))
     return model
 

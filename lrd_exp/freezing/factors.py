@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrd_exp.batches import Batch, batch_size_of, first_samples
 from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.layers import FactorizedLayer
 from lrd_exp.timing.steps import eval_forward
@@ -55,7 +56,7 @@ def collect_factors(model: nn.Module) -> list[Factor]:
     return factors
 
 
-def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+def factor_costs(model: nn.Module, example_input: Batch) -> dict[str, int]:
     """Weight-gradient FLOPs per sample of every factor: what freezing it saves in each training step.
 
     A factor's weight gradient is one GEMM as large as its forward: 2 x weight elements x output positions
@@ -64,7 +65,7 @@ def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
     statistics, gradients and the random state are left as they were.
     """
     factors = collect_factors(model)
-    batch = max(int(example_input.shape[0]), 1)
+    batch = max(batch_size_of(example_input), 1)
     positions: dict[str, int] = {}
 
     def record(key: str, module: nn.Module, _x: torch.Tensor, out: torch.Tensor) -> None:
@@ -78,12 +79,10 @@ def factor_costs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
 
 
 def measure_factor_costs(model: nn.Module, example: Any) -> dict[str, int]:
-    """:func:`factor_costs` on one sample of ``example``; {} (the size order) with one warning when ``example`` is
-    not a tensor or the forward fails: ordering a freeze schedule must never end a run."""
+    """:func:`factor_costs` on one sample of ``example`` (a tensor, tuple or dict batch); {} (the size order) with
+    one warning when it holds no tensor or the forward fails: ordering a freeze schedule must never end a run."""
     try:
-        if not torch.is_tensor(example):
-            raise TypeError(f"the input is a {type(example).__name__}, not a tensor")
-        return factor_costs(model, example[:1])
+        return factor_costs(model, first_samples(example, 1))
     except Exception as exc:
         log.warning("freeze.importance=cost could not measure the factors' output positions (%s): "
                     "freezing the largest factors first instead", exc)

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from lrd_exp.config.validate import freeze_values
@@ -171,10 +170,11 @@ class FreezeState:
 
 def schedule_states(model: nn.Module, freeze_cfg: Any, total_units: int,
                     history: list[dict[str, Any]] | None = None,
-                    example_input: torch.Tensor | None = None) -> list[FreezeState]:
+                    example_input: Any = None) -> list[FreezeState]:
     """The states a schedule goes through over ``total_units``, from a run's history when there is one.
 
-    ``example_input`` (one sample) gives ``importance=cost`` the factors' real weight-gradient FLOPs.
+    ``example_input`` (one sample: a tensor, tuple or dict) gives ``importance=cost`` the factors' real
+    weight-gradient FLOPs.
     """
     factors = collect_factors(model)
     schedule = FreezeSchedule(freeze_cfg, factors)

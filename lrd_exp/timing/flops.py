@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lrd_exp.batches import Batch, feed, map_tensors, tensors
 from lrd_exp.timing.steps import logits_of
 
 
@@ -41,8 +42,9 @@ def conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: 
 FLOP_FORMULAS = {torch.ops.aten.convolution_backward: conv_backward_flops}
 
 
-def count_flops(model: nn.Module, x: torch.Tensor, *, train: bool, y: torch.Tensor | None = None) -> int:
-    """FLOPs of one forward (``train=False``) or one training step's forward + backward (``train=True``).
+def count_flops(model: nn.Module, x: Batch, *, train: bool, y: torch.Tensor | None = None) -> int:
+    """FLOPs of one forward (``train=False``) or one training step's forward + backward (``train=True``) on ``x``:
+    a tensor, a tuple (``model(*x)``) or a dict (``model(**x)``).
 
     Counts the real execution under ``FlopCounterMode`` (a multiply-add is 2 FLOPs): with ``train=True``
     backward computes only the gradients ``loss.backward()`` would, so a frozen weight adds no weight-gradient
@@ -61,9 +63,9 @@ def count_flops(model: nn.Module, x: torch.Tensor, *, train: bool, y: torch.Tens
         if train:
             # an input that needs grad enters as a view: the counter's module hooks fail on a leaf that
             # autograd.grad() is asked for
-            x_in = x.view_as(x) if x.requires_grad else x
+            x_in = map_tensors(x, lambda t: t.view_as(t) if t.requires_grad else t)
             with counter:
-                logits = logits_of(model(x_in))
+                logits = logits_of(feed(model, x_in))
                 target = (
                     y
                     if y is not None
@@ -73,13 +75,13 @@ def count_flops(model: nn.Module, x: torch.Tensor, *, train: bool, y: torch.Tens
                 if loss.requires_grad:
                     # gradients go to fresh tensors, not into .grad of the caller's parameters (or input)
                     wanted = [p for p in model.parameters() if p.requires_grad]
-                    if x.requires_grad:  # backward() would compute the input's gradient too
-                        wanted.append(x)
+                    # backward() would compute the inputs' gradients too
+                    wanted += [t for t in tensors(x) if t.requires_grad]
                     torch.autograd.grad(loss, wanted, allow_unused=True)
         else:
             model.eval()
             with torch.no_grad(), counter:
-                model(x)
+                feed(model, x)
     finally:
         for m, mode in modes.items():  # each module its own mode (a BatchNorm kept in eval stays there)
             m.train(mode)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrd_exp.batches import feed, first_tensor
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.timing.steps import (
     OptimizerFactory,
@@ -55,7 +56,7 @@ def memory_parts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     untouched. The step is the benchmark's: forward, cross-entropy, backward, optimizer step.
     """
     precision = canonical_precision(precision)
-    target = device.torch_device if device is not None else x.device
+    target = device.torch_device if device is not None else first_tensor(x).device
     acc = _accelerator(target.type)
     if acc is not None:
         acc.synchronize()
@@ -77,7 +78,7 @@ def memory_parts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     def step(count: bool) -> None:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else _null():
             with autocast(precision, torch_device.type):
-                loss = F.cross_entropy(logits_of(work(xw)), yw)
+                loss = F.cross_entropy(logits_of(feed(work, xw)), yw)
         if loss.requires_grad:
             loss.backward()
             if optimizer is not None:

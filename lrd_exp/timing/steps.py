@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrd_exp.batches import Batch, batch_size_of, feed, first_tensor, map_tensors
 from lrd_exp.config.values import PRECISIONS, canonical_precision
 from lrd_exp.devices.resolve import DeviceInfo, synchronize
 
@@ -124,14 +125,15 @@ def precision_dtypes(precision: Any) -> tuple[torch.dtype | None, torch.dtype | 
     return (getattr(torch, amp) if amp else None), (getattr(torch, cast) if cast else None)
 
 
-def eval_forward(model: nn.Module, x: torch.Tensor) -> Any:
-    """One forward in eval mode without autograd (e.g. to record shapes with hooks); every module's own mode is
-    restored afterwards, and no BatchNorm statistic or random number of the caller's run is touched."""
+def eval_forward(model: nn.Module, x: Batch) -> Any:
+    """One forward in eval mode without autograd (e.g. to record shapes with hooks) of a tensor, tuple or dict
+    input; every module's own mode is restored afterwards, and no BatchNorm statistic or random number of the
+    caller's run is touched."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            return model(x)
+            return feed(model, x)
     finally:
         for m, mode in modes.items():
             m.train(mode)
@@ -150,15 +152,16 @@ def _sync_for(device: DeviceInfo | None, torch_device: torch.device) -> Callable
 
 def prepared_copy(
     model: nn.Module,
-    tensors: Iterable[torch.Tensor | None],
+    tensors: Iterable[Batch | None],
     *,
     precision: str,
     channels_last: bool,
     device: DeviceInfo | None,
-) -> tuple[nn.Module, list[torch.Tensor | None], torch.device]:
-    """Deep-copy the model and move copy and inputs to the measuring device, layout and dtype."""
+) -> tuple[nn.Module, list[Batch | None], torch.device]:
+    """Deep-copy the model and move copy and inputs (tensors, or tuple / dict batches) to the measuring device,
+    layout and dtype."""
     tensors = list(tensors)
-    first = next(t for t in tensors if t is not None)
+    first = first_tensor(next(t for t in tensors if t is not None))
     torch_device = device.torch_device if device is not None else first.device
     cast = cast_dtype(precision)
     work = copy.deepcopy(model).to(torch_device)
@@ -166,18 +169,16 @@ def prepared_copy(
         work = work.to(cast)
     if channels_last:
         work = work.to(memory_format=torch.channels_last)
-    out: list[torch.Tensor | None] = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
+
+    def place(t: torch.Tensor) -> torch.Tensor:
         t = t.to(torch_device)
         if cast is not None and t.is_floating_point():
             t = t.to(cast)
         if channels_last and t.dim() == 4:
             t = t.contiguous(memory_format=torch.channels_last)
-        out.append(t)
-    return work, out, torch_device
+        return t
+
+    return work, [None if t is None else map_tensors(t, place) for t in tensors], torch_device
 
 
 def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -203,7 +204,7 @@ def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 def make_train_step(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     optimizer_factory: OptimizerFactory | None = None,
@@ -217,14 +218,14 @@ def make_train_step(
     precision = canonical_precision(precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (optimizer_factory or default_optimizer)(params) if params else None
-    device_type = x.device.type
+    device_type = first_tensor(x).device.type
     scaler = None
     if precision == "16-mixed" and device_type in ("cuda", "npu"):
         scaler = torch.amp.GradScaler(device_type)
 
     def step() -> None:
         with autocast(precision, device_type):
-            loss = F.cross_entropy(logits_of(model(x)), y)
+            loss = F.cross_entropy(logits_of(feed(model, x)), y)
         if not loss.requires_grad:  # everything frozen: the forward is the whole step
             return
         if scaler is not None:
@@ -261,7 +262,7 @@ class PreparedStep:
 
 def prepare_train_step(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     optimizer_factory: OptimizerFactory | None = None,
@@ -283,19 +284,20 @@ def prepare_train_step(
     work.train()
     run = torch.compile(work) if compile else work
     step = make_train_step(run, xw, yw, optimizer_factory=optimizer_factory, precision=precision)
-    return PreparedStep(step, _sync_for(device, torch_device), int(x.shape[0]))
+    return PreparedStep(step, _sync_for(device, torch_device), batch_size_of(x))
 
 
 def prepare_inference(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Batch,
     *,
     precision: str = "32-true",
     channels_last: bool = False,
     compile: bool = False,
     device: DeviceInfo | None = None,
 ) -> PreparedStep:
-    """A forward pass of a deep copy of ``model`` in eval mode under ``torch.inference_mode``."""
+    """A forward pass of a deep copy of ``model`` in eval mode under ``torch.inference_mode``; ``x`` is a tensor,
+    a tuple (``model(*x)``) or a dict (``model(**x)``)."""
     precision = canonical_precision(precision)
     work, (xw,), torch_device = prepared_copy(
         model, (x,), precision=precision, channels_last=channels_last, device=device
@@ -306,6 +308,6 @@ def prepare_inference(
 
     def forward() -> None:
         with torch.inference_mode(), autocast(precision, device_type):
-            run(xw)
+            feed(run, xw)
 
-    return PreparedStep(forward, _sync_for(device, torch_device), int(x.shape[0]))
+    return PreparedStep(forward, _sync_for(device, torch_device), batch_size_of(x))
