@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrd_exp.decompose.calibration import Batch, EvalModes, batch_size_of, run_batch
+from lrd_exp.batches import Batch, batch_size_of
+from lrd_exp.decompose.calibration import EvalModes, run_batch
 
 #: output rows (samples x positions) kept per check; beyond it a seeded subset of rows is compared
 MAX_ROWS = 65536
