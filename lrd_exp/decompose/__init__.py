@@ -2,7 +2,8 @@
 (registry: nn.Linear, transformers' Conv1D, your own), factorized layers (layers), torch's attention and
 transformer layers unpacked so their projections factorize (attention), watching layers in a forward (capture),
 calibration inputs (calibration), rank formulas (ranks), one candidate layer (plan), measured ranks (search),
-model surgery (surgery) and what it did (report). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
+model surgery (surgery), what it did (report) and whether the model survived it (check: the end-to-end check
+against the original). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
 
 from lrd_exp.decompose.attention import (
     FactorizableDecoderLayer,
@@ -10,6 +11,7 @@ from lrd_exp.decompose.attention import (
     FactorizableMultiheadAttention,
 )
 from lrd_exp.decompose.calibration import recalibrate_bn
+from lrd_exp.decompose.check import DecompositionWarning, OutputCheck
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.registry import LinearType, is_linear, register_linear
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
@@ -17,11 +19,13 @@ from lrd_exp.decompose.surgery import decompose_model, find_candidates
 
 __all__ = [
     "DecompositionReport",
+    "DecompositionWarning",
     "FactorizableDecoderLayer",
     "FactorizableEncoderLayer",
     "FactorizableMultiheadAttention",
     "FactorizedLayer",
     "LayerReport",
+    "OutputCheck",
     "LinearType",
     "SVDConv1x1",
     "SVDLinear",

@@ -97,7 +97,8 @@ class Reference:
         g = torch.Generator().manual_seed(seed)
         self.index: list[torch.Tensor | None] = []
         self.outputs: list[torch.Tensor] = []
-        for out in _outputs(model, self.batches):
+        self.what = "an evaluation batch" if held_out else "a calibration batch"
+        for out in _outputs(model, self.batches, self.what):
             index = torch.randperm(out.shape[0], generator=g)[:per_batch] if out.shape[0] > per_batch else None
             self.index.append(index)
             self.outputs.append(out if index is None else out[index])
@@ -107,7 +108,7 @@ class Reference:
         diff = norm = agree = kl = 0.0
         rows = 0
         scores = self.outputs[0].shape[-1] > 1
-        for ref, new, index in zip(self.outputs, _outputs(model, self.batches), self.index):
+        for ref, new, index in zip(self.outputs, _outputs(model, self.batches, self.what), self.index):
             ref, new = ref.double(), (new if index is None else new[index]).double()
             if new.shape != ref.shape:
                 raise ValueError(f"the decomposed model's outputs have shape {tuple(new.shape)}, the original's "
@@ -124,11 +125,11 @@ class Reference:
                            agreement=agree / rows if scores else None, kl=kl / rows if scores else None)
 
 
-def _outputs(model: nn.Module, batches: Sequence[Batch]):
-    """Each batch's output rows, one batch at a time."""
+def _outputs(model: nn.Module, batches: Sequence[Batch], what: str):
+    """Each batch's output rows, one batch at a time (``what`` names the batch in an error)."""
     with EvalModes(model):
         for b in batches:
-            yield _rows(main_output(run_batch(model, b, "a check batch")))
+            yield _rows(main_output(run_batch(model, b, what)))
 
 
 def rank_share_lost(layer: Any) -> float:
