@@ -13,18 +13,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from lrd_exp.config.schema import DatasetConfig
-from lrd_exp.training.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DigitsDataModule,
-    build_datamodule,
-)
+from lrd_exp.training.data import DigitsDataModule, build_datamodule
+
+# without a model, CIFAR is normalised by timm's defaults (a model's own mean / std otherwise)
+CIFAR10_MEAN = CIFAR100_MEAN = IMAGENET_MEAN
+CIFAR10_STD = CIFAR100_STD = IMAGENET_STD
 
 
 def make_cfg(**overrides):
@@ -274,11 +271,15 @@ def test_cifar_resized_values(tmp_path):
     test_data = write_cifar10(tmp_path / "cifar-10-batches-py")
     mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
     raw = torch.from_numpy(test_data[3]).view(1, 3, 32, 32).float() / 255
-    for size in (16, 48):  # bilinear, antialiased when shrinking
-        dm = build_datamodule(cifar_cfg("cifar10", tmp_path, image_size=size), batch_size=4)
+    # the whole image resized (crop_pct 1.0), antialiased (PIL's kernels); bicubic: timm's default interpolation
+    for size, interpolation in ((16, None), (48, None), (16, "bilinear"), (48, "bilinear")):
+        dm = build_datamodule(cifar_cfg("cifar10", tmp_path, image_size=size, interpolation=interpolation),
+                              batch_size=4)
         dm.setup("validate")
-        ref = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 32)[0]
+        mode = interpolation or "bicubic"
+        ref = F.interpolate(raw, size=(size, size), mode=mode, align_corners=False, antialias=True)[0]
         assert torch.allclose(dm.val_dataset[3][0], (ref - mean) / std, atol=1e-5)
+        assert (dm.preprocessing.crop_pct, dm.preprocessing.interpolation) == (1.0, mode)
 
 
 def test_cifar_augment_is_a_padded_crop_and_flip(tmp_path):

@@ -19,11 +19,13 @@ from lrd_exp.config.values import (
     BASES,
     BUDGETS,
     CALIBRATES,
+    CROP_MODES,
     FACTOR_POSITIONS,
     FITS,
     FREEZE_KINDS,
     FREEZE_UNITS,
     IMPORTANCES,
+    INTERPOLATIONS,
     LR_SCHEDULES,
     MALLOC_MODES,
     OBJECTIVES,
@@ -64,6 +66,8 @@ Accelerator = _choices("Accelerator", ACCELERATORS)
 MallocMode = _choices("MallocMode", MALLOC_MODES)
 OptimizerName = _choices("OptimizerName", OPTIMIZERS)
 LRSchedule = _choices("LRSchedule", LR_SCHEDULES)
+CropMode = _choices("CropMode", CROP_MODES)
+Interpolation = _choices("Interpolation", INTERPOLATIONS)
 
 
 class _NamedByValue(str, Enum):
@@ -136,7 +140,7 @@ class DatasetConfig:
     name: str = "digits"
     root: str | None = None
     download: bool = False
-    image_size: int = 32
+    image_size: int | None = 32  # None: the model's input size (its timm data config)
     in_chans: int = 1
     num_classes: int = 10
     val_fraction: float = 0.2
@@ -144,8 +148,13 @@ class DatasetConfig:
     val_size: int = 128  # synthetic only
     augment: bool = False
     num_workers: int = 0
+    # the input pipeline, for cifar* and imagenet: None takes the model's (lrd_exp.training.preprocessing);
+    # digits reads mean / std only (None: its training split's), synthetic none of them
     mean: list[float] | None = None
     std: list[float] | None = None
+    crop_pct: float | None = None  # fraction of the resized image the centre crop keeps (cifar*: None is 1.0)
+    crop_mode: CropMode | None = None
+    interpolation: Interpolation | None = None
 
 
 @dataclass

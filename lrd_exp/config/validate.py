@@ -17,6 +17,7 @@ from lrd_exp.config.values import (
     check_choice,
     check_count,
     check_freeze,
+    check_preprocessing,
     check_rank_keys,
 )
 from lrd_exp.config.values import enum_value as _v
@@ -56,9 +57,9 @@ def freeze_values(node: Any) -> dict[str, Any]:
 def check_model_name(name: str) -> None:
     import timm  # here, not at the top: `run.py --help` loads this module
 
-    if name in timm.list_models():
+    if name in timm.list_models() or name in timm.list_pretrained():  # an architecture, or one with its weights' tag
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, timm.list_models() + timm.list_pretrained(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
     raise ConfigError(f"model.name={name!r} is not a timm model{hint}")
 
@@ -172,9 +173,13 @@ def _check_precisions(cfg: DictConfig) -> None:
 
 def _check_dataset(d: DictConfig) -> None:
     check_choice("dataset.name", d.name, DATASETS)
-    if d.image_size <= 0 or d.in_chans <= 0 or d.num_classes <= 1:
-        raise ConfigError(f"dataset.image_size={d.image_size}, in_chans={d.in_chans}, num_classes={d.num_classes}: "
-                          "sizes must be >= 1 and num_classes >= 2")
+    if d.in_chans <= 0 or d.num_classes <= 1:
+        raise ConfigError(f"dataset.in_chans={d.in_chans}, num_classes={d.num_classes}: in_chans must be >= 1 and "
+                          "num_classes >= 2")
+    # the input pipeline's keys (the model's where null); CIFAR and ImageNet folders are RGB
+    check_preprocessing(image_size=d.image_size, mean=d.mean, std=d.std, crop_pct=d.crop_pct,
+                        crop_mode=d.crop_mode, interpolation=d.interpolation,
+                        channels=3 if d.name in ("cifar10", "cifar100", "imagenet") else d.in_chans)
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"dataset.val_fraction={d.val_fraction} is not allowed: a fraction in (0, 1)")
 

@@ -35,6 +35,9 @@ MALLOC_MODES = ("system", "tuned")  # tuned (opt-in): freed host buffers stay in
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "none")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")  # lrd_exp.training.data builds each
+# timm's eval crop modes and resize interpolations (timm.data.create_transform takes these names; a test checks)
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
 
 #: Lightning's precision flags -> (autocast dtype, cast dtype) as torch attribute names; None: float32 / no autocast.
 #: The one precision table: timing, the rank search and the NPU plugin read theirs from it.
@@ -213,3 +216,39 @@ def _check_positions(positions: Iterable[str]) -> None:
         if p not in FACTOR_POSITIONS:
             raise ValueError(f"freeze position {p!r} is not allowed (freeze.positions / freeze.phases): "
                              f"choose from {', '.join(FACTOR_POSITIONS)}")
+
+
+# ------------------------------------------------------------------------------------------- input pipeline
+def check_stats(key: str, value: Any, channels: int) -> tuple[float, ...] | None:
+    """``dataset.mean`` / ``dataset.std``: None, or 1 or ``channels`` finite numbers (std > 0), as ``channels``
+    numbers; else one ValueError naming the key."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) else [value]
+    ok = len(values) in (1, channels) and all(_is_number(v) for v in values)
+    if ok and key.endswith("std"):
+        ok = min(values) > 0
+    if not ok:
+        what = "numbers > 0" if key.endswith("std") else "numbers"
+        raise ValueError(f"{key}={values!r} is not allowed: null (the model's) or 1 or in_chans={channels} {what}")
+    values = [float(v) for v in values]
+    return tuple(values * channels if len(values) == 1 else values)
+
+
+def check_preprocessing(*, image_size: Any = None, mean: Any = None, std: Any = None, crop_pct: Any = None,
+                        crop_mode: Any = None, interpolation: Any = None, channels: int = 3) -> dict[str, Any]:
+    """The ``dataset.*`` input-pipeline keys (None: the model's): one ValueError naming the key. Returns the checked
+    values, mean / std as ``channels`` numbers, enums as plain strings."""
+    if image_size is not None:
+        check_count("dataset.image_size", image_size, "null (the model's) or an image size in pixels")
+    if crop_pct is not None and (not _is_number(crop_pct) or not 0 < crop_pct <= 1):
+        raise ValueError(f"dataset.crop_pct={crop_pct!r} is not allowed: null (the model's) or the fraction in "
+                         "(0, 1] of the resized image that the centre crop keeps")
+    return {
+        "image_size": image_size, "mean": check_stats("dataset.mean", mean, channels),
+        "std": check_stats("dataset.std", std, channels),
+        "crop_pct": None if crop_pct is None else float(crop_pct),
+        "crop_mode": None if crop_mode is None else check_choice("dataset.crop_mode", crop_mode, CROP_MODES),
+        "interpolation": None if interpolation is None else check_choice("dataset.interpolation", interpolation,
+                                                                          INTERPOLATIONS),
+    }

@@ -45,6 +45,14 @@ IDENTITY_COLUMNS: list[str] = [
     "output_dir",
     "baseline_cache_hit",
 ]
+INPUT_COLUMNS: list[str] = [  # the input pipeline the model was fed (lrd_exp.training.preprocessing)
+    "input_size",  # side of the square input, pixels
+    "input_mean",  # per-channel mean / std of the normalisation, JSON lists; null: not normalised (synthetic)
+    "input_std",
+    "input_crop_pct",  # fraction of the resized image the centre crop keeps (1.0: all of it)
+    "input_crop_mode",  # timm's: center | squash | border
+    "input_interpolation",  # of the resize: bilinear, bicubic, ...
+]
 SIZE_COLUMNS: list[str] = [
     "params_original",
     "params_decomposed",
@@ -124,8 +132,8 @@ TARGET_COLUMNS: list[str] = [
 STATUS_COLUMNS: list[str] = ["status", "error", "duration_s"]
 
 #: The row contract, in order. Extra keys are allowed and kept after these.
-RESULT_COLUMNS: list[str] = (IDENTITY_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + DEPLOY_COLUMNS + MEMORY_COLUMNS
-                              + QUALITY_COLUMNS + TARGET_COLUMNS + STATUS_COLUMNS)
+RESULT_COLUMNS: list[str] = (IDENTITY_COLUMNS + INPUT_COLUMNS + SIZE_COLUMNS + SPEED_COLUMNS + DEPLOY_COLUMNS
+                              + MEMORY_COLUMNS + QUALITY_COLUMNS + TARGET_COLUMNS + STATUS_COLUMNS)
 
 # Block medians of one fixed step that differ by more than this mean the machine changed speed under the
 # benchmark (another load, a host burst): the ratios still compare like with like, but less certainly.

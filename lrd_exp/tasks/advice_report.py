@@ -24,6 +24,7 @@ from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.results.pareto import pareto_mask, recommend
 from lrd_exp.results.row import STATUS_OK
 from lrd_exp.tasks.identity import git_commit, overrides_string
+from lrd_exp.tasks.models import config_shape
 from lrd_exp.tasks.settings import bench_batch_size, bench_precision
 
 ORIGINAL = "original"
@@ -145,7 +146,7 @@ def write_advice(cfg: DictConfig, device: DeviceInfo, table: pd.DataFrame, out_d
     rec = table[table["recommended"]]
     command = recommended_command(cfg, rec.iloc[0]) if len(rec) else None
     batch = bench_batch_size(cfg)
-    size = cfg.model.image_size or cfg.dataset.image_size
+    size = cfg.model.image_size or config_shape(cfg)["image_size"]
     accuracy = (f"top1_pre: top-1 (%) before fine-tuning on the first {val_images} validation images"
                 if val_images else "no top-1 (no labelled dataset, or advise.val_images=0)")
     how = (f"the fastest frontier configuration with approx_error <= {cfg.advise.max_error}"

@@ -49,12 +49,11 @@ from lrd_exp.tasks.decomposition import calibration_inputs, check_inputs, log_wa
 from lrd_exp.tasks.identity import slug
 from lrd_exp.tasks.job import JobFailed
 from lrd_exp.tasks.measure import compare_states, deploy
-from lrd_exp.tasks.models import build_model, data_shape
+from lrd_exp.tasks.models import build_data, build_model, data_shape
 from lrd_exp.tasks.settings import advise_settings, bench_batch_size, bench_precision, freeze_total_units
 from lrd_exp.tasks.train import baseline
 from lrd_exp.timing.compare import Comparison
 from lrd_exp.timing.flops import count_flops, count_params
-from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.trainer import evaluate, validation_images
 
 log = logging.getLogger("lrd_exp")
@@ -66,7 +65,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     configs = grid.expand(cfg.advise.grid, cfg, exclude=cfg.advise.exclude)
     applied = [grid.apply(cfg, c) for c in configs]  # every one checked before any work (one line, the bad key)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same original (and data) as a training job's
-    dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
+    dm = build_data(cfg)
     calibration = calibration_inputs(cfg, dm)  # the same training images a training job fits to
     evaluation = check_inputs(cfg, dm, calibration)  # and is checked on
     original, top1_original = original_model(cfg, device, dm, out_dir)

@@ -28,8 +28,9 @@ from lrd_exp.tasks.decomposition import rank_search_context, require_decomposed
 from lrd_exp.tasks.identity import identity_row, slug
 from lrd_exp.tasks.job import JobRow
 from lrd_exp.tasks.measure import measure
-from lrd_exp.tasks.models import build_model, data_shape
+from lrd_exp.tasks.models import build_model, config_shape
 from lrd_exp.tasks.settings import bench_batch_size, bench_precision, freeze_total_units
+from lrd_exp.training.preprocessing import input_columns
 
 log = logging.getLogger("lrd_exp")
 
@@ -53,10 +54,10 @@ def variant_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Time the original and every variant; one row per variant, a printed table and ``freeze_stages.csv``."""
     parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
-    d = cfg.dataset
-    batch, size = bench_batch_size(cfg), cfg.model.image_size or d.image_size
+    d, shape = cfg.dataset, config_shape(cfg)
+    batch, size = bench_batch_size(cfg), cfg.model.image_size or shape["image_size"]
     torch.manual_seed(cfg.seed)
-    original = build_model(cfg, **data_shape(d))
+    original = build_model(cfg, **shape)
     x = torch.randn(batch, d.in_chans, size, size, device=device.torch_device)
     y = torch.randint(0, d.num_classes, (batch,), device=device.torch_device)
     original = original.to(device.torch_device)
@@ -68,7 +69,7 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
         vdir = out_dir if i == 0 else os.path.join(out_dir, "variants", slug(label))
         row = identity_row(vcfg, out_dir)
         row.update(device=device.accelerator, device_name=device.name, precision=bench_precision(cfg),
-                   batch_size=batch, variant=label, parallel_jobs=parallel, output_dir=vdir)
+                   batch_size=batch, variant=label, parallel_jobs=parallel, output_dir=vdir, **input_columns(size))
         with JobRow(row, vdir, what=f"benchmark variant {label}", summary=False) as job:
             row.update(measure_variant(vcfg, device, original, x, y, label, vdir))
             stage_rows += [{"variant": label, **st} for st in row["freeze_stages"]]

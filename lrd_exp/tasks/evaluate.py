@@ -13,11 +13,10 @@ from lrd_exp.results.row import STATUS_OK
 from lrd_exp.tasks.checkpoint import is_model_file
 from lrd_exp.tasks.identity import identity_row
 from lrd_exp.tasks.job import JobRow
-from lrd_exp.tasks.models import build_model, data_shape, load_model_file
+from lrd_exp.tasks.models import build_data, build_model, data_shape, load_model_file
 from lrd_exp.tasks.settings import bench_batch_size, bench_channels_last, bench_precision
 from lrd_exp.timing.flops import count_flops, count_params
 from lrd_exp.timing.steps import prepare_inference
-from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.trainer import evaluate as top1_of
 from lrd_exp.training.trainer import validation_images
 
@@ -37,12 +36,12 @@ def measure_model(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> dict[str
     """The row fields of the loaded model: the decomposed columns for a decomposed model, else the original's."""
     b = cfg.bench
     batch = bench_batch_size(cfg)
-    dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed, data_dir=cfg.paths.data_dir)
+    dm = build_data(cfg)
     shape = data_shape(dm)
     model = load_model_file(cfg, **shape) if is_model_file(cfg.model.checkpoint) else build_model(cfg, **shape)
     side = "decomposed" if any(isinstance(m, FactorizedLayer) for m in model.modules()) else "original"
     fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg, device, model, dm, out_dir),
-                              "val_images": validation_images(cfg, dm)}
+                              "val_images": validation_images(cfg, dm), **dm.input_columns()}
     x, _ = dm.example_batch(batch)
     kw = {"precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg), "compile": b.compile,
           "device": device}

@@ -1,5 +1,5 @@
 """The run's model: the timm model of ``cfg.model`` for the dataset's shape, with ``model.checkpoint``'s weights,
-or the decomposed model of an lrd-exp model file."""
+or the decomposed model of an lrd-exp model file; and the run's data, fed the inputs that this model expects."""
 
 from __future__ import annotations
 
@@ -12,11 +12,28 @@ from torch import nn
 from lrd_exp.config.validate import ConfigError
 from lrd_exp.deploy import model_file
 from lrd_exp.tasks.checkpoint import is_model_file, load_checkpoint
+from lrd_exp.training.data import build_datamodule
+from lrd_exp.training.preprocessing import model_preprocessing
 
 
 def data_shape(data: Any) -> dict[str, int]:
     """The model's shape keywords from a datamodule or ``cfg.dataset`` (classes, input channels, image size)."""
     return {"num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size}
+
+
+def build_data(cfg: DictConfig) -> Any:
+    """The run's datamodule, with ``cfg.model``'s input pipeline (its timm data config, read without building it;
+    ``model.image_size`` the size it is built for) under the ``dataset.*`` overrides."""
+    preprocessing = model_preprocessing(cfg.model.name, image_size=cfg.model.image_size)
+    return build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
+                            data_dir=cfg.paths.data_dir, preprocessing=preprocessing)
+
+
+def config_shape(cfg: DictConfig) -> dict[str, int]:
+    """The model's shape keywords from the config alone (no data read): ``cfg.dataset``'s classes and channels, and
+    ``dataset.image_size``, else the model's own input size (its timm data config)."""
+    size = cfg.dataset.image_size or model_preprocessing(cfg.model.name, image_size=cfg.model.image_size).input_size
+    return {"num_classes": cfg.dataset.num_classes, "in_chans": cfg.dataset.in_chans, "image_size": int(size)}
 
 
 def build_model(cfg: DictConfig, *, num_classes: int, in_chans: int, image_size: int,

@@ -41,11 +41,10 @@ from lrd_exp.tasks.decomposition import (
 from lrd_exp.tasks.identity import identity_row
 from lrd_exp.tasks.job import JobRow, objective_value
 from lrd_exp.tasks.measure import measure_pair
-from lrd_exp.tasks.models import build_model, data_shape, load_model_file
+from lrd_exp.tasks.models import build_data, build_model, data_shape, load_model_file
 from lrd_exp.tasks.settings import bench_optimizer
 from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
 from lrd_exp.training.baseline import get_or_train
-from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.target import DEFAULT_TARGET_DROP, TimeToTarget
 from lrd_exp.training.trainer import evaluate, finish_wandb, fit, make_loggers, make_wandb, validation_images
 
@@ -73,9 +72,8 @@ def train(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
 def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: Any | None) -> dict[str, Any]:
     """The job's stages in order; returns the row's size, speed and quality fields."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg.dataset, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
-                          data_dir=cfg.paths.data_dir)
-    row: dict[str, Any] = {}
+    dm = build_data(cfg)
+    row: dict[str, Any] = dm.input_columns()  # the inputs the model is fed: its own pipeline on real photos
     calibration = None if is_model_file(cfg.model.checkpoint) else calibration_inputs(cfg, dm)  # before any work
     evaluation = None if is_model_file(cfg.model.checkpoint) else check_inputs(cfg, dm, calibration)
 

@@ -3,6 +3,8 @@
 Every datamodule knows ``num_classes``, ``in_chans`` and ``image_size`` right after construction, so the model can
 be built before any data is read, and offers ``example_batch`` for throughput measurement at the real input shape.
 The validation loader is the evaluation split top-1 is reported on (the test set for CIFAR, ``val/`` for ImageNet).
+CIFAR and ImageNet folders feed the model the inputs that it expects: its own data config (a
+:class:`~lrd_exp.training.preprocessing.Preprocessing`) with the ``dataset.*`` overrides, through timm's transforms.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from lrd_exp.config.values import check_stats
+from lrd_exp.training.preprocessing import Preprocessing, input_columns, model_preprocessing
+
+#: The ``dataset.*`` keys that override the model's input pipeline (image_size overrides its input size).
+PREPROCESSING_KEYS = ("image_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
 
 
 def _opt(cfg: Any, key: str, default: Any = None) -> Any:
@@ -39,16 +40,7 @@ def _opt(cfg: Any, key: str, default: Any = None) -> Any:
 
 def _stats(value: Any, default: Sequence[float], channels: int, key: str) -> tuple[float, ...]:
     """Per-channel mean/std: ``value`` from the config (1 or ``channels`` numbers) or the dataset's ``default``."""
-    if value is None:
-        value = default
-    values = tuple(float(v) for v in value)
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"dataset.{key} has {len(values)} values; expected 1 or in_chans={channels}")
-    if key == "std" and min(values) <= 0:
-        raise ValueError(f"dataset.std must be > 0, got {list(values)}")
-    return values
+    return check_stats(f"dataset.{key}", default if value is None else value, channels)
 
 
 def _resize(size: int) -> v2.Resize:
@@ -65,31 +57,19 @@ def _repeat_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _image_transform(
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    size: int | None = None,
-    channels: int | None = None,
-    pad: int = 0,
-    crop: int | None = None,
-    flip: bool = False,
+    mean: Sequence[float], std: Sequence[float], *, channels: int, pad: int = 0, crop: int | None = None
 ) -> v2.Compose:
-    """Per-sample pipeline on (C, H, W) tensors: to float in [0, 1], random shift (zero ``pad``, random ``crop``
-    back to the stored size) and flip, resize, gray repeated to ``channels``, normalise.
+    """Digits' per-sample pipeline on (C, H, W) tensors: to float in [0, 1], random shift (zero ``pad``, random
+    ``crop`` back to the stored size), gray repeated to ``channels``, normalise.
 
-    On plain tensors, so in-memory datasets (digits, CIFAR) need no PIL round trip; the random numbers come from
-    torch's global generator, which Lightning's ``seed_everything(workers=True)`` seeds in every worker. Without
-    the random steps it also takes a whole (N, C, H, W) batch.
+    On plain tensors, so the in-memory images need no PIL round trip; the random numbers come from torch's global
+    generator, which Lightning's ``seed_everything(workers=True)`` seeds in every worker. Without the random steps
+    it also takes a whole (N, C, H, W) batch.
     """
     steps: list[Callable] = [v2.ToDtype(torch.float32, scale=True)]  # uint8 / 255; float passes unchanged
     if pad:
         steps += [v2.Pad(pad, fill=0), v2.RandomCrop(crop)]
-    if flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if size is not None:
-        steps.append(_resize(size))
-    if channels is not None:
-        steps.append(v2.Lambda(partial(_repeat_channels, channels=channels)))  # partial pickles into workers
+    steps.append(v2.Lambda(partial(_repeat_channels, channels=channels)))  # partial pickles into workers
     steps.append(v2.Normalize(mean, std))
     return v2.Compose(steps)
 
@@ -113,11 +93,15 @@ class _BaseDataModule(pl.LightningDataModule):
 
     name = "base"
 
-    def __init__(self, cfg: Any, *, batch_size: int, seed: int = 0, data_dir: str = "data"):
+    def __init__(self, cfg: Any, *, batch_size: int, seed: int = 0, data_dir: str = "data",
+                 preprocessing: Preprocessing | None = None):
         super().__init__()
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.image_size = int(_opt(cfg, "image_size", 32))
+        # the model's input pipeline (timm's defaults without one); datasets of real photos use all of it
+        self.model_preprocessing = preprocessing or model_preprocessing()
+        self.preprocessing: Preprocessing | None = None
+        self.image_size = int(_opt(cfg, "image_size", self.model_preprocessing.input_size))
         self.in_chans = int(_opt(cfg, "in_chans", 1))
         self.num_classes = int(_opt(cfg, "num_classes", 10))
         self.num_workers = int(_opt(cfg, "num_workers", 0))
@@ -136,6 +120,19 @@ class _BaseDataModule(pl.LightningDataModule):
                 f"dataset.{attr}={cfg_value} but {self.name} has {attr}={value}; using {value}", stacklevel=3
             )
         setattr(self, attr, value)
+
+    def _use_model_preprocessing(self, cfg: Any, **defaults: Any) -> None:
+        """Take the model's input pipeline with the ``dataset.*`` overrides (``defaults``: this dataset's own
+        values where the config leaves a key null); ``image_size`` follows it."""
+        values = {key: _opt(cfg, key, defaults.get(key)) for key in PREPROCESSING_KEYS}
+        self.preprocessing = self.model_preprocessing.override(**values)
+        self.image_size = self.preprocessing.input_size
+
+    def input_columns(self) -> dict[str, Any]:
+        """The row's record of the inputs the model is fed (``input_size``, ``input_mean``, ...)."""
+        if self.preprocessing is not None:
+            return self.preprocessing.columns()
+        return input_columns(self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_dataset is None:
@@ -272,6 +269,13 @@ class DigitsDataModule(_BaseDataModule):
             self.train_dataset = TensorDataset(val_tf(train_images).contiguous(), labels[self.train_indices])
         self.val_dataset = TensorDataset(val_tf(images[self.val_indices]).contiguous(), labels[self.val_indices])
 
+    def input_columns(self) -> dict[str, Any]:
+        """The 8x8 images resized whole (bilinear) and normalised by the training split's statistics (or the
+        config's): known once the split is drawn."""
+        self.setup()
+        return input_columns(self.image_size, mean=self.mean, std=self.std, crop_pct=1.0, crop_mode="squash",
+                             interpolation="bilinear")
+
 
 class _SyntheticImages(Dataset):
     """Random images generated per index from a seeded generator: deterministic, and no memory at any size."""
@@ -340,25 +344,26 @@ class CIFARDataModule(_BaseDataModule):
     :class:`_CIFAR10Files`); downloaded by torchvision only when ``dataset.download=true``.
 
     ``root`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that folder itself). Images stay in memory
-    as uint8; val is the official test set. ``augment``: random crop (pad 4) + horizontal flip.
+    as uint8; val is the official test set. ``augment``: random crop (pad 4) + horizontal flip at the stored 32 px.
+    Mean, std and interpolation are the model's; the whole 32 px image is resized to ``image_size`` (crop_pct 1.0
+    unless ``dataset.crop_pct`` says otherwise: a CIFAR image is already a tight crop of its object).
     """
 
-    # name: (torchvision's class, which downloads; the reader; mean; std)
+    # name: (torchvision's class, which downloads; the reader)
     SOURCES = {
-        "cifar10": (CIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD),
-        "cifar100": (CIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD),
+        "cifar10": (CIFAR10, _CIFAR10Files),
+        "cifar100": (CIFAR100, _CIFAR100Files),
     }
 
     def __init__(self, cfg: Any, *, name: str, **kwargs):
         self.name = name
         super().__init__(cfg, **kwargs)
-        official, self.reader, mean, std = self.SOURCES[name]
+        official, self.reader = self.SOURCES[name]
         self.base_folder = official.base_folder
         self.files = [f for f, _ in official.train_list + official.test_list] + [official.meta["filename"]]
         self._fix("num_classes", 10 if name == "cifar10" else 100, self.num_classes)
         self._fix("in_chans", 3, self.in_chans)
-        self.mean = _stats(self.cfg_mean, mean, 3, "mean")
-        self.std = _stats(self.cfg_std, std, 3, "std")
+        self._use_model_preprocessing(cfg, crop_pct=1.0)
 
     def _folder(self) -> str | None:
         """The folder holding the batch files, or None when they are missing."""
@@ -408,10 +413,9 @@ class CIFARDataModule(_BaseDataModule):
         images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps H x W x C
         labels = torch.as_tensor(split.targets, dtype=torch.long)
         augment = train and self.augment
-        transform = _image_transform(
-            self.mean, self.std, size=self.image_size if self.image_size != 32 else None,
-            pad=4 if augment else 0, crop=32, flip=augment,
-        )
+        shift = [v2.Pad(4, fill=0), v2.RandomCrop(32), v2.RandomHorizontalFlip()] if augment else []
+        # timm's eval steps take the float tensor: resize and crop (none at 32 px, crop_pct 1.0), normalise
+        transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), *shift, self.preprocessing.eval_transform()])
         return _TransformTensorDataset(images, labels, transform)
 
     def _build_train(self) -> Dataset:
@@ -436,8 +440,9 @@ class ImageFolderDataModule(_BaseDataModule):
     """An ImageNet-style folder ``root/{train,val}/<class>/<image>`` read with torchvision's ImageFolder.
 
     Classes are the subfolders of ``train/`` (counted at construction, so ``num_classes`` is known before setup);
-    ``val/`` is indexed with the same class-to-index map. Standard transforms: RandomResizedCrop + flip when
-    ``augment``, else Resize(image_size / 0.875) + CenterCrop, ImageNet mean/std.
+    ``val/`` is indexed with the same class-to-index map. The model's own pipeline through timm's transforms:
+    resize to ``image_size / crop_pct`` with its interpolation, centre crop, its mean/std; RandomResizedCrop + flip
+    for the training split when ``augment``.
     """
 
     name = "imagenet"
@@ -462,23 +467,12 @@ class ImageFolderDataModule(_BaseDataModule):
         self.classes, self.class_to_idx = find_classes(os.path.join(self.root, "train"))
         self._fix("num_classes", len(self.classes), self.num_classes)
         self._fix("in_chans", 3, self.in_chans)
-        self.mean = _stats(self.cfg_mean, IMAGENET_MEAN, 3, "mean")
-        self.std = _stats(self.cfg_std, IMAGENET_STD, 3, "std")
+        self._use_model_preprocessing(cfg)
 
-    def _transform(self, train: bool):
-        size = self.image_size
-        if train and self.augment:
-            geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-        else:
-            geometry = [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)]
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                *geometry,
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(self.mean, self.std),
-            ]
-        )
+    def _transform(self, train: bool) -> Callable:
+        """timm's pipeline for the model's config: the eval one (resize, centre crop), or with ``augment`` its
+        training one (RandomResizedCrop + flip) for the training split."""
+        return self.preprocessing.train_transform(self.augment) if train else self.preprocessing.eval_transform()
 
     def _folder(self, split: str) -> Dataset:
         return _ClassMapImageFolder(
@@ -506,10 +500,14 @@ DATASETS = tuple(_DATAMODULES)  # the same names as lrd_exp.config.schema.DATASE
 
 
 def build_datamodule(
-    cfg: Any, *, batch_size: int, seed: int = 0, data_dir: str = "data"
+    cfg: Any, *, batch_size: int, seed: int = 0, data_dir: str = "data", preprocessing: Preprocessing | None = None
 ) -> pl.LightningDataModule:
-    """The datamodule for ``cfg.name`` (one of :data:`DATASETS`); ``cfg.root`` None means ``data_dir/<name>``."""
+    """The datamodule for ``cfg.name`` (one of :data:`DATASETS`); ``cfg.root`` None means ``data_dir/<name>``.
+
+    ``preprocessing``: the model's input pipeline (:func:`~lrd_exp.training.preprocessing.model_preprocessing`;
+    None: timm's defaults), which CIFAR and ImageNet folders follow and where ``cfg.image_size`` is null, every
+    dataset's size."""
     name = str(_opt(cfg, "name", "digits"))
     if name not in _DATAMODULES:
         raise ValueError(f"dataset.name={name!r} is not supported; allowed values: {', '.join(DATASETS)}")
-    return _DATAMODULES[name](cfg, batch_size=batch_size, seed=seed, data_dir=data_dir)
+    return _DATAMODULES[name](cfg, batch_size=batch_size, seed=seed, data_dir=data_dir, preprocessing=preprocessing)
