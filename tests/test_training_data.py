@@ -510,3 +510,20 @@ def test_check_images_are_further_training_images_never_calibration_or_validatio
     assert not set(order[100:150].tolist()) & set(dm.calibration_indices.tolist())
     assert sum(len(b) for b in dm.held_out_batches(500, skip=len(dm.train_dataset) - 20)) == 20  # what is left
     assert dm.held_out_batches(10, skip=len(dm.train_dataset)) == []
+
+
+def test_every_allowed_dataset_name_has_a_datamodule():
+    from lrd_exp.config.values import DATASETS as ALLOWED
+    from lrd_exp.training.data import DATASETS
+
+    assert DATASETS == ALLOWED
+
+
+def test_digits_builds_through_the_base_setup_steps():
+    """``setup("validate")`` builds only the validation split (Lightning's contract); both share one split."""
+    dm = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=1)
+    dm.setup("validate")
+    assert dm.val_dataset is not None and dm.train_dataset is None
+    dm.setup("fit")
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 1797
+    assert not set(dm.train_indices) & set(dm.val_indices)

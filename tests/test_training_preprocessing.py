@@ -148,6 +148,7 @@ def test_the_row_records_the_preprocessing(folder):
     row = digits.input_columns()
     assert row["input_size"] == 32 and row["input_interpolation"] == "bilinear" and row["input_crop_pct"] == 1.0
     assert json.loads(row["input_mean"]) == [round(digits.mean[0], 6)]
+    digits.setup("fit")
     assert abs(digits.train_dataset.tensors[0].mean().item()) < 1e-4  # normalised by that mean
     synthetic = build_datamodule(OmegaConf.merge(OmegaConf.structured(DatasetConfig),
                                                  {"name": "synthetic", "image_size": None}), batch_size=8,

@@ -241,38 +241,47 @@ class DigitsDataModule(_BaseDataModule):
         self.val_indices: np.ndarray | None = None
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
+        self._data: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        data = load_digits()
-        labels = torch.as_tensor(data.target, dtype=torch.long)
-        images = torch.as_tensor(data.images, dtype=torch.float32).div(16.0).unsqueeze(1)  # N x 1 x 8 x 8
-        images = _resize(self.image_size)(images)
-        idx = np.arange(len(labels))
-        train_idx, val_idx = train_test_split(
-            idx, test_size=self.val_fraction, random_state=self.seed, stratify=data.target
-        )
-        self.train_indices, self.val_indices = np.sort(train_idx), np.sort(val_idx)
-        train_images = images[self.train_indices]
-        self.mean = _stats(self.cfg_mean, [train_images.mean().item()], self.in_chans, "mean")
-        self.std = _stats(self.cfg_std, [train_images.std().item()], self.in_chans, "std")
-        val_tf = _image_transform(self.mean, self.std, channels=self.in_chans)
-        # without augmentation the transform is fixed: apply it once to the whole split, so a batch is a slice (the
-        # loader adds no per-sample Python work to the measured training loop)
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image (resized, in [0, 1]) and label; the seeded stratified split and the training split's statistics
+        are drawn on the first call, so both splits share them."""
+        if self._data is None:
+            data = load_digits()
+            labels = torch.as_tensor(data.target, dtype=torch.long)
+            images = torch.as_tensor(data.images, dtype=torch.float32).div(16.0).unsqueeze(1)  # N x 1 x 8 x 8
+            images = _resize(self.image_size)(images)
+            train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=self.val_fraction,
+                                                  random_state=self.seed, stratify=data.target)
+            self.train_indices, self.val_indices = np.sort(train_idx), np.sort(val_idx)
+            train_images = images[self.train_indices]
+            self.mean = _stats(self.cfg_mean, [train_images.mean().item()], self.in_chans, "mean")
+            self.std = _stats(self.cfg_std, [train_images.std().item()], self.in_chans, "std")
+            self._data = (images, labels)
+        return self._data
+
+    def _fixed_transform(self) -> v2.Compose:
+        return _image_transform(self.mean, self.std, channels=self.in_chans)
+
+    def _build_train(self) -> Dataset:
+        images, labels = self._split()
+        x, y = images[self.train_indices], labels[self.train_indices]
         if self.augment:
-            train_tf = _image_transform(
-                self.mean, self.std, channels=self.in_chans, pad=max(1, self.image_size // 8), crop=self.image_size
-            )
-            self.train_dataset = _TransformTensorDataset(train_images, labels[self.train_indices], train_tf)
-        else:
-            self.train_dataset = TensorDataset(val_tf(train_images).contiguous(), labels[self.train_indices])
-        self.val_dataset = TensorDataset(val_tf(images[self.val_indices]).contiguous(), labels[self.val_indices])
+            shift = _image_transform(self.mean, self.std, channels=self.in_chans, pad=max(1, self.image_size // 8),
+                                     crop=self.image_size)
+            return _TransformTensorDataset(x, y, shift)
+        # without augmentation the transform is fixed: applied once to the whole split, so a batch is a slice (the
+        # loader adds no per-sample Python work to the measured training loop)
+        return TensorDataset(self._fixed_transform()(x).contiguous(), y)
+
+    def _build_val(self) -> Dataset:
+        images, labels = self._split()
+        return TensorDataset(self._fixed_transform()(images[self.val_indices]).contiguous(), labels[self.val_indices])
 
     def input_columns(self) -> dict[str, Any]:
         """The 8x8 images resized whole (bilinear) and normalised by the training split's statistics (or the
         config's): known once the split is drawn."""
-        self.setup()
+        self._split()
         return input_columns(self.image_size, mean=self.mean, std=self.std, crop_pct=1.0, crop_mode="squash",
                              interpolation="bilinear")
 
@@ -496,7 +505,7 @@ _DATAMODULES: dict[str, Callable[..., _BaseDataModule]] = {
     "cifar100": lambda cfg, **kw: CIFARDataModule(cfg, name="cifar100", **kw),
     "imagenet": ImageFolderDataModule,
 }
-DATASETS = tuple(_DATAMODULES)  # the same names as lrd_exp.config.schema.DATASETS (a test checks)
+DATASETS = tuple(_DATAMODULES)  # the same names as lrd_exp.config.values.DATASETS (tests/test_training_data.py)
 
 
 def build_datamodule(
