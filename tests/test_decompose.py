@@ -301,3 +301,25 @@ def test_a_layer_registered_under_two_names_is_replaced_at_both_and_stays_shared
     assert isinstance(model.shared, SVDLinear) and model.again is model.shared
     assert report.params_after == sum(p.numel() for p in model.parameters())
     assert report.flops_before == 2 * 2 * 32 * 32  # both calls counted: 2 FLOPs per multiply-add, one token each
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Linear(40, 24), (3, 7, 40)),  # tokens: every position costs
+    (nn.Conv2d(16, 32, 1, stride=2), (2, 16, 9, 9)),  # strided 1x1: SVD, the stride on the first factor
+    (nn.Conv2d(16, 24, 3, padding=1), (2, 16, 8, 8)),
+    (nn.Conv2d(12, 20, (5, 3), stride=2, padding=(2, 1), dilation=(1, 2)), (2, 12, 11, 10)),
+    (nn.Conv2d(16, 24, 3, padding="same", bias=False), (2, 16, 7, 7)),
+])
+def test_analytic_flops_equal_the_counted_ones_for_every_layer_type(layer, shape):
+    """The report's analytic forward FLOPs (LayerPlan) against FlopCounterMode on the real modules, dense and
+    factorized: the two counters agree layer type by layer type, not only in a model's total."""
+    from lrd_exp.timing.flops import count_flops
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(layer), torch.randn(*shape)
+    dense = count_flops(model, x, train=False) // shape[0]
+    report = decompose_model(model, policy="fixed", rank=5, skip_stem=False, skip_head=False, example_input=x)
+    (row,) = report.decomposed
+    assert row.flops_before == dense
+    assert row.flops_after == count_flops(model, x, train=False) // shape[0]
+    assert row.flops_after < row.flops_before
