@@ -272,7 +272,12 @@ def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def recalibrate_bn(model: nn.Module, batches: torch.Tensor | Iterable[Batch]) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (EagleEye): the statistics are reset and
     recomputed as the plain average over the batches (momentum None) in train mode, with every other module in eval
-    mode and no autograd. Returns the number of BatchNorm layers; momentum and modes are restored."""
+    mode and no autograd. Returns the number of BatchNorm layers; momentum and modes are restored.
+
+    Not ``torch.optim.swa_utils.update_bn``: that one puts the whole model in train mode (dropout, stochastic depth
+    and a ViT's drop-path would change the statistics), records autograd graphs, feeds only the first element of a
+    tuple batch and no dict, and leaves the statistics reset when a batch fails. Here a BatchNorm that no batch
+    reached keeps its own statistics."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
