@@ -256,17 +256,17 @@ def test_a_bad_grid_value_is_one_line_and_exit_2(tmp_path):
 
 
 def test_a_failing_configuration_is_kept_with_its_error_and_the_run_fails(cfg_factory, single_thread, monkeypatch):
-    advise_module = importlib.import_module("lrd_exp.tasks.advise")  # the package exports a function of that name
+    step = importlib.import_module("lrd_exp.tasks.decomposition")  # the tasks' one decomposition step
     from lrd_exp.tasks import JobFailed, run
 
-    real = advise_module.decompose_model
+    real = step.decompose_model
 
     def flaky(model, **kw):
         if kw["ratio"] == 4:
             raise RuntimeError("no memory left for ratio 4")
         return real(model, **kw)
 
-    monkeypatch.setattr(advise_module, "decompose_model", flaky)
+    monkeypatch.setattr(step, "decompose_model", flaky)
     cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]",
                        "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]"])
     with pytest.raises(JobFailed, match=r"1 of 2 configuration\(s\) failed .*no memory left for ratio 4"):
@@ -276,7 +276,7 @@ def test_a_failing_configuration_is_kept_with_its_error_and_the_run_fails(cfg_fa
     assert "RuntimeError: no memory left for ratio 4" in table["error"].iloc[2]
     assert not table["frontier"].iloc[2]
 
-    monkeypatch.setattr(advise_module, "decompose_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad")))
+    monkeypatch.setattr(step, "decompose_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad")))
     cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2]", "advise.grid.rank.policy=[quantized]",
                        "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]",
                        "paths.output_dir=" + str(cfg.paths.output_dir) + "_2"])
@@ -349,14 +349,15 @@ def test_an_interrupted_grid_keeps_what_it_measured(cfg_factory, single_thread, 
     from lrd_exp.devices import resolve_device
 
     advise_module = importlib.import_module("lrd_exp.tasks.advise")
-    real = advise_module.decompose_model
+    step = importlib.import_module("lrd_exp.tasks.decomposition")  # the tasks' one decomposition step
+    real = step.decompose_model
 
     def interrupted(model, **kw):
         if kw["ratio"] == 4:
             raise KeyboardInterrupt
         return real(model, **kw)
 
-    monkeypatch.setattr(advise_module, "decompose_model", interrupted)
+    monkeypatch.setattr(step, "decompose_model", interrupted)
     cfg = cfg_factory([*TINY, "advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]",
                        "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none,sequential]"])
     with pytest.raises(KeyboardInterrupt):

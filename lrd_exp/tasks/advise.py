@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -32,8 +31,7 @@ from lrd_exp import results
 from lrd_exp.config import grid
 from lrd_exp.config.schema import MEASURED_IMPORTANCES
 from lrd_exp.config.schema import enum_value as _v
-from lrd_exp.decompose import DecompositionReport, decompose_model
-from lrd_exp.decompose.check import DecompositionWarning
+from lrd_exp.decompose import DecompositionReport
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import FreezeState, schedule_states
 from lrd_exp.results.row import STATUS_FAILED, STATUS_OK
@@ -45,7 +43,7 @@ from lrd_exp.tasks.advice_report import (
     speed_column,
     write_advice,
 )
-from lrd_exp.tasks.decomposition import calibration_inputs, check_inputs, log_warnings, rank_search_context
+from lrd_exp.tasks.decomposition import calibration_inputs, check_inputs, decompose_copy
 from lrd_exp.tasks.identity import slug
 from lrd_exp.tasks.job import JobFailed
 from lrd_exp.tasks.measure import compare_states, deploy
@@ -240,16 +238,7 @@ def decompose_group(cfg: DictConfig, first: DictConfig, device: DeviceInfo, dm: 
                     evaluation: list[Any] | None = None) -> tuple[nn.Module, DecompositionReport]:
     """A group's decomposition (its first configuration's rank settings), its table in ``configs/<label>/``."""
     cdir = os.path.join(out_dir, "configs", folder_name(label))
-    os.makedirs(cdir, exist_ok=True)
-    decomposed = copy.deepcopy(original)
-    with warnings.catch_warnings():  # logged below, one line each
-        warnings.simplefilter("ignore", DecompositionWarning)
-        report = decompose_model(decomposed, **first.rank, example_input=x[:1], calibration=calibration,
-                                 evaluation=evaluation, seed=cfg.seed,
-                                 rank_search=rank_search_context(first, device, dm) | {"output_dir": cdir})
-    log_warnings(report)
-    results.write_text_atomic(os.path.join(cdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
-    return decomposed, report
+    return decompose_copy(first, device, dm, original, x[:1], cdir, calibration=calibration, evaluation=evaluation)
 
 
 def check_columns(report: DecompositionReport) -> dict[str, Any]:

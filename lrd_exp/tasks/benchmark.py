@@ -19,12 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from lrd_exp import results
 from lrd_exp.config.schema import MEASURED_IMPORTANCES as MEASURED
 from lrd_exp.config.schema import enum_value
-from lrd_exp.decompose import decompose_model
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import schedule_states
 from lrd_exp.results.row import STATUS_OK
 from lrd_exp.sweep.guard import warn_parallel_throughput
-from lrd_exp.tasks.decomposition import rank_search_context, require_decomposed
+from lrd_exp.tasks.decomposition import decompose_copy, require_decomposed
 from lrd_exp.tasks.identity import identity_row, slug
 from lrd_exp.tasks.job import JobRow
 from lrd_exp.tasks.measure import measure
@@ -85,12 +84,8 @@ def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None
 def measure_variant(vcfg: DictConfig, device: DeviceInfo, original: torch.nn.Module, x: torch.Tensor,
                     y: torch.Tensor, label: str, vdir: str) -> dict[str, Any]:
     """One variant decomposed (to the weights: speed depends on the ranks only) and timed beside the original."""
-    decomposed = copy.deepcopy(original)
     rank = {**vcfg.rank, "fit": "weights"}  # speed depends on the ranks only, not on what they were fitted to
-    report = decompose_model(decomposed, **rank, example_input=x[:1],
-                             rank_search=rank_search_context(vcfg, device, None) | {"output_dir": vdir})
-    os.makedirs(vdir, exist_ok=True)
-    results.write_text_atomic(os.path.join(vdir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    decomposed, report = decompose_copy(vcfg, device, None, original, x[:1], vdir, rank=rank)
     require_decomposed(vcfg, report)
     states = schedule_states(decomposed, vcfg.freeze, freeze_total_units(vcfg), example_input=x[:1])
     log.info("benchmark %s: %s; %d freeze state(s)", label, report.summary(), len(states))

@@ -1,17 +1,24 @@
-"""What a task gives :func:`~lrd_exp.decompose_model` and what it demands back: the layers it may select (checked
-before any work), the training images the factors are fitted to, the context of the rank search, and a verdict
-that a decomposition which left every layer dense is no result."""
+"""The tasks' one decomposition step (:func:`decompose_copy`: train, benchmark and advise decompose through it), what
+it gives :func:`~lrd_exp.decompose_model` (the layers it may select, checked before any work; the training images
+the factors are fitted to and checked on; the context of the rank search) and what it demands back (a decomposition
+that left every layer dense is no result; its report written once, its warnings logged)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig
+from torch import nn
 
+from lrd_exp import results
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.config.validate import ConfigError
+from lrd_exp.decompose import DecompositionWarning, decompose_model
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.tasks.checkpoint import is_model_file
 from lrd_exp.tasks.identity import output_dir
@@ -19,6 +26,26 @@ from lrd_exp.tasks.models import build_model, config_shape
 from lrd_exp.tasks.settings import bench_batch_size, bench_channels_last, bench_precision
 
 log = logging.getLogger("lrd_exp")
+
+
+def decompose_copy(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, example: Any, out_dir: str, *,
+                   rank: Mapping[str, Any] | None = None, calibration: list[Any] | None = None,
+                   evaluation: list[Any] | None = None, table: bool = False) -> tuple[nn.Module, Any]:
+    """A decomposed copy of ``original`` by ``cfg.rank`` (or ``rank``: the benchmark fits to the weights), fitted to
+    ``calibration`` and checked on ``evaluation``; ``decomposition.txt`` (and with ``table``, ``decomposition.csv``)
+    written to ``out_dir``, the warnings logged one line each. Returns (model, report)."""
+    decomposed = copy.deepcopy(original)
+    os.makedirs(out_dir, exist_ok=True)
+    with warnings.catch_warnings():  # the job logs them, not Python's warning printer
+        warnings.simplefilter("ignore", DecompositionWarning)
+        report = decompose_model(decomposed, **(rank if rank is not None else cfg.rank), example_input=example,
+                                 calibration=calibration, evaluation=evaluation, seed=cfg.seed,
+                                 rank_search=rank_search_context(cfg, device, dm) | {"output_dir": out_dir})
+    log_warnings(report)
+    if table:
+        report.to_frame().to_csv(os.path.join(out_dir, "decomposition.csv"), index=False)
+    results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), report.table(max_rows=None) + "\n")
+    return decomposed, report
 
 
 def check_model_selection(cfg: DictConfig) -> None:

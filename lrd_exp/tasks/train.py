@@ -11,7 +11,6 @@ import copy
 import inspect
 import logging
 import os
-import warnings
 from typing import Any
 
 import pandas as pd
@@ -21,8 +20,6 @@ from torch import nn
 
 from lrd_exp import results
 from lrd_exp.config.schema import canonical_precision
-from lrd_exp.decompose import decompose_model
-from lrd_exp.decompose.check import DecompositionWarning
 from lrd_exp.deploy.model_file import read_model_file, save_decomposed, structure
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
@@ -34,8 +31,7 @@ from lrd_exp.tasks.decomposition import (
     calibration_inputs,
     check_fields,
     check_inputs,
-    log_warnings,
-    rank_search_context,
+    decompose_copy,
     require_decomposed,
 )
 from lrd_exp.tasks.identity import identity_row
@@ -176,15 +172,9 @@ def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module,
     given and checked against the original on ``evaluation`` (further training images); the per-layer report goes
     to the output dir. Returns (model, the row's fit and check columns)."""
     x, _ = dm.example_batch(1)
-    decomposed = copy.deepcopy(original)
-    with warnings.catch_warnings():  # the job logs them (one line each), not Python's warning printer
-        warnings.simplefilter("ignore", DecompositionWarning)
-        report = decompose_model(decomposed, **cfg.rank, calibration=calibration, evaluation=evaluation,
-                                 example_input=x, seed=cfg.seed, rank_search=rank_search_context(cfg, device, dm))
+    decomposed, report = decompose_copy(cfg, device, dm, original, x, out_dir, calibration=calibration,
+                                        evaluation=evaluation, table=True)
     log.info("decomposition: %s", report.summary())
-    log_warnings(report)
-    report.to_frame().to_csv(os.path.join(out_dir, "decomposition.csv"), index=False)
-    results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), report.table(max_rows=None) + "\n")
     require_decomposed(cfg, report)
     return decomposed, {"fit": report.fit, "calibration_images": report.calibration_images,
                         "calibration_s": round(report.calibration_s, 3), "decompose_s": round(report.decompose_s, 3),
