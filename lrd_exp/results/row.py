@@ -105,6 +105,8 @@ QUALITY_COLUMNS: list[str] = [
     "calibration_images",  # training images the activation fit used
     "calibration_s",  # seconds collecting the calibration activations (part of decompose_s)
     "distill_alpha",  # weight of the knowledge-distillation term in fine-tuning; null: no distillation
+    # "calibrated" (trainer.calibrated applied: fit=activations) or "configured" (trainer.finetune_optim as set)
+    "finetune_recipe",
 ]
 TARGET_COLUMNS: list[str] = [
     "decompose_s",  # the whole decomposition, calibration included
