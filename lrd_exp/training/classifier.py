@@ -91,13 +91,18 @@ class Classifier(pl.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> Classifier:
-        # every path to training mode (Lightning's fit loop, the mode restored after validation, DDP) comes here
         super().train(mode)
-        if mode and self.bn == "eval":
+        if mode:
+            self.keep_bn_mode()
+        return self
+
+    def keep_bn_mode(self) -> None:
+        """``bn="eval"``: every BatchNorm layer in eval mode. Lightning trains the model in the mode it is given
+        (it calls no ``train()``), so each epoch's start and every ``train()`` call come here."""
+        if self.bn == "eval":
             for m in self.model.modules():
                 if isinstance(m, BATCHNORMS):
                     m.eval()
-        return self
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -156,6 +161,7 @@ class Classifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum, self._loss_n = None, 0
+        self.keep_bn_mode()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
