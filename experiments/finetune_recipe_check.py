@@ -36,7 +36,7 @@ from lrd_exp.cli import prepare
 from lrd_exp.devices.resolve import resolve_device
 from lrd_exp.tasks.decomposition import calibration_inputs
 from lrd_exp.tasks.train import baseline, decompose, finetune, target_callback
-from lrd_exp.training.classifier import BATCHNORMS
+from lrd_exp.training.classifier import BATCHNORMS, NonFiniteLossError
 from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.recipe import resolve_recipe
 from lrd_exp.training.trainer import evaluate
@@ -82,8 +82,13 @@ def one_finetune(base: list[str], name: str, device, dm, original, decomposed, f
     pl.seed_everything(seed, workers=True, verbose=False)  # every candidate sees the same batches
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        finetune(cfg, device, dm, model, out, None, teacher=original if recipe.distill else None, target=target,
-                 recipe=recipe)
+        try:
+            finetune(cfg, device, dm, model, out, None, teacher=original if recipe.distill else None, target=target,
+                     recipe=recipe)
+        except NonFiniteLossError:  # the job would fail: top-1 after is recorded as NaN ("diverged")
+            return {"recipe": name, "lr": recipe.optim["lr"], "warmup": recipe.optim.get("warmup_epochs", 0.0),
+                    "distill": recipe.distill, "bn": recipe.bn, "top1_post": float("nan"),
+                    "finetune_s": time.perf_counter() - t0}
         seconds = time.perf_counter() - t0
         top1 = evaluate(cfg, device, model, dm, out)
     if recipe.bn == "eval":  # the recipe does what it says: BatchNorm's statistics are the calibrated ones

@@ -3,6 +3,7 @@ really trains with in a job, BatchNorm's statistics kept in eval mode, and bad k
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -24,7 +25,7 @@ def test_activations_get_the_calibrated_recipe_and_weights_the_configured_one(cf
     cfg = cfg_factory([])
     cal = resolve_recipe(cfg.trainer, "activations")
     assert (cal.name, cal.optim["name"], cal.optim["lr"], cal.optim["warmup_epochs"], cal.distill, cal.bn) == \
-        (CALIBRATED, "sgd", pytest.approx(0.01 * 0.1), 0.5, True, "eval")
+        (CALIBRATED, "sgd", pytest.approx(0.01 * 0.1), 0.5, True, "train")
     assert cal.optim["momentum"] == 0.9 and cal.optim["weight_decay"] == 5e-4  # the rest of finetune_optim stays
     for fit in ("weights", None):  # None: a model file's job, whose fit is not known
         plain = resolve_recipe(cfg.trainer, fit)
@@ -37,16 +38,16 @@ def test_the_lr_scale_is_relative_to_the_arch_optimizer_and_keys_apply(cfg_facto
     assert (vit.optim["name"], vit.optim["lr"], vit.optim["weight_decay"]) == ("adamw", pytest.approx(3e-5), 0.05)
     cfg = cfg_factory(["trainer.calibrated.lr_scale=0.5", "trainer.calibrated.warmup_epochs=null",
                        "trainer.finetune_optim.warmup_epochs=1", "trainer.calibrated.distill=false",
-                       "trainer.calibrated.bn=train"])
+                       "trainer.calibrated.bn=eval"])
     r = resolve_recipe(cfg.trainer, "activations")
-    assert (r.optim["lr"], r.optim["warmup_epochs"], r.distill, r.bn) == (pytest.approx(0.005), 1.0, False, "train")
+    assert (r.optim["lr"], r.optim["warmup_epochs"], r.distill, r.bn) == (pytest.approx(0.005), 1.0, False, "eval")
     asked = resolve_recipe(cfg_factory(["trainer.calibrated.distill=false", "trainer.distill.enabled=true"]).trainer,
                            "activations")
     assert asked.distill  # trainer.distill.enabled asks for it whatever the start
     off = resolve_recipe(cfg_factory(["trainer.calibrated.enabled=false"]).trainer, "activations")
     assert (off.name, off.optim["lr"], off.distill, off.bn) == (CONFIGURED, 0.01, False, "train")
     assert resolve_recipe(cfg_factory([]).trainer, "activations").describe() == (
-        "calibrated: sgd lr 0.001, warm-up 0.5 epochs, cosine, distilled from the original, BatchNorm in eval mode")
+        "calibrated: sgd lr 0.001, warm-up 0.5 epochs, cosine, distilled from the original, BatchNorm in train mode")
 
 
 # ------------------------------------------------------------------ BatchNorm in eval mode
@@ -97,11 +98,12 @@ SMOKE = ["trainer=smoke", "logger=csv", "trainer.enable_progress_bar=false", "be
          "rank.fit=weights"]
 
 
-def _job(cfg_factory, tmp_path, monkeypatch, fit: str) -> tuple[dict, dict]:
+def _job(cfg_factory, tmp_path, monkeypatch, fit: str, overrides: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """One smoke job whose decomposition reports ``fit`` (a weight fit underneath: seconds, not a calibration pass);
     returns (the row, what the fine-tuning Classifier held: lr, teacher, BatchNorm mode and statistics kept)."""
     from lrd_exp import tasks
-    from lrd_exp.tasks import train as train_task
+
+    train_task = importlib.import_module("lrd_exp.tasks.train")  # the package exports a function of that name
 
     real_decompose, real_fit, seen = train_task.decompose, train_task.fit, {}
 
@@ -121,17 +123,18 @@ def _job(cfg_factory, tmp_path, monkeypatch, fit: str) -> tuple[dict, dict]:
 
     monkeypatch.setattr(train_task, "decompose", decompose)
     monkeypatch.setattr(train_task, "fit", fit_spy)
-    tasks.run(cfg_factory(SMOKE))
+    tasks.run(cfg_factory(SMOKE + list(overrides)))
     row = json.loads((tmp_path / "out" / "result.json").read_text())
     assert row["status"] == "ok", row.get("error")
     return row, seen
 
 
-def test_a_job_fine_tunes_an_activation_fit_with_the_calibrated_recipe(cfg_factory, tmp_path, monkeypatch):
-    row, seen = _job(cfg_factory, tmp_path, monkeypatch, "activations")
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_a_job_fine_tunes_an_activation_fit_with_the_calibrated_recipe(cfg_factory, tmp_path, monkeypatch, bn):
+    row, seen = _job(cfg_factory, tmp_path, monkeypatch, "activations", (f"trainer.calibrated.bn={bn}",))
     assert (row["fit"], row["finetune_recipe"], row["distill_alpha"]) == ("activations", CALIBRATED, 0.5)
     assert seen["n_bn"] > 0
-    assert seen == {"lr": pytest.approx(0.001), "warmup": 0.5, "bn": "eval", "teacher": True, "bn_kept": True,
+    assert seen == {"lr": pytest.approx(0.001), "warmup": 0.5, "bn": bn, "teacher": True, "bn_kept": bn == "eval",
                     "n_bn": seen["n_bn"]}
 
 

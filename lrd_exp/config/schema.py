@@ -188,7 +188,7 @@ class CalibratedConfig:
     lr_scale: float = 0.1  # > 0: times trainer.finetune_optim.lr (so an arch's own optimizer keeps its scale)
     warmup_epochs: float | None = 0.5  # >= 0: replaces finetune_optim.warmup_epochs; null: keeps it
     distill: bool = True  # distill from the original (trainer.distill's alpha and temperature)
-    bn: BNMode = BNMode.eval  # BatchNorm while fine-tuning: train | eval (the statistics decomposition left)
+    bn: BNMode = BNMode.train  # BatchNorm while fine-tuning: train | eval (keep the statistics calibration left)
 
 
 @dataclass
