@@ -198,7 +198,12 @@ def report(args) -> None:
               "points; `worst seed` is the lowest after - before; NaN: the loss diverged (the job would fail).", "",
               summary.to_markdown(index=False), ""]
     lines += verdict(summary, args.winner) if args.winner else []
-    lines += ["Every fine-tuning:", "",
+    if args.default_rows:
+        default = pd.concat([pd.read_csv(p) for p in args.default_rows], ignore_index=True)
+        lines += ["## The main job's own config (`python run.py`: ratio 2, 5 epochs, 360 validation images, one = "
+                  "0.28 points)", "", summarize(default).to_markdown(index=False), "",
+                  default.to_markdown(index=False, floatfmt=".2f"), ""]
+    lines += ["## Every fine-tuning of experiment=digits_calibration's starts", "",
               df.to_markdown(index=False, floatfmt=".2f"), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
@@ -215,6 +220,7 @@ def main() -> None:
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--default-job", action="store_true", help="the main job's own config (python run.py)")
     ap.add_argument("--report", nargs="+", type=Path, help="write the table from these rows instead")
+    ap.add_argument("--default-rows", nargs="+", type=Path, help="--report: rows of --default-job, a table apart")
     ap.add_argument("--winner", help="--report: the recipe whose targets to state")
     ap.add_argument("--out", type=Path, default=Path("results/finetune_recipe/recipe_check.md"))
     args = ap.parse_args()
