@@ -17,6 +17,7 @@ from lrd_exp.config.values import (
     ACCELERATORS,
     ADVISE_SPEEDS,
     BASES,
+    BN_MODES,
     BUDGETS,
     CALIBRATES,
     CROP_MODES,
@@ -68,6 +69,7 @@ OptimizerName = _choices("OptimizerName", OPTIMIZERS)
 LRSchedule = _choices("LRSchedule", LR_SCHEDULES)
 CropMode = _choices("CropMode", CROP_MODES)
 Interpolation = _choices("Interpolation", INTERPOLATIONS)
+BNMode = _choices("BNMode", BN_MODES)
 
 
 class _NamedByValue(str, Enum):
@@ -189,6 +191,18 @@ class DistillConfig:
 
 
 @dataclass
+class CalibratedConfig:
+    """``trainer.calibrated``: what changes in fine-tuning when the decomposition was fitted to the layers' outputs
+    (``rank.fit`` resolved to activations): a good start wants a gentle recipe (lrd_exp.training.recipe)."""
+
+    enabled: bool = True  # false: every decomposition fine-tunes with finetune_optim and distill as configured
+    lr_scale: float = 0.1  # > 0: times trainer.finetune_optim.lr (so an arch's own optimizer keeps its scale)
+    warmup_epochs: float | None = 0.5  # >= 0: replaces finetune_optim.warmup_epochs; null: keeps it
+    distill: bool = True  # distill from the original (trainer.distill's alpha and temperature)
+    bn: BNMode = BNMode.train  # BatchNorm while fine-tuning: train | eval (keep the statistics calibration left)
+
+
+@dataclass
 class TrainerConfig:
     baseline_epochs: int = 10
     finetune_epochs: int = 5
@@ -205,6 +219,7 @@ class TrainerConfig:
     finetune_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01))
     target_drop: float | None = None  # points of top-1: stop fine-tuning once within this of the original; None: all
     distill: DistillConfig = field(default_factory=DistillConfig)
+    calibrated: CalibratedConfig = field(default_factory=CalibratedConfig)
 
 
 @dataclass

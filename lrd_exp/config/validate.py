@@ -14,6 +14,7 @@ from lrd_exp.config.values import (
     LR_SCHEDULES,
     OPTIMIZERS,
     canonical_precision,
+    check_calibrated,
     check_choice,
     check_count,
     check_freeze,
@@ -126,6 +127,8 @@ def _check_trainer(t: DictConfig) -> None:
                           "in [0, 1]")
     if not kd.get("temperature", 2.0) > 0:
         raise ConfigError(f"trainer.distill.temperature={kd.get('temperature')} is not allowed: a temperature > 0")
+    if t.get("calibrated") is not None:
+        check_calibrated(**t.calibrated)
 
 
 def _check_optim(key: str, o: DictConfig) -> None:

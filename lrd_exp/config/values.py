@@ -34,6 +34,9 @@ ACCELERATORS = ("auto", "cpu", "cuda", "npu")
 MALLOC_MODES = ("system", "tuned")  # tuned (opt-in): freed host buffers stay in the process (devices.allocator)
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "none")
+# BatchNorm while fine-tuning: train (batch statistics, running statistics updated) | eval (the running statistics
+# as decomposition left them, used and kept)
+BN_MODES = ("train", "eval")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")  # lrd_exp.training.data builds each
 # timm's eval crop modes and resize interpolations (timm.data.create_transform takes these names; a test checks)
 CROP_MODES = ("center", "squash", "border")
@@ -252,3 +255,19 @@ def check_preprocessing(*, image_size: Any = None, mean: Any = None, std: Any = 
         "interpolation": None if interpolation is None else check_choice("dataset.interpolation", interpolation,
                                                                           INTERPOLATIONS),
     }
+
+
+# ------------------------------------------------------------------------------------------- trainer keys
+def check_calibrated(enabled: Any = True, lr_scale: Any = 0.1, warmup_epochs: Any = None, distill: Any = True,
+                     bn: Any = "eval") -> None:
+    """``trainer.calibrated``'s keys: one ValueError naming the first bad key, its value and what is allowed."""
+    for key, value in (("enabled", enabled), ("distill", distill)):
+        if not isinstance(value, bool):
+            raise ValueError(f"trainer.calibrated.{key}={value!r} is not allowed: true or false")
+    if not _is_number(lr_scale) or lr_scale <= 0:
+        raise ValueError(f"trainer.calibrated.lr_scale={lr_scale!r} is not allowed: a factor > 0 of "
+                         "trainer.finetune_optim.lr")
+    if warmup_epochs is not None and (not _is_number(warmup_epochs) or warmup_epochs < 0):
+        raise ValueError(f"trainer.calibrated.warmup_epochs={warmup_epochs!r} is not allowed: null (keep "
+                         "trainer.finetune_optim.warmup_epochs) or epochs >= 0")
+    check_choice("trainer.calibrated.bn", bn, BN_MODES)

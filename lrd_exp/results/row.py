@@ -121,6 +121,8 @@ QUALITY_COLUMNS: list[str] = [
     "check_rel_error",  # ||f'(x) - f(x)|| / ||f(x)|| of the outputs
     "bn_recalibration",  # kept | rejected (re-estimation hurt on the check) | unchecked | off | no BatchNorm
     "decomposition_warning",  # the collapse warning (agreement below rank.min_agreement), else null
+    # "calibrated" (trainer.calibrated applied: fit=activations) or "configured" (trainer.finetune_optim as set)
+    "finetune_recipe",
 ]
 TARGET_COLUMNS: list[str] = [
     "decompose_s",  # the whole decomposition, calibration included

@@ -41,6 +41,7 @@ from lrd_exp.tasks.models import build_data, build_model, data_shape, load_model
 from lrd_exp.tasks.settings import bench_optimizer
 from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
 from lrd_exp.training.baseline import get_or_train
+from lrd_exp.training.recipe import FinetuneRecipe, resolve_recipe
 from lrd_exp.training.target import DEFAULT_TARGET_DROP, TimeToTarget
 from lrd_exp.training.trainer import evaluate, finish_wandb, fit, make_loggers, make_wandb, validation_images
 
@@ -90,13 +91,17 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
 
     # 3. fine-tune with the freeze schedule, timed to the target accuracy (and stopped there, if asked),
     #    distilled from the original if asked (not from a model file's: its original is untrained)
+    #    with the recipe for the start: trainer.calibrated's when the fit was to the activations
     target = target_callback(cfg, row)
-    teacher = original if cfg.trainer.distill.enabled and not from_file else None
-    if cfg.trainer.distill.enabled and from_file:
+    recipe = resolve_recipe(cfg.trainer, row.get("fit"))
+    row["finetune_recipe"] = recipe.name
+    teacher = original if recipe.distill and not from_file else None
+    if recipe.distill and from_file:
         log.warning("trainer.distill ignored: a job that starts from a model file has no trained original to "
                     "learn from")
+    log.info("fine-tuning recipe %s", recipe.describe())
     history, speed, probe, finetune_curve = finetune(cfg, device, dm, decomposed, out_dir, wandb_logger,
-                                                     teacher=teacher, target=target)
+                                                     teacher=teacher, target=target, recipe=recipe)
     row.update(target_fields(cfg, target))
     row["distill_alpha"] = float(cfg.trainer.distill.alpha) if teacher is not None else None
     row["top1_decomposed"] = evaluate(cfg, device, decomposed, dm, out_dir)
@@ -182,14 +187,17 @@ def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module,
 
 
 def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module, out_dir: str,
-             wandb_logger: Any | None, *, teacher: nn.Module | None = None, target: TimeToTarget | None = None
+             wandb_logger: Any | None, *, teacher: nn.Module | None = None, target: TimeToTarget | None = None,
+             recipe: FinetuneRecipe | None = None
              ) -> tuple[list[dict[str, Any]], StepThroughput, BenchProbe | None, list]:
     """Fine-tune ``decomposed`` in place with the freeze schedule: (freeze history, loop speed, probe, curve).
 
     ``teacher`` (the original; a copy is trained against, the caller's is untouched) turns on knowledge
     distillation; ``target`` (:class:`TimeToTarget`) records the time to accuracy, stops there if asked, and
-    skips the fine-tuning when the model is already within the target and ``trainer.target_drop`` is set."""
+    skips the fine-tuning when the model is already within the target and ``trainer.target_drop`` is set;
+    ``recipe`` (:func:`resolve_recipe`; None: the configured one) gives the optimizer and BatchNorm's mode."""
     t = cfg.trainer
+    recipe = recipe or resolve_recipe(t, None)
     freezer = FreezingCallback(cfg.freeze)
     speed = StepThroughput(device)
     if target is not None and target.skip_fit:
@@ -202,9 +210,9 @@ def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module
     loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
     before = [p.requires_grad for p in decomposed.parameters()]
     callbacks = [freezer, speed] + ([probe] if probe else []) + ([target] if target is not None else [])
-    module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=t.finetune_optim, out_dir=out_dir,
+    module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=recipe.optim, out_dir=out_dir,
                  stage="finetune", callbacks=callbacks, loggers=loggers, resume=cfg.resume,
-                 teacher=copy.deepcopy(teacher) if teacher is not None else None)
+                 teacher=copy.deepcopy(teacher) if teacher is not None else None, bn=recipe.bn)
     for p, flag in zip(decomposed.parameters(), before):  # as before the fit: measurement applies each state
         p.requires_grad_(flag)
     return freezer.history, speed, probe, [dict(c, stage="finetune") for c in module.curve]

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lrd_exp.config.values import LR_SCHEDULES, OPTIMIZERS
+from lrd_exp.config.values import BN_MODES, LR_SCHEDULES, OPTIMIZERS, check_choice
+
+#: the BatchNorm layers ``bn="eval"`` keeps in eval mode
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,12 +57,17 @@ class Classifier(pl.LightningModule):
     plain cross-entropy. The teacher is used as given, not copied: it is put in eval mode with
     ``requires_grad=False``, moved to the student's device and floating dtype (and layout, under
     ``channels_last``) at fit start, and is not a submodule: not in the optimizer, ``state_dict`` or checkpoints.
+
+    ``bn="eval"`` keeps every BatchNorm layer in eval mode whenever the module trains: it normalizes with, and
+    keeps, the running statistics it was given (a calibrated start's; lrd_exp.training.recipe); its affine
+    parameters still train.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, optim: Any = None, max_steps: int | None = None,
                  channels_last: bool = False, teacher: nn.Module | None = None, distill_alpha: float = 0.5,
-                 distill_temperature: float = 2.0) -> None:
+                 distill_temperature: float = 2.0, bn: str = "train") -> None:
         super().__init__()
+        self.bn = check_choice("bn", bn, BN_MODES)
         self.model = model
         # a tuple, not an attribute nn.Module would register: the teacher stays out of parameters(), state_dict()
         # and the checkpoints, and out of train() / to() of this module (on_fit_start moves it)
@@ -81,6 +89,20 @@ class Classifier(pl.LightningModule):
         # before the optimizer is built; `.to(memory_format=...)` keeps the Parameter objects
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if mode:
+            self.keep_bn_mode()
+        return self
+
+    def keep_bn_mode(self) -> None:
+        """``bn="eval"``: every BatchNorm layer in eval mode. Lightning trains the model in the mode it is given
+        (it calls no ``train()``), so each epoch's start and every ``train()`` call come here."""
+        if self.bn == "eval":
+            for m in self.model.modules():
+                if isinstance(m, BATCHNORMS):
+                    m.eval()
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -139,6 +161,7 @@ class Classifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum, self._loss_n = None, 0
+        self.keep_bn_mode()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -75,13 +75,17 @@ def validation_images(cfg: DictConfig, dm: pl.LightningDataModule) -> int:
 
 def fit(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: pl.LightningDataModule, *, epochs: int,
         optim: Any, out_dir: str, stage: str, callbacks: list[pl.Callback] | None = None,
-        loggers: list[Any] | None = None, resume: bool = False, teacher: nn.Module | None = None) -> Classifier:
+        loggers: list[Any] | None = None, resume: bool = False, teacher: nn.Module | None = None,
+        bn: str = "train") -> Classifier:
     """Train ``model`` in place for ``epochs``; with a ``teacher``, distilled from it (``trainer.distill``'s alpha and
-    temperature; the teacher is set to eval, no grad, and moved to the device: pass a copy you may give away)."""
+    temperature; the teacher is set to eval, no grad, and moved to the device: pass a copy you may give away);
+    ``bn="eval"`` keeps BatchNorm's running statistics as they are (:class:`Classifier`)."""
     kd = cfg.trainer.get("distill") or {}
-    module = Classifier(model, dm.num_classes, optim=OmegaConf.to_container(optim, resolve=True, enum_to_str=True),
+    if OmegaConf.is_config(optim):
+        optim = OmegaConf.to_container(optim, resolve=True, enum_to_str=True)
+    module = Classifier(model, dm.num_classes, optim=optim,
                         max_steps=cfg.trainer.max_steps, channels_last=cfg.trainer.channels_last, teacher=teacher,
-                        distill_alpha=kd.get("alpha", 0.5), distill_temperature=kd.get("temperature", 2.0))
+                        distill_alpha=kd.get("alpha", 0.5), distill_temperature=kd.get("temperature", 2.0), bn=bn)
     trainer = make_trainer(cfg, device, epochs=epochs, out_dir=out_dir, stage=stage, callbacks=callbacks,
                            loggers=loggers, checkpoint=True)
     ckpt = os.path.join(out_dir, "checkpoints", stage, "last.ckpt")
