@@ -22,6 +22,18 @@ def _mlp(seed: int = 0) -> nn.Module:
                          nn.Linear(48, 10))
 
 
+def test_model_digest_covers_scalar_buffers_and_changes_with_the_weights():
+    """BatchNorm's 0-d ``num_batches_tracked`` hashes; one changed weight gives another key."""
+    from lrd_exp.decompose.allocation import model_digest
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    before = model_digest(model)
+    assert before == model_digest(model)
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1e-3
+    assert model_digest(model) != before
+
+
 def _data(n: int = 96, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 32, generator=torch.Generator().manual_seed(seed))
 

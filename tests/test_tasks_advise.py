@@ -23,7 +23,7 @@ TINY = ["task=advise", "model.name=test_resnet", "dataset=synthetic", "dataset.i
         "dataset.train_size=64", "dataset.val_size=32", "device=cpu", "logger=csv", "trainer.batch_size=8",
         "advise.steps=2", "advise.warmup=0", "bench.latency=true", "bench.memory=true", "bench.deploy=true"]
 GRID = ["advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]", "advise.grid.rank.multiple=[8,16]",
-        "advise.grid.freeze.schedule=[none,sequential]"]
+        "advise.grid.rank.allocation=[uniform]", "advise.grid.freeze.schedule=[none,sequential]"]
 
 
 def dominated(row: pd.Series, table: pd.DataFrame, speed: str) -> bool:
@@ -202,15 +202,19 @@ def test_group_by_decomposition_shares_the_rank_keys():
 def test_grid_expands_in_order_and_names_bad_keys_and_values(cfg_factory):
     cfg = cfg_factory(["task=advise"])
     configs = grid.expand(cfg.advise.grid, cfg)
-    assert len(configs) == 4 * 2 * 2 * 2  # the grid's product
-    assert configs[0] == {"rank.ratio": 1.5, "rank.policy": "quantized", "rank.multiple": 8, "freeze.schedule": "none"}
-    # the documented default: optimized at multiple 64 left out (4 ratios x {quantized 8, quantized 64, optimized})
+    assert len(configs) == 4 * 2 * 2 * 2 * 2  # the grid's product
+    assert configs[0] == {"rank.ratio": 1.5, "rank.policy": "quantized", "rank.multiple": 8,
+                          "rank.allocation": "uniform", "freeze.schedule": "none"}
+    # the documented default: optimized at multiple 64 and optimized with a global allocation left out (4 ratios x
+    # {quantized 8, quantized 64} x {uniform, global} + optimized 8 uniform, x 2 schedules)
     kept = grid.expand(cfg.advise.grid, cfg, exclude=cfg.advise.exclude)
-    assert len(kept) == 24
+    assert len(kept) == 4 * 5 * 2
     assert not any(c["rank.policy"] == "optimized" and c["rank.multiple"] == 64 for c in kept)
+    assert not any(c["rank.policy"] == "optimized" and c["rank.allocation"] == "global" for c in kept)
+    assert sum(c["rank.allocation"] == "global" for c in kept) == 16
     # a rule on a key that is not an axis compares the run's own value
     narrowed = cfg_factory(["task=advise", "~advise.grid.rank.multiple", "rank.multiple=64"])
-    assert len(grid.expand(narrowed.advise.grid, narrowed, exclude=narrowed.advise.exclude)) == 8
+    assert len(grid.expand(narrowed.advise.grid, narrowed, exclude=narrowed.advise.exclude)) == 16
     with pytest.raises(ConfigError, match=r"advise.exclude\[0\]: rank.bogus is not allowed"):
         grid.expand(cfg.advise.grid, cfg, exclude=[{"rank": {"bogus": 1}}])
     assert grid.expand({"rank": {"ratio": 3}}) == [{"rank.ratio": 3}]  # a scalar is a one-value axis

@@ -72,8 +72,8 @@ def digest(*items: Any) -> str:
     h = hashlib.sha256()
     for item in items:
         if isinstance(item, torch.Tensor):
-            t = item.detach().cpu().contiguous()
-            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            t = item.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{tuple(item.shape)}{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
             h.update(json.dumps(item, sort_keys=True, default=str).encode())

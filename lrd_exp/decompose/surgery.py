@@ -368,11 +368,7 @@ def decompose_model(
     ``check_images`` samples of ``evaluation`` (batches the fit did not use; without them, the calibration batches,
     and the report says so): relative output error, top-1 agreement and KL. BatchNorm re-estimation is kept only
     where it lowers that damage (``report.bn_recalibration``); an agreement below ``min_agreement`` warns.
-
-    ``allocation="global"`` re-spreads the policy's ranks under one budget (their total ``budget_by``: params, flops
-    or time) where each layer's measured damage on ``damage_images`` calibration samples is least;
-    ``"fastest"`` takes the fastest ranks whose summed damage stays within ``max_damage`` (None: the uniform ranks'
-    own). See :mod:`lrd_exp.decompose.allocation`; ``report.allocation`` and each layer's ``damage`` say what it did.
+    ``allocation`` global / fastest spreads the ranks by measured damage (:mod:`lrd_exp.decompose.allocation`).
     """
     started = time.perf_counter()
     settings = check_settings(policy=policy, ratio=ratio, energy=energy, multiple=multiple, rounding=rounding,
@@ -401,13 +397,19 @@ def decompose_model(
     if repack(model, packed, keep=FactorizedLayer):  # those left dense keep torch's fused inference paths
         existing = {name for name, _ in model.named_modules()}  # their q/k/v projections are gone again
         report.layers = [layer for layer in report.layers if layer.name in existing]
+    return _finish(model, report, settings, batches, reference, params_before, started)
+
+
+def _finish(model: nn.Module, report: DecompositionReport, settings: dict[str, Any], batches: list[Any],
+            reference: Reference | None, params_before: int, started: float) -> DecompositionReport:
+    """BatchNorm, the end-to-end check, the totals, and a warning when nothing was decomposed."""
     if report.decomposed:
         report.calibration_s += _recalibrate_and_check(model, report, settings, batches, reference)
     report.params_before, report.params_after = params_before, _count(model)
     report.decompose_s = time.perf_counter() - started
     if settings["policy"] != "none" and not report.decomposed:
         warnings.warn(f"decompose_model: no layer was decomposed (policy={settings['policy']}): "
-                      f"{report.why_dense()}", stacklevel=2)
+                      f"{report.why_dense()}", stacklevel=3)
     return report
 
 
@@ -564,6 +566,7 @@ def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mappi
     if policy == "optimized":
         context = dict(rank_search or {})
         output_dir = context.pop("output_dir", None)  # where the timings go: the search itself writes nothing
+        context.pop("damage_cache_dir", None)  # rank.allocation's
         estimates = {p.name: estimate_ranks(p, "quantized", **keys) for p in plans}
         found = choose_ranks(
             plans, estimates, window=settings["window"], step=settings["step"], objective=settings["objective"],
