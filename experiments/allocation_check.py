@@ -88,6 +88,7 @@ def decompose(data: dict, ratio: float, allocation: str, seed: int, cache: str) 
                    "check_kl": report.check.kl, "check_agreement": report.check.agreement,
                    "predicted_damage": a.get("predicted_damage"), "uniform_predicted_damage":
                    a.get("uniform_predicted_damage"), "damage_s": a.get("damage_s"),
+                   "damage_cpu_s": a.get("damage_cpu_s"),
                    "damage_measured": a.get("damage_measured"), "damage_cached": a.get("damage_cached"),
                    "layers_dense": sum(lay.action == "kept" and lay.damage is not None for lay in report.layers),
                    "decompose_s": time.perf_counter() - t0}

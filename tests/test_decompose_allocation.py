@@ -206,6 +206,8 @@ def test_global_on_torch_attention(tmp_path):
     assert any("self_attn" in lay.name for lay in damaged) and a["spent"] <= a["budget"]
     assert report.check is not None and report.check.kl >= 0 and model(x).shape == (64, 10)
     assert a["predicted_damage"] == pytest.approx(sum(lay.damage for lay in damaged))
+    assert "allocation=global by params" in report.summary() and "against the original: agreement" in report.summary()
+    assert "damage" in report.table()
     assert any(tmp_path.iterdir())
 
 

@@ -121,6 +121,10 @@ QUALITY_COLUMNS: list[str] = [
     "check_rel_error",  # ||f'(x) - f(x)|| / ||f(x)|| of the outputs
     "bn_recalibration",  # kept | rejected (re-estimation hurt on the check) | unchecked | off | no BatchNorm
     "decomposition_warning",  # the collapse warning (agreement below rank.min_agreement), else null
+    # rank.allocation global / fastest (null when uniform): the summed per-layer damages of the chosen ranks and of
+    # the uniform ones (check_kl is the measured total)
+    "predicted_damage",
+    "uniform_predicted_damage",
 ]
 TARGET_COLUMNS: list[str] = [
     "decompose_s",  # the whole decomposition, calibration included

@@ -79,11 +79,13 @@ def check_inputs(cfg: DictConfig, dm: Any, calibration: list[Any] | None) -> lis
 
 def check_fields(report: Any) -> dict[str, Any]:
     """The row's end-to-end check columns (null without a check) and what became of BatchNorm re-estimation."""
-    c = report.check
+    c, a = report.check, report.allocation
     return {"check_images": c.images if c else None, "check_held_out": c.held_out if c else None,
             "check_agreement": c.agreement if c else None, "check_kl": c.kl if c else None,
             "check_rel_error": c.rel_error if c else None, "bn_recalibration": report.bn_recalibration,
-            "decomposition_warning": report.warnings[0] if report.warnings else None}
+            "decomposition_warning": report.warnings[0] if report.warnings else None,
+            "predicted_damage": a["predicted_damage"] if a else None,
+            "uniform_predicted_damage": a["uniform_predicted_damage"] if a else None}
 
 
 def log_warnings(report: Any) -> None:
