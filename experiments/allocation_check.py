@@ -1,7 +1,7 @@
 """One budget for the whole model (rank.allocation) against the uniform ratio, on three digits models.
 
-    python experiments/allocation_check.py --cache <paths.cache_dir> --rows results/allocation_digits/rows.csv
-    python experiments/allocation_check.py --cache <...> --rows <...> --report results/allocation_digits/README.md
+    python experiments/allocation_check.py --cache <paths.cache_dir> --rows results/allocation_digits/rows.jsonl
+    python experiments/allocation_check.py --cache <...> --rows <...> --report results/allocation_digits/results.md
 
 For resnet18 and the digits ViT (experiment=digits_calibration's split and cached baselines) and the
 ``nn.TransformerEncoder`` classifier of experiments/attention_fit_check.py, per seed and compression 2 / 4 / 8:
@@ -11,14 +11,17 @@ check's KL on 256 further training images (the measured damage), and the predict
 ``--fastest model:ratio`` adds ``rank.allocation=fastest`` (the fastest ranks by measured layer times whose
 predicted damage stays within the uniform ranks'), and ``--speed model:ratio`` times a training step and the
 deployed inference of the original, uniform and allocated models side by side (batch 64, interleaved rounds).
-Rows are appended to ``--rows`` as they finish (a rerun skips those present); ``--report`` writes the tables.
+Rows are appended to ``--rows`` (JSON lines) as they finish (a rerun skips those present); ``--report`` writes
+the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import datetime
+import json
 import os
 import subprocess
 import time
@@ -134,8 +137,27 @@ def pairs(text: str) -> set[tuple[str, float]]:
     return {(p.split(":")[0], float(p.split(":")[1])) for p in text.split(",") if p}
 
 
+def load_rows(paths: list[Path]) -> pd.DataFrame:
+    """Rows from JSON-lines files, or from run logs (each row printed as a dict, then one line of speedups per
+    ratio that was timed: ``{'uniform': (train, deployed), ...}``); a later row of the same key wins."""
+    rows: list[dict] = []
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("{\"") or line.startswith("{'model'"):
+                rows.append(json.loads(line) if line.startswith("{\"") else ast.literal_eval(line))
+            elif line.startswith("{'uniform'"):
+                for allocation, (train_x, deployed_x) in ast.literal_eval(line).items():
+                    row = next(r for r in reversed(rows) if r["allocation"] == allocation)
+                    row.update(train_speedup=train_x, deployed_speedup=deployed_x)
+    df = pd.DataFrame(rows, columns=KEYS if not rows else None)
+    return df.drop_duplicates(KEYS, keep="last") if len(df) else df
+
+
 def run(args: argparse.Namespace) -> None:
-    done = pd.read_csv(args.rows) if args.rows.exists() else pd.DataFrame(columns=KEYS)
+    done = load_rows([args.rows])
     have = {tuple(r) for r in done[KEYS].astype(str).itertuples(index=False)}
     fastest, speed = pairs(args.fastest), pairs(args.speed)
     for arch in args.models.split(","):
@@ -160,8 +182,8 @@ def run(args: argparse.Namespace) -> None:
                         t, o = timed[row["allocation"]], timed["original"]
                         row.update(train_speedup=o["train"] / t["train"], deployed_speedup=o["infer"] / t["infer"])
                     print({r["allocation"]: (r["train_speedup"], r["deployed_speedup"]) for r in rows}, flush=True)
-                df = pd.DataFrame(rows)
-                df.to_csv(args.rows, mode="a", header=not args.rows.exists(), index=False)
+                with args.rows.open("a") as fh:
+                    fh.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def ci(values: pd.Series) -> str:
@@ -172,13 +194,17 @@ def ci(values: pd.Series) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    df = pd.read_csv(args.rows)
+    df = load_rows([args.rows, *args.logs])
     df["drop_pre"] = df["top1_original"] - df["top1_pre"]
     metrics = ["drop_pre", "check_kl", "predicted_damage", "params_ratio", "train_speedup", "deployed_speedup"]
     metrics = [m for m in metrics if m in df]
     table = (df.groupby(["model", "ratio", "allocation"])
              .apply(lambda g: pd.Series({"seeds": g["seed"].nunique(), **{m: ci(g[m]) for m in metrics}}),
                     include_groups=False).reset_index())
+    measured = df[pd.to_numeric(df["damage_measured"], errors="coerce") > 0]  # the first global run of a seed
+    cost = (measured.groupby("model").agg(seeds=("seed", "nunique"), cuts=("damage_measured", "mean"),
+                                          damage_wall_s=("damage_s", "mean"), damage_cpu_s=("damage_cpu_s", "mean"))
+            .reset_index())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = ["# Global rank allocation against the uniform ratio (digits, before fine-tuning)", "",
              f"Command: `python experiments/allocation_check.py --cache {args.cache} --rows {args.rows}` (options in "
@@ -188,7 +214,11 @@ def report(args: argparse.Namespace) -> None:
              "predicted_damage: the sum of the layers' measured damages (global / fastest); speedups: the "
              "original's median step time over the model's (train: forward + backward, batch 64; deployed: "
              "inference after merge_for_inference).", "",
-             table.to_markdown(index=False), "", "Every run:", "", df.to_markdown(index=False, floatfmt=".4g"), ""]
+             table.to_markdown(index=False), "",
+             "What measuring the layers' damage cost (the first global run of each seed; later ratios read the "
+             "cache): cuts (layer x candidate rank, 128 images each), mean wall and process CPU seconds.", "",
+             cost.to_markdown(index=False, floatfmt=".1f"), "", "Every run:", "",
+             df.to_markdown(index=False, floatfmt=".4g"), ""]
     args.report.write_text("\n".join(lines))
     print(table.to_markdown(index=False))
 
@@ -197,7 +227,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True)
     ap.add_argument("--rows", type=Path, required=True)
-    ap.add_argument("--report", type=Path)
+    ap.add_argument("--report", type=Path, help="write the tables here (from --rows and --logs)")
+    ap.add_argument("--logs", type=Path, nargs="*", default=[], help="run logs whose printed rows count too")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ratios", default="2,4,8")
