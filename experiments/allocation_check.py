@@ -207,7 +207,8 @@ def report(args: argparse.Namespace) -> None:
             .reset_index())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = ["# Global rank allocation against the uniform ratio (digits, before fine-tuning)", "",
-             f"Command: `python experiments/allocation_check.py --cache {args.cache} --rows {args.rows}` (options in "
+             f"Command: `python experiments/allocation_check.py --cache {args.cache} --rows {args.rows}"
+             f"{' --logs ' + ' '.join(map(str, args.logs)) if args.logs else ''} --report {args.report}` (the runs: "
              f"PROVENANCE.md); torch {torch.__version__}, {datetime.date.today()}, report from commit {commit}.", "",
              "Mean ± 95 % CI over seeds (t). drop_pre: top-1 points lost on the held-out half before fine-tuning; "
              "check_kl: the end-to-end check's KL (measured damage) on 256 training images the fit did not use; "
