@@ -101,6 +101,7 @@ def speeds(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, round
     """Median seconds of a training step (forward, loss, backward) and of the deployed inference, per model,
     interleaved over ``rounds`` rounds of 3 steps each (after 3 warm-up steps)."""
     sync = lambda: None  # noqa: E731 - the CPU has nothing queued
+    models = {n: copy.deepcopy(m) for n, m in models.items()}  # train-mode steps move BatchNorm's statistics
     deployed = {}
     for name, m in models.items():
         d = copy.deepcopy(m).eval()

@@ -21,9 +21,10 @@ from lrd_exp.tasks.advise import group_by_decomposition, union_states
 # a timm test model on synthetic data: seconds per configuration on one CPU thread
 TINY = ["task=advise", "model.name=test_resnet", "dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=10",
         "dataset.train_size=64", "dataset.val_size=32", "device=cpu", "logger=csv", "trainer.batch_size=8",
-        "advise.steps=2", "advise.warmup=0", "bench.latency=true", "bench.memory=true", "bench.deploy=true"]
+        "advise.steps=2", "advise.warmup=0", "bench.latency=true", "bench.memory=true", "bench.deploy=true",
+        "~advise.grid.rank.allocation"]  # synthetic data: the global family is left out anyway (test below)
 GRID = ["advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]", "advise.grid.rank.multiple=[8,16]",
-        "advise.grid.rank.allocation=[uniform]", "advise.grid.freeze.schedule=[none,sequential]"]
+        "advise.grid.freeze.schedule=[none,sequential]"]
 
 
 def dominated(row: pd.Series, table: pd.DataFrame, speed: str) -> bool:
@@ -152,7 +153,8 @@ def test_a_grid_where_every_configuration_collapses_says_so_and_recommends_none(
     from lrd_exp.tasks.advice_report import advice_table, collapse_note
 
     cfg = cfg_factory(["task=advise", "advise.grid.rank.ratio=[2,8]", "advise.grid.rank.policy=[quantized]",
-                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]"])
+                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]",
+                       "~advise.grid.rank.allocation"])
     rows = [{"rank.ratio": r, "rank.policy": "quantized", "rank.multiple": 8, "freeze.schedule": "none",
              "configuration": f"ratio={r}", "train_speedup": s, "approx_error": e, "agreement": a, "status": "ok"}
             for r, s, e, a in ((2, 1.5, 0.2, 0.3), (8, 2.5, 0.5, 0.1))]
@@ -192,6 +194,19 @@ def test_union_states_times_each_frozen_set_once_and_keeps_each_schedules_weight
     union, plans = union_states([none, seq])
     assert [s.frozen for s in union] == [[], ["a"], ["a", "b"]]
     assert plans == [[(0, 1.0)], [(0, 0.25), (1, 0.25), (2, 0.5)]]
+
+
+def test_synthetic_data_leaves_the_global_family_out_with_a_note():
+    """rank.allocation=global measures damage on real calibration images: on synthetic data those configurations
+    are dropped (and said so), the uniform ones stay."""
+    from types import SimpleNamespace
+
+    from lrd_exp.tasks.advise import measurable
+
+    configs = grid.expand({"rank": {"ratio": [2, 4], "allocation": ["uniform", "global"]}})
+    kept, note = measurable(configs, SimpleNamespace(has_real_data=False, name="synthetic"))
+    assert [c["rank.allocation"] for c in kept] == ["uniform", "uniform"] and "2 configuration(s)" in note
+    assert measurable(configs, SimpleNamespace(has_real_data=True, name="digits")) == (configs, "")
 
 
 def test_group_by_decomposition_shares_the_rank_keys():
