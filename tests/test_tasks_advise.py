@@ -334,8 +334,8 @@ def test_the_recommended_command_composes_to_the_advised_configuration(cfg_facto
     hydra = SimpleNamespace(overrides=SimpleNamespace(task=own), mode=RunMode.MULTIRUN)
     monkeypatch.setattr(advice.HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(advice.HydraConfig, "get", staticmethod(lambda: hydra))
-    config = {"rank.ratio": 4, "rank.policy": "optimized", "rank.multiple": 64, "freeze.schedule": "sequential",
-              "freeze.positions": ["first", "last"]}
+    config = {"rank.ratio": 4, "rank.policy": "optimized", "rank.multiple": 64, "rank.allocation": "uniform",
+              "freeze.schedule": "sequential", "freeze.positions": ["first", "last"]}
     command = advice.recommended_command(cfg, pd.Series(config))
     args = shlex.split(command)
     assert args[:2] == ["python", "run.py"]
