@@ -79,13 +79,15 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * hits / len(y)
 
 
-def decompose(data: dict, ratio: float, allocation: str, seed: int, cache: str) -> tuple[nn.Module, dict]:
+def decompose(data: dict, ratio: float, allocation: str, seed: int, cache: str, max_damage: float | None = None
+              ) -> tuple[nn.Module, dict]:
     model = copy.deepcopy(data["model"])
     context = {"damage_cache_dir": os.path.join(cache, "rank_damage"), "cache_dir": os.path.join(cache, "rank_timings"),
                "batch_size": 64, "device": resolve_device("cpu"), "warmup": 2, "steps": 7}
     t0 = time.perf_counter()
     report = decompose_model(model, policy="quantized", ratio=ratio, multiple=8, calibration=data["calibration"],
-                             evaluation=data["check"], allocation=allocation, seed=seed, rank_search=context)
+                             evaluation=data["check"], allocation=allocation, seed=seed, rank_search=context,
+                             max_damage=max_damage)
     a = report.allocation or {}
     return model, {"params_ratio": report.params_before / report.params_after,
                    "check_kl": report.check.kl, "check_agreement": report.check.agreement,
@@ -165,14 +167,18 @@ def run(args: argparse.Namespace) -> None:
         for seed in map(int, args.seeds.split(",")):
             data = None
             for ratio in map(float, args.ratios.split(",")):
-                allocations = ["uniform", "global"] + (["fastest"] if (arch, ratio) in fastest else [])
+                scales = [float(x) for x in args.fastest_scales.split(",")] if (arch, ratio) in fastest else []
+                allocations = ["uniform", "global"] + [f"fastest@{x:g}" if x != 1 else "fastest" for x in scales]
                 if all((arch, str(seed), str(ratio), a) in have for a in allocations):
                     continue
                 data = data or load(arch, seed, args.cache)
                 ref = top1(data["model"], data["x_val"], data["y_val"])
                 models, rows = {"original": data["model"]}, []
-                for allocation in allocations:
-                    model, info = decompose(data, ratio, allocation, seed, args.cache)
+                for allocation in allocations:  # fastest@s: within s x the uniform ranks' predicted damage
+                    bound = None
+                    if "@" in allocation:
+                        bound = float(allocation.split("@")[1]) * rows[1]["uniform_predicted_damage"]
+                    model, info = decompose(data, ratio, allocation.split("@")[0], seed, args.cache, bound)
                     models[allocation] = model
                     rows.append({"model": arch, "seed": seed, "ratio": ratio, "allocation": allocation,
                                  "top1_original": ref, "top1_pre": top1(model, data["x_val"], data["y_val"]), **info})
@@ -236,6 +242,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="2,4,8")
     ap.add_argument("--fastest", default="resnet18:4", help="model:ratio pairs that also run allocation=fastest")
     ap.add_argument("--speed", default="resnet18:4", help="model:ratio pairs whose speed is measured")
+    ap.add_argument("--fastest-scales", default="1", help="fastest's damage bounds, as multiples of the uniform "
+                    "ranks' predicted damage (each a row: fastest@<scale>; 1: fastest)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.report:
