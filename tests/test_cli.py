@@ -45,6 +45,10 @@ def _env():
     (["rank.calibration_images=1438"], ["rank.calibration_images", "1438", "1437 images"]),
     (["rank.check_images=-5"], ["rank.check_images", "-5", ">= 0"]),
     (["rank.min_agreement=2"], ["rank.min_agreement", "2", "[0, 1]"]),
+    (["rank.max_damage=-1"], ["rank.max_damage", "-1", ">= 0"]),
+    (["rank.damage_images=0"], ["rank.damage_images", "0", ">= 1"]),
+    (["rank.allocation=global", "rank.policy=optimized"], ["rank.allocation", "global", "optimized", "quantized"]),
+    (["rank.allocation=global", "dataset=synthetic"], ["rank.allocation", "global", "dataset=synthetic", "uniform"]),
 ])
 def test_bad_input_one_line_no_files(tmp_path, capsys, overrides, needles):
     if "device=cuda" in overrides and torch.cuda.is_available():

@@ -365,6 +365,8 @@ NUMERIC_KEYS = [  # (override, key named in the error); the default policy (quan
     ("rank.calibration_images=0", "rank.calibration_images"),
     ("rank.check_images=-1", "rank.check_images"),
     ("rank.min_agreement=1.5", "rank.min_agreement"),
+    ("rank.max_damage=-0.5", "rank.max_damage"),
+    ("rank.damage_images=0", "rank.damage_images"),
     ("bench.batch_size=0", "bench.batch_size"),
     ("bench.warmup=-1", "bench.warmup"),
     ("bench.steps=0", "bench.steps"),
@@ -506,7 +508,8 @@ def test_freeze_defaults_have_one_source(cfg_factory):
 @pytest.mark.parametrize("override", ["rank.policy=quantized", "rank.base=energy", "rank.ratio=1",
                                       "rank.multiple=0", "rank.window=1.5", "rank.step=0", "rank.tolerance=-1",
                                       "rank.policy=fixed", "rank.calibration_images=0", "rank.check_images=-1",
-                                      "rank.min_agreement=-0.1"])
+                                      "rank.min_agreement=-0.1", "rank.damage_images=0",
+                                      "rank.budget_by=time"])
 @pytest.mark.filterwarnings("ignore:decompose_model. no layer was decomposed")
 def test_rank_rules_give_one_verdict_through_both_paths(cfg_factory, override):
     """``run.py``'s validation and ``decompose_model(**cfg.rank)`` run the same rules (config.values)."""

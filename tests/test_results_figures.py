@@ -151,3 +151,7 @@ def test_advice_frontier_plots_the_table_and_skips_without_its_columns(tmp_path,
     assert _is_png(F.advice_frontier(df, tmp_path / "a.png"))
     assert F.advice_frontier(df.drop(columns=["frontier"]), tmp_path / "b.png") is None
     assert "advice frontier: skipped" in capsys.readouterr().out
+    assert [F.allocation_family(c) for c in ("ratio=2 allocation=global", "ratio=2", "allocation=fastest x=1",
+                                             "rank.allocation=uniform")] == ["global", "uniform", "fastest", "uniform"]
+    both = pd.concat([df, df.assign(configuration=df["configuration"] + " allocation=global")], ignore_index=True)
+    assert _is_png(F.advice_frontier(both, tmp_path / "c.png"))

@@ -21,7 +21,8 @@ from lrd_exp.tasks.advise import group_by_decomposition, union_states
 # a timm test model on synthetic data: seconds per configuration on one CPU thread
 TINY = ["task=advise", "model.name=test_resnet", "dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=10",
         "dataset.train_size=64", "dataset.val_size=32", "device=cpu", "logger=csv", "trainer.batch_size=8",
-        "advise.steps=2", "advise.warmup=0", "bench.latency=true", "bench.memory=true", "bench.deploy=true"]
+        "advise.steps=2", "advise.warmup=0", "bench.latency=true", "bench.memory=true", "bench.deploy=true",
+        "~advise.grid.rank.allocation"]  # synthetic data: the global family is left out anyway (test below)
 GRID = ["advise.grid.rank.ratio=[2,4]", "advise.grid.rank.policy=[quantized]", "advise.grid.rank.multiple=[8,16]",
         "advise.grid.freeze.schedule=[none,sequential]"]
 
@@ -152,7 +153,8 @@ def test_a_grid_where_every_configuration_collapses_says_so_and_recommends_none(
     from lrd_exp.tasks.advice_report import advice_table, collapse_note
 
     cfg = cfg_factory(["task=advise", "advise.grid.rank.ratio=[2,8]", "advise.grid.rank.policy=[quantized]",
-                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]"])
+                       "advise.grid.rank.multiple=[8]", "advise.grid.freeze.schedule=[none]",
+                       "~advise.grid.rank.allocation"])
     rows = [{"rank.ratio": r, "rank.policy": "quantized", "rank.multiple": 8, "freeze.schedule": "none",
              "configuration": f"ratio={r}", "train_speedup": s, "approx_error": e, "agreement": a, "status": "ok"}
             for r, s, e, a in ((2, 1.5, 0.2, 0.3), (8, 2.5, 0.5, 0.1))]
@@ -194,6 +196,19 @@ def test_union_states_times_each_frozen_set_once_and_keeps_each_schedules_weight
     assert plans == [[(0, 1.0)], [(0, 0.25), (1, 0.25), (2, 0.5)]]
 
 
+def test_synthetic_data_leaves_the_global_family_out_with_a_note():
+    """rank.allocation=global measures damage on real calibration images: on synthetic data those configurations
+    are dropped (and said so), the uniform ones stay."""
+    from types import SimpleNamespace
+
+    from lrd_exp.tasks.advise import measurable
+
+    configs = grid.expand({"rank": {"ratio": [2, 4], "allocation": ["uniform", "global"]}})
+    kept, note = measurable(configs, SimpleNamespace(has_real_data=False, name="synthetic"))
+    assert [c["rank.allocation"] for c in kept] == ["uniform", "uniform"] and "2 configuration(s)" in note
+    assert measurable(configs, SimpleNamespace(has_real_data=True, name="digits")) == (configs, "")
+
+
 def test_group_by_decomposition_shares_the_rank_keys():
     configs = grid.expand({"rank": {"ratio": [2, 4]}, "freeze": {"schedule": ["none", "sequential"]}})
     assert [[c["freeze.schedule"] for c in g] for g in group_by_decomposition(configs)] == [["none", "sequential"]] * 2
@@ -202,15 +217,19 @@ def test_group_by_decomposition_shares_the_rank_keys():
 def test_grid_expands_in_order_and_names_bad_keys_and_values(cfg_factory):
     cfg = cfg_factory(["task=advise"])
     configs = grid.expand(cfg.advise.grid, cfg)
-    assert len(configs) == 4 * 2 * 2 * 2  # the grid's product
-    assert configs[0] == {"rank.ratio": 1.5, "rank.policy": "quantized", "rank.multiple": 8, "freeze.schedule": "none"}
-    # the documented default: optimized at multiple 64 left out (4 ratios x {quantized 8, quantized 64, optimized})
+    assert len(configs) == 4 * 2 * 2 * 2 * 2  # the grid's product
+    assert configs[0] == {"rank.ratio": 1.5, "rank.policy": "quantized", "rank.multiple": 8,
+                          "rank.allocation": "uniform", "freeze.schedule": "none"}
+    # the documented default: optimized at multiple 64 and optimized with a global allocation left out (4 ratios x
+    # {quantized 8, quantized 64} x {uniform, global} + optimized 8 uniform, x 2 schedules)
     kept = grid.expand(cfg.advise.grid, cfg, exclude=cfg.advise.exclude)
-    assert len(kept) == 24
+    assert len(kept) == 4 * 5 * 2
     assert not any(c["rank.policy"] == "optimized" and c["rank.multiple"] == 64 for c in kept)
+    assert not any(c["rank.policy"] == "optimized" and c["rank.allocation"] == "global" for c in kept)
+    assert sum(c["rank.allocation"] == "global" for c in kept) == 16
     # a rule on a key that is not an axis compares the run's own value
     narrowed = cfg_factory(["task=advise", "~advise.grid.rank.multiple", "rank.multiple=64"])
-    assert len(grid.expand(narrowed.advise.grid, narrowed, exclude=narrowed.advise.exclude)) == 8
+    assert len(grid.expand(narrowed.advise.grid, narrowed, exclude=narrowed.advise.exclude)) == 16
     with pytest.raises(ConfigError, match=r"advise.exclude\[0\]: rank.bogus is not allowed"):
         grid.expand(cfg.advise.grid, cfg, exclude=[{"rank": {"bogus": 1}}])
     assert grid.expand({"rank": {"ratio": 3}}) == [{"rank.ratio": 3}]  # a scalar is a one-value axis
@@ -315,8 +334,8 @@ def test_the_recommended_command_composes_to_the_advised_configuration(cfg_facto
     hydra = SimpleNamespace(overrides=SimpleNamespace(task=own), mode=RunMode.MULTIRUN)
     monkeypatch.setattr(advice.HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(advice.HydraConfig, "get", staticmethod(lambda: hydra))
-    config = {"rank.ratio": 4, "rank.policy": "optimized", "rank.multiple": 64, "freeze.schedule": "sequential",
-              "freeze.positions": ["first", "last"]}
+    config = {"rank.ratio": 4, "rank.policy": "optimized", "rank.multiple": 64, "rank.allocation": "uniform",
+              "freeze.schedule": "sequential", "freeze.positions": ["first", "last"]}
     command = advice.recommended_command(cfg, pd.Series(config))
     args = shlex.split(command)
     assert args[:2] == ["python", "run.py"]

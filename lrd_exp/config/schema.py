@@ -16,8 +16,10 @@ from typing import Any
 from lrd_exp.config.values import (
     ACCELERATORS,
     ADVISE_SPEEDS,
+    ALLOCATIONS,
     BASES,
     BN_MODES,
+    BUDGET_MEASURES,
     BUDGETS,
     CALIBRATES,
     CROP_MODES,
@@ -54,6 +56,8 @@ RankPolicy = _choices("RankPolicy", POLICIES)
 Rounding = _choices("Rounding", ROUNDINGS)
 RankBase = _choices("RankBase", BASES)
 RankBudget = _choices("RankBudget", BUDGETS)
+RankAllocation = _choices("RankAllocation", ALLOCATIONS)
+BudgetMeasure = _choices("BudgetMeasure", BUDGET_MEASURES)
 RankFit = _choices("RankFit", FITS)
 Calibrate = _choices("Calibrate", CALIBRATES)
 Objective = _choices("Objective", OBJECTIVES)
@@ -109,6 +113,10 @@ class RankConfig:
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration images after decomposing
     check_images: int = 256  # held-out training images the decomposed model is checked on against the original; 0: off
     min_agreement: float = 0.5  # warn when fewer predictions than this stay unchanged (the model is destroyed)
+    allocation: RankAllocation = RankAllocation.uniform  # uniform | global (one budget) | fastest (within a damage)
+    budget_by: BudgetMeasure = BudgetMeasure.params  # allocation=global: the budget counts params | flops | time
+    max_damage: float | None = None  # allocation=fastest: the bound on predicted damage; null: uniform's
+    damage_images: int = 128  # calibration images the per-layer damage is measured on (allocation global / fastest)
 
 
 @dataclass

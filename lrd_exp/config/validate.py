@@ -89,6 +89,7 @@ def _validate(cfg: DictConfig) -> None:
     _check_precisions(cfg)
     _check_dataset(cfg.dataset)
     _check_calibration_images(cfg)
+    _check_allocation_data(cfg)
     _check_data_root(cfg)
     _check_model(cfg)
     _check_device(cfg.device)
@@ -185,6 +186,14 @@ def _check_dataset(d: DictConfig) -> None:
                         channels=3 if d.name in ("cifar10", "cifar100", "imagenet") else d.in_chans)
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"dataset.val_fraction={d.val_fraction} is not allowed: a fraction in (0, 1)")
+
+
+def _check_allocation_data(cfg: DictConfig) -> None:
+    """``rank.allocation`` global / fastest measures each layer's damage on real calibration images: synthetic data
+    has none that mean anything (a training job stops here, before any work)."""
+    if _v(cfg.rank.allocation) != "uniform" and cfg.dataset.name == "synthetic" and _v(cfg.task) == "train":
+        raise ConfigError(f"rank.allocation={_v(cfg.rank.allocation)} is not allowed with dataset=synthetic: it "
+                          "measures each layer's damage on real calibration images; use rank.allocation=uniform")
 
 
 def _check_calibration_images(cfg: DictConfig) -> None:

@@ -15,6 +15,12 @@ POLICIES = ("none", "ratio", "energy", "quantized", "optimized", "fixed")
 ROUNDINGS = ("nearest", "up", "down")
 BASES = ("ratio", "energy")  # the estimate quantized / optimized start from
 BUDGETS = ("layer", "model")
+# how ranks are spread over the model: uniform (every layer by the policy alike, the paper); global (one budget, the
+# uniform ranks' total, spent where the measured damage per unit saved is least); fastest (the fastest ranks whose
+# predicted damage stays within rank.max_damage)
+ALLOCATIONS = ("uniform", "global", "fastest")
+BUDGET_MEASURES = ("params", "flops", "time")  # what rank.allocation=global's budget counts
+ALLOCATED_POLICIES = ("ratio", "energy", "quantized")  # the policies whose uniform ranks a global budget re-spreads
 # auto: activations wherever calibration inputs exist, weights otherwise; weights: the paper's truncated SVD /
 # HOSVD of the weights; activations: the least output error on the calibration inputs
 FITS = ("auto", "weights", "activations")
@@ -154,10 +160,27 @@ def check_end_to_end(check_images: Any, min_agreement: Any) -> tuple[int, float]
     return check_images, float(min_agreement)
 
 
+def check_allocation(policy: str, allocation: Any, budget_by: Any, max_damage: Any, damage_images: Any
+                     ) -> tuple[str, str, float | None, int]:
+    """``rank.allocation``, ``rank.budget_by``, ``rank.max_damage`` (null: the uniform ranks' predicted damage) and
+    ``rank.damage_images``: one ValueError naming the key."""
+    allocation = check_choice("rank.allocation", allocation, ALLOCATIONS)
+    budget_by = check_choice("rank.budget_by", budget_by, BUDGET_MEASURES)
+    if max_damage is not None and (not _is_number(max_damage) or max_damage < 0):
+        raise ValueError(f"rank.max_damage={max_damage!r} is not allowed: null (the uniform ranks' predicted damage) "
+                         "or a number >= 0 (KL in nats for class scores, else relative output error)")
+    check_count("rank.damage_images", damage_images, "a number of calibration images")
+    if allocation != "uniform" and policy not in ALLOCATED_POLICIES:
+        raise ValueError(f"rank.allocation={allocation!r} is not allowed with rank.policy={policy}: it re-spreads the "
+                         f"uniform ranks of rank.policy {', '.join(ALLOCATED_POLICIES)}")
+    return allocation, budget_by, None if max_damage is None else float(max_damage), damage_images
+
+
 def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, rounding: Any, base: Any, rank: Any,
                     window: Any, step: Any, objective: Any, tolerance: Any, budget: Any, fit: Any,
                     calibrate: Any, calibration_images: Any, check_images: Any = 256, min_agreement: Any = 0.5,
-                    **_: Any) -> dict[str, Any]:
+                    allocation: Any = "uniform", budget_by: Any = "params", max_damage: Any = None,
+                    damage_images: Any = 128, **_: Any) -> dict[str, Any]:
     """The ``rank`` node's rules, one ValueError naming the key: what ``run.py`` and ``decompose_model`` both run.
 
     Every numeric key is checked whatever the policy (a bad value is a typo, used or not). Returns the checked
@@ -174,10 +197,13 @@ def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, roun
     window, step, tolerance = check_window(window), check_step(step), check_tolerance(tolerance)
     fit, calibrate, calibration_images = check_fit(fit, calibrate, calibration_images)
     check_images, min_agreement = check_end_to_end(check_images, min_agreement)
+    allocation, budget_by, max_damage, damage_images = check_allocation(policy, allocation, budget_by, max_damage,
+                                                                        damage_images)
     return {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
             "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
             "tolerance": tolerance, "budget": budget, "fit": fit, "calibrate": calibrate,
-            "calibration_images": calibration_images, "check_images": check_images, "min_agreement": min_agreement}
+            "calibration_images": calibration_images, "check_images": check_images, "min_agreement": min_agreement,
+            "allocation": allocation, "budget_by": budget_by, "max_damage": max_damage, "damage_images": damage_images}
 
 
 def check_fixed_rank(rank: Any) -> None:

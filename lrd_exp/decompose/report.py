@@ -28,6 +28,7 @@ class LayerReport:
     rel_error: float = 0.0  # error_of=weight: ||W - W'||_F / ||W||_F; output: ||(W - W') X||_F / ||W X||_F
     reason: str = ""
     error_of: str = "weight"  # weight | output (on the calibration inputs, fit=activations)
+    damage: float | None = None  # rank.allocation global / fastest: the measured damage of cutting this layer alone
 
 
 @dataclass
@@ -49,6 +50,8 @@ class DecompositionReport:
     bn_recalibration: str = "off"
     bn_damage: tuple[float, float] | None = None  # the check's damage without and with re-estimation
     warnings: list[str] = field(default_factory=list)  # one line each, e.g. a collapsed model
+    # rank.allocation global / fastest: budget, spent, predicted damage (sum over layers) and the uniform ranks' own
+    allocation: dict | None = None
 
     @property
     def error_column(self) -> str:
@@ -126,6 +129,7 @@ class DecompositionReport:
             "check": self.check.to_dict() if self.check is not None else None,
             "bn_recalibration": self.bn_recalibration,
             "warnings": list(self.warnings),
+            "allocation": self.allocation,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -143,7 +147,17 @@ class DecompositionReport:
                if self.fit == "activations" else "")
         return (f"policy={self.policy}: {n_dec}/{len(self.layers)} candidate layers decomposed; "
                 f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.2f}x){part}{flops}{fit}"
-                f"{self.check_line()}")
+                f"{self.allocation_line()}{self.check_line()}")
+
+    def allocation_line(self) -> str:
+        """``; allocation=global by params: predicted damage 0.012 (uniform ranks: 0.031)`` (empty when uniform)."""
+        a = self.allocation
+        if not a:
+            return ""
+        return (f"; allocation={a['allocation']} by {a['budget_by']} (budget {a['budget']:.4g}, spent "
+                f"{a['spent']:.4g}): predicted damage {a['predicted_damage']:.3g} (uniform ranks: "
+                f"{a['uniform_predicted_damage']:.3g}; {a['damage_measured']} layer cuts measured, "
+                f"{a['damage_cached']} cached)")
 
     def check_line(self) -> str:
         """``; against the original: agreement ..., BatchNorm re-estimation kept`` (empty without a check)."""
@@ -159,7 +173,7 @@ class DecompositionReport:
         if df.empty:
             return self.summary()
         cols = ["name", "kind", "action", "weight_shape", "ranks", "params_before", "params_after",
-                "flops_before", "flops_after", "rel_error", "reason"]
+                "flops_before", "flops_after", "rel_error", *(["damage"] if self.allocation else []), "reason"]
         df = df[cols].copy()
         df["rel_error"] = df["rel_error"].map(lambda v: f"{v:.3g}")
         df = df.rename(columns={"rel_error": self.error_column})

@@ -277,22 +277,26 @@ def pick_within_budget(times: dict[str, dict[tuple[int, ...] | None, float]],
 
 
 class BudgetProblem:
-    """The model-wide budget of :func:`pick_within_budget`: per layer its options (ranks -> seconds, each faster
-    than the original) and their parameter counts, sharing the estimates' total parameters."""
+    """A multiple-choice knapsack over layers: per layer its options (choice -> the cost minimised) and what each
+    spends of one shared budget (``params``), by default the estimates' total.
 
-    def __init__(self, options: dict[str, dict[tuple[int, ...], float]],
-                 params: dict[str, dict[tuple[int, ...], int]], estimates: dict[str, tuple[int, ...]],
-                 slack: float) -> None:
+    :func:`pick_within_budget` minimises seconds under parameters; :mod:`lrd_exp.decompose.allocation` minimises
+    measured damage under parameters, FLOPs or seconds, or seconds under damage. A choice is a ranks tuple, or None
+    where keeping the layer dense is an option."""
+
+    def __init__(self, options: dict[str, dict[Any, float]], params: dict[str, dict[Any, float]],
+                 estimates: dict[str, Any], slack: float, budget: float | None = None) -> None:
         self.options, self.params = options, params
-        self.estimates = {n: tuple(estimates[n]) for n in options}
+        self.estimates = {n: None if estimates[n] is None else tuple(estimates[n]) for n in options}
         missing = [n for n, est in self.estimates.items() if est not in params[n]]
         if missing:
             raise ValueError(f"no parameter count for the estimate of layer(s) {', '.join(missing)}: "
                              "the estimate must be among the timed candidates")
-        self.budget = sum(params[n][est] for n, est in self.estimates.items())
+        self.budget = sum(params[n][est] for n, est in self.estimates.items()) if budget is None else budget
         self.floor = (1.0 - slack) * self.budget
-        scale = max(t / max(params[n][r], 1) for n, opts in options.items() for r, t in opts.items()) or 1.0
-        self.big = scale * 1e6  # a multiplier past every layer's time per parameter
+        spent = [c for n in options for c in params[n].values() if c > 0]
+        scale = max(abs(t) for opts in options.values() for t in opts.values()) / min(spent, default=1.0)
+        self.big = (scale or 1.0) * 1e6  # a multiplier past every layer's cost per unit of budget
 
     def total(self, sel: Choice) -> int:
         return sum(self.params[n][r] for n, r in sel.items())
@@ -450,6 +454,22 @@ def choose_ranks(plans: Sequence[LayerPlan], estimates: dict[str, tuple[int, ...
                  for ranks, t in times.items()]
     log.info("rank search: %d timings measured, %d from cache", cache.misses, cache.hits)
     return RankSearch(chosen, reasons, {"timings_measured": cache.misses, "timings_cached": cache.hits}, rows)
+
+
+def measure_times(plans: Sequence[LayerPlan], candidates: dict[str, list[tuple[int, ...]]], *, objective: str = "train",
+                  batch_size: int = 32, device: DeviceInfo | None = None, precision: str = "32-true",
+                  channels_last: bool = False, cache_dir: str | None = None, warmup: int = 3, steps: int = 10,
+                  timer: Timer | None = None, compile: bool = False
+                  ) -> tuple[dict[str, dict[Any, float]], dict[str, int]]:
+    """Per layer, seconds of the dense layer (None) and of each candidate, timed as :func:`choose_ranks` times them
+    (same cache); and the cache statistics. What ``rank.allocation`` spends a time budget by."""
+    device = device or resolve_device("cpu")
+    cache = TimingCache(None if timer is not None else cache_dir)
+    measure = _Measure(cache, timer, dict(device=device, precision=canonical_precision(precision),
+                                          batch_size=batch_size, objective=objective, channels_last=channels_last,
+                                          warmup=warmup, steps=steps, compile=compile))
+    times = {p.name: measure(p, candidates[p.name]) for p in plans if p.name in candidates}
+    return times, {"timings_measured": cache.misses, "timings_cached": cache.hits}
 
 
 def _untimed_reason(plan: LayerPlan, est: tuple[int, ...] | None) -> str:

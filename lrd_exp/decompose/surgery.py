@@ -19,6 +19,7 @@ from lrd_exp.config.values import check_rank_keys, enum_value
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
+from lrd_exp.decompose.allocation import allocate, batches_digest
 from lrd_exp.decompose.attention import (
     WEIGHT_READERS,
     Unpacked,
@@ -346,8 +347,10 @@ def decompose_model(
     objective: str = "train", tolerance: float = 0.03, budget: str = "model", include: Iterable[str] = (),
     exclude: Iterable[str] = (), skip_stem: bool = True, skip_head: bool = True, fit: str = "auto",
     calibration_images: int = 256, calibrate: str = "independent", recalibrate_bn: bool = True,
-    check_images: int = 256, min_agreement: float = 0.5, *, calibration: torch.Tensor | Iterable[Any] | None = None,
-    evaluation: torch.Tensor | Iterable[Any] | None = None, example_input: Any = None,
+    check_images: int = 256, min_agreement: float = 0.5, allocation: str = "uniform", budget_by: str = "params",
+    max_damage: float | None = None, damage_images: int = 128, *,
+    calibration: torch.Tensor | Iterable[Any] | None = None, evaluation: torch.Tensor | Iterable[Any] | None = None,
+    example_input: Any = None,
     input_size: tuple[int, ...] | None = None, rank_search: Mapping[str, Any] | None = None, seed: int = 0,
 ) -> DecompositionReport:
     """Decompose ``model`` in place and report what changed.
@@ -365,6 +368,7 @@ def decompose_model(
     ``check_images`` samples of ``evaluation`` (batches the fit did not use; without them, the calibration batches,
     and the report says so): relative output error, top-1 agreement and KL. BatchNorm re-estimation is kept only
     where it lowers that damage (``report.bn_recalibration``); an agreement below ``min_agreement`` warns.
+    ``allocation`` global / fastest spreads the ranks by measured damage (:mod:`lrd_exp.decompose.allocation`).
     """
     started = time.perf_counter()
     settings = check_settings(policy=policy, ratio=ratio, energy=energy, multiple=multiple, rounding=rounding,
@@ -373,7 +377,8 @@ def decompose_model(
                               skip_stem=skip_stem, skip_head=skip_head, fit=fit,
                               calibration_images=calibration_images, calibrate=calibrate,
                               recalibrate_bn=recalibrate_bn, check_images=check_images,
-                              min_agreement=min_agreement, calibration=calibration)
+                              min_agreement=min_agreement, allocation=allocation, budget_by=budget_by,
+                              max_damage=max_damage, damage_images=damage_images, calibration=calibration)
     batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
     reference = _reference(model, settings, evaluation, batches, seed)
     check_selection(model, include=settings["include"], exclude=settings["exclude"],
@@ -392,13 +397,19 @@ def decompose_model(
     if repack(model, packed, keep=FactorizedLayer):  # those left dense keep torch's fused inference paths
         existing = {name for name, _ in model.named_modules()}  # their q/k/v projections are gone again
         report.layers = [layer for layer in report.layers if layer.name in existing]
+    return _finish(model, report, settings, batches, reference, params_before, started)
+
+
+def _finish(model: nn.Module, report: DecompositionReport, settings: dict[str, Any], batches: list[Any],
+            reference: Reference | None, params_before: int, started: float) -> DecompositionReport:
+    """BatchNorm, the end-to-end check, the totals, and a warning when nothing was decomposed."""
     if report.decomposed:
         report.calibration_s += _recalibrate_and_check(model, report, settings, batches, reference)
     report.params_before, report.params_after = params_before, _count(model)
     report.decompose_s = time.perf_counter() - started
     if settings["policy"] != "none" and not report.decomposed:
         warnings.warn(f"decompose_model: no layer was decomposed (policy={settings['policy']}): "
-                      f"{report.why_dense()}", stacklevel=2)
+                      f"{report.why_dense()}", stacklevel=3)
     return report
 
 
@@ -422,15 +433,23 @@ def _decompose(model: nn.Module, settings: dict[str, Any], batches: list[Any], e
         calibration_s += time.perf_counter() - t0
 
     chosen, reasons = _choose(plans, settings, rank_search)
+    allocated = None
+    if settings["allocation"] != "uniform" and plans:
+        allocated = allocate(model, plans, chosen, settings, batches, build_factorized, context=rank_search,
+                             seed=seed, fit_key=batches_digest(batches) if fit == "activations" else "")
+        chosen, reasons = {**chosen, **allocated.chosen}, {**reasons, **allocated.reasons}
     reports, seconds = _replace_all(model, plans, chosen, reasons, settings, batches, order, seed)
     calibration_s += seconds
+    if allocated is not None:
+        for r in reports:
+            r.damage = allocated.damage.get(r.name)
 
     if example is not None and any(r.action == "decomposed" for r in reports):
         _keep_runnable(model, {p.name: p.module for p in plans}, reports, example)
     report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=0, params_after=0,
                                  settings=settings, fit=fit,
                                  calibration_images=sum(C.batch_size_of(b) for b in batches),
-                                 calibration_s=calibration_s)
+                                 calibration_s=calibration_s, allocation=allocated.summary if allocated else None)
     order_all = {n: i for i, (n, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda layer: order_all.get(layer.name, len(order_all)))
     if plans and all(f is not None for f in dense_flops_all):
@@ -476,7 +495,8 @@ def check_settings(*, include: Any, exclude: Any, skip_stem: bool, skip_head: bo
     settings.update(include=patterns(_plain(include)), exclude=patterns(_plain(exclude)), skip_stem=skip_stem,
                     skip_head=skip_head, fit=fit, calibration_images=checked["calibration_images"],
                     calibrate=checked["calibrate"], recalibrate_bn=bool(recalibrate_bn),
-                    check_images=checked["check_images"], min_agreement=checked["min_agreement"])
+                    check_images=checked["check_images"], min_agreement=checked["min_agreement"],
+                    **{k: checked[k] for k in ("allocation", "budget_by", "max_damage", "damage_images")})
     return settings
 
 
@@ -546,6 +566,7 @@ def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mappi
     if policy == "optimized":
         context = dict(rank_search or {})
         output_dir = context.pop("output_dir", None)  # where the timings go: the search itself writes nothing
+        context.pop("damage_cache_dir", None)  # rank.allocation's
         estimates = {p.name: estimate_ranks(p, "quantized", **keys) for p in plans}
         found = choose_ranks(
             plans, estimates, window=settings["window"], step=settings["step"], objective=settings["objective"],

@@ -362,6 +362,19 @@ def rank_saw_tooth(timings_df: pd.DataFrame, path: str | os.PathLike[str], layer
     return _save(fig, path)
 
 
+#: ``task=advise``'s families of configurations, by ``rank.allocation``: their markers on the frontier figure
+FAMILY_MARKERS = {"uniform": "o", "global": "^", "fastest": "s"}
+
+
+def allocation_family(configuration: object) -> str:
+    """``uniform`` / ``global`` / ``fastest`` from a configuration label (``... allocation=global ...``)."""
+    for part in str(configuration).split():
+        key, _, value = part.partition("=")
+        if key.rsplit(".", 1)[-1] == "allocation" and value in FAMILY_MARKERS:
+            return value
+    return "uniform"
+
+
 def advice_frontier(df: pd.DataFrame, path: str | os.PathLike[str], speed: str = "train_speedup",
                     error: str = "approx_error") -> Path | None:
     """``task=advise``'s table: every configuration's speedup against its accuracy proxy, the frontier joined
@@ -374,8 +387,14 @@ def advice_frontier(df: pd.DataFrame, path: str | os.PathLike[str], speed: str =
     ax = fig.add_subplot(1, 1, 1)
     front = data[data["frontier"].astype(bool)].sort_values(error)
     rest = data[~data["frontier"].astype(bool)]
-    ax.scatter(rest[error], rest[speed], color="0.65", s=22, label="dominated")
-    ax.plot(front[error], front[speed], "-o", color="C0", markersize=5, label="frontier (Pareto-optimal)")
+    ax.plot(front[error], front[speed], "-", color="C0", label="frontier (Pareto-optimal)")
+    for family, marker in FAMILY_MARKERS.items():  # uniform ranks (the paper) and rank.allocation's
+        f_rest, f_front = (d[d["configuration"].map(allocation_family) == family] for d in (rest, front))
+        if len(f_rest) or len(f_front):
+            ax.scatter(f_rest[error], f_rest[speed], color="0.65", s=22, marker=marker)
+            ax.scatter(f_front[error], f_front[speed], color="C0", s=28, marker=marker,
+                       label=f"{family} ranks" + (" (rank.allocation)" if family != "uniform" else ""))
+    ax.scatter([], [], color="0.65", s=22, label="dominated")
     keys = [str(k).split("=")[0] for k in str(front["configuration"].iloc[-1]).split()]
     for i, (_, r) in enumerate(front.iterrows()):  # values only, the keys once in the legend; left / right in turn
         text = " ".join(part.split("=", 1)[-1] for part in str(r["configuration"]).split())

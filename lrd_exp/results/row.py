@@ -123,6 +123,10 @@ QUALITY_COLUMNS: list[str] = [
     "decomposition_warning",  # the collapse warning (agreement below rank.min_agreement), else null
     # "calibrated" (trainer.calibrated applied: fit=activations) or "configured" (trainer.finetune_optim as set)
     "finetune_recipe",
+    # rank.allocation global / fastest (null when uniform): the summed per-layer damages of the chosen ranks and of
+    # the uniform ones (check_kl is the measured total)
+    "predicted_damage",
+    "uniform_predicted_damage",
 ]
 TARGET_COLUMNS: list[str] = [
     "decompose_s",  # the whole decomposition, calibration included

@@ -64,6 +64,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     applied = [grid.apply(cfg, c) for c in configs]  # every one checked before any work (one line, the bad key)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same original (and data) as a training job's
     dm = build_data(cfg)
+    configs, left_out = measurable(configs, dm)
     calibration = calibration_inputs(cfg, dm)  # the same training images a training job fits to
     evaluation = check_inputs(cfg, dm, calibration)  # and is checked on
     original, top1_original = original_model(cfg, device, dm, out_dir)
@@ -75,7 +76,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     groups = group_by_decomposition(configs)
     log.info("advise: %d configuration(s), %d decomposition(s) of %s; batch %d, %s, %s", len(configs), len(groups),
              cfg.model.name, batch, bench_precision(cfg), device.name)
-    notes = measurement_notes(cfg, applied)
+    notes = measurement_notes(cfg, applied) + ([left_out] if left_out else [])
     for note in notes:
         log.info("advise: %s", note)
 
@@ -110,6 +111,18 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
                         f"{failed[0]['error']}")
     rec = table[table["recommended"]]
     return float(rec[speed_column(cfg)].iloc[0]) if len(rec) else None
+
+
+def measurable(configs: list[dict[str, Any]], dm: Any) -> tuple[list[dict[str, Any]], str]:
+    """The configurations this data can measure, and a note on those left out: ``rank.allocation`` global / fastest
+    measures each layer's damage on real calibration images, which synthetic data does not have."""
+    if dm.has_real_data:
+        return configs, ""
+    kept = [c for c in configs if c.get("rank.allocation", "uniform") == "uniform"]
+    if len(kept) == len(configs):
+        return configs, ""
+    return kept, (f"{len(configs) - len(kept)} configuration(s) with rank.allocation global / fastest left out: they "
+                  f"measure each layer's damage on real calibration images, and dataset={dm.name} has none")
 
 
 def measurement_notes(cfg: DictConfig, applied: list[DictConfig]) -> list[str]:

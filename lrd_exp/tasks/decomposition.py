@@ -76,8 +76,8 @@ def check_model_selection(cfg: DictConfig) -> None:
 def calibration_inputs(cfg: DictConfig, dm: Any) -> list[Any] | None:
     """The training images a decomposition is fitted to (and BatchNorm re-estimated on), or None: on synthetic data
     ``rank.fit=auto`` fits the weights, and the fit changes accuracy only, never speed."""
-    fit = _v(cfg.rank.fit)
-    if _v(cfg.rank.policy) == "none" or (fit == "weights" and not cfg.rank.recalibrate_bn):
+    fit, allocated = _v(cfg.rank.fit), _v(cfg.rank.allocation) != "uniform"  # allocation measures damage on them
+    if _v(cfg.rank.policy) == "none" or (fit == "weights" and not cfg.rank.recalibrate_bn and not allocated):
         return None
     if not dm.has_real_data and fit != "activations":
         log.info("no real data (dataset=%s): the factors are fitted to the weights; the fit (rank.fit) changes "
@@ -106,11 +106,13 @@ def check_inputs(cfg: DictConfig, dm: Any, calibration: list[Any] | None) -> lis
 
 def check_fields(report: Any) -> dict[str, Any]:
     """The row's end-to-end check columns (null without a check) and what became of BatchNorm re-estimation."""
-    c = report.check
+    c, a = report.check, report.allocation
     return {"check_images": c.images if c else None, "check_held_out": c.held_out if c else None,
             "check_agreement": c.agreement if c else None, "check_kl": c.kl if c else None,
             "check_rel_error": c.rel_error if c else None, "bn_recalibration": report.bn_recalibration,
-            "decomposition_warning": report.warnings[0] if report.warnings else None}
+            "decomposition_warning": report.warnings[0] if report.warnings else None,
+            "predicted_damage": a["predicted_damage"] if a else None,
+            "uniform_predicted_damage": a["uniform_predicted_damage"] if a else None}
 
 
 def log_warnings(report: Any) -> None:
@@ -120,11 +122,13 @@ def log_warnings(report: Any) -> None:
 
 
 def rank_search_context(cfg: DictConfig, device: DeviceInfo, dm: Any) -> dict[str, Any]:
-    """What rank.policy=optimized needs to time candidates like the run will execute them."""
+    """What rank.policy=optimized (and rank.allocation) needs to time candidates like the run will execute them, and
+    where rank.allocation caches the layers' damages."""
     b = cfg.bench
     return {"batch_size": bench_batch_size(cfg), "device": device,
             "precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg),
             "cache_dir": os.path.join(cfg.paths.cache_dir, "rank_timings"), "warmup": b.warmup,
+            "damage_cache_dir": os.path.join(cfg.paths.cache_dir, "rank_damage"),
             "steps": b.steps, "compile": b.compile, "output_dir": output_dir(cfg)}
 
 

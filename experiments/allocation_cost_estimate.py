@@ -1,0 +1,63 @@
+"""What measuring every layer's damage (rank.allocation) would cost on a larger model: an estimate from a few cuts.
+
+    python experiments/allocation_cost_estimate.py --model resnet50 --size 224 --images 128 --cuts 4
+
+Builds the timm model (random weights: the cost does not depend on them), lists the candidate layers and their
+candidate ranks as ``rank.allocation`` would (rank.multiple 8), fits them to 64 random calibration images, and times
+``--cuts`` real cuts spread over the layers (each: the fitted replacement and one forward of ``--images`` images
+with it, as :func:`lrd_exp.decompose.allocation.measure_damage` does). The estimate is the number of cuts times
+the mean measured cut, in process CPU seconds and wall seconds. An estimate, not a full run: say so beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import timm
+import torch
+
+from lrd_exp.decompose import calibration as C
+from lrd_exp.decompose.allocation import candidate_ranks, measure_damage
+from lrd_exp.decompose.surgery import build_factorized, find_candidates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--cuts", type=int, default=4)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    x = torch.randn(64, 3, args.size, args.size)
+    plans, _ = find_candidates(model)
+    cands = {p.name: candidate_ranks(p, 8) for p in plans}
+    total = sum(len(c) for c in cands.values())
+    step = max(1, len(plans) // args.cuts)
+    picked = plans[::step][:args.cuts]
+    moments, _ = C.collect_moments(model, {p.name: p.module for p in picked}, [x], seed=0)
+    for p in picked:
+        p.moments = moments[p.name]
+        p.energy_spectra()
+    sample = {p.name: [cands[p.name][len(cands[p.name]) // 2]] for p in picked}
+    damage_in = list(torch.randn(args.images, 3, args.size, args.size).split(64))
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for b in damage_in:  # the reference forward measure_damage runs once
+            model(b)
+    fwd_wall, fwd_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    _, stats = measure_damage(model, picked, sample, damage_in, build_factorized)
+    wall, cpu = time.perf_counter() - t0 - fwd_wall, time.process_time() - c0 - fwd_cpu
+    per_wall, per_cpu = wall / len(picked), cpu / len(picked)
+    print(f"{args.model} {args.size}px, {args.images} damage images, threads {torch.get_num_threads()}: "
+          f"{len(plans)} layers, {total} candidate cuts; measured {len(picked)} cuts "
+          f"({', '.join(f'{n} {sample[n][0]}' for n in sample)}): {per_wall:.2f} s wall, {per_cpu:.2f} s CPU each "
+          f"(one forward {fwd_wall:.2f} s wall) -> estimate for all: {(fwd_wall + total * per_wall) / 60:.1f} min "
+          f"wall, {(fwd_cpu + total * per_cpu) / 60:.1f} min CPU ({stats['damage_measured']} cuts measured)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""``rank.allocation``: one budget for the whole model, spent where the measured damage is least.
+
+Per-layer errors are not comparable across layers (a thin layer that the output depends on can have a small
+relative error and still turn predictions), so each layer's damage is *measured*: the model's outputs on
+``damage_images`` calibration samples with that layer alone cut at a candidate rank, against the original's (KL for
+class scores, else relative output error: :class:`lrd_exp.decompose.check.OutputCheck`'s ``damage``). The
+candidates are the ranks at a few per-layer compressions (:data:`LAYER_RATIOS`), at multiples of ``rank.multiple``,
+the uniform ranks, and the dense layer (damage 0). Damages are cached on disk like the rank timings, keyed by the
+model's weights, the layer, the fit and the calibration and damage images.
+
+The predicted damage of a whole allocation is the sum of its layers' damages. ``global`` picks the ranks of least
+predicted damage whose total parameters (or forward FLOPs, or measured seconds) stay within the uniform ranks'
+total; ``fastest`` picks the ranks of least measured time whose predicted damage stays within ``max_damage`` (null:
+the uniform ranks' own). Both are :class:`lrd_exp.decompose.search.BudgetProblem`'s Lagrangian, then single and
+paired exchanges while one improves; neither is ever worse than the uniform ranks by its own objective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrd_exp.batches import Batch, batch_size_of, tensors
+from lrd_exp.decompose import ranks as R
+from lrd_exp.decompose.attention import swap_module
+from lrd_exp.decompose.calibration import calibration_batches
+from lrd_exp.decompose.check import Reference
+from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.search import BudgetProblem, measure_times
+from lrd_exp.results.atomic import write_json_atomic
+
+log = logging.getLogger("lrd_exp")
+
+#: per-layer compressions whose ranks are candidates (quantized to ``rank.multiple``, deduplicated): a grid that
+#: covers model ratios 1.5 to 16 without measuring every multiple of a wide layer
+LAYER_RATIOS = (1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
+
+Ranks = tuple[int, ...] | None  # None: the dense layer
+Choice = dict[str, Ranks]
+Builder = Callable[[LayerPlan, tuple[int, ...]], tuple[nn.Module, float]]
+
+
+def rank_key(ranks: Ranks) -> str:
+    return "dense" if ranks is None else "x".join(map(str, ranks))
+
+
+def candidate_ranks(plan: LayerPlan, multiple: int, uniform: Ranks = None) -> list[tuple[int, ...]]:
+    """The ranks a layer's damage is measured at: one per :data:`LAYER_RATIOS` compression at ``multiple``, and the
+    uniform ranks; only those that shrink the layer (the dense layer is the other option)."""
+    found = {tuple(uniform)} if uniform is not None else set()
+    for c in LAYER_RATIOS:
+        if plan.kind == "svd":
+            raw: tuple[int, ...] = (R.svd_rank_for_ratio(plan.n_in, plan.n_out, c),)
+        else:
+            r = R.tucker2_rank_for_ratio(plan.n_in, plan.n_out, plan.k2, c)
+            raw = (r, r)
+        found.add(tuple(R.quantize_rank(min(r, f), multiple, f) for r, f in zip(raw, plan.full_ranks)))
+    return sorted(r for r in found if plan.params_for(r) < plan.params_dense)
+
+
+def digest(*items: Any) -> str:
+    """A short sha256 of tensors (their bytes, shape and dtype) and plain values, in order."""
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            t = item.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{tuple(item.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def model_digest(model: nn.Module) -> str:
+    """The weights and buffers of ``model``, by name: a retrained model measures its damages again."""
+    return digest(*[x for name, t in model.state_dict().items() for x in (name, t)])
+
+
+def batches_digest(batches: Sequence[Batch]) -> str:
+    return digest(*[t for b in batches for t in tensors(b)])
+
+
+class DamageCache:
+    """One JSON file per (model weights, layer, fit, calibration and damage images, seed): ranks -> damage."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> str | None:
+        return os.path.join(self.directory, f"{key}.json") if self.directory else None
+
+    def load(self, key: str) -> dict[str, float]:
+        path = self._path(key)
+        if not path or not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as fh:
+                return {k: float(v) for k, v in json.load(fh).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, key: str, table: dict[str, float]) -> None:
+        path = self._path(key)
+        if path:
+            os.makedirs(self.directory, exist_ok=True)
+            write_json_atomic(path, table)
+
+
+def measure_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict[str, list[tuple[int, ...]]],
+                   batches: Sequence[Batch], build: Builder, *, cache_dir: str | None = None, fit: str = "weights",
+                   fit_key: str = "", seed: int = 0) -> tuple[dict[str, dict[Ranks, float]], dict[str, Any]]:
+    """Per layer, the damage to the model's outputs on ``batches`` of that layer alone cut at each candidate (the
+    dense layer: 0), the model restored after each; and statistics (measured, cached, seconds).
+
+    ``build(plan, ranks)`` makes the replacement as the decomposition would (fitted to the plan's moments);
+    ``fit_key`` names what the fit saw (the calibration images), for the cache key."""
+    started, cpu = time.perf_counter(), time.process_time()
+    cache = DamageCache(cache_dir)
+    reference = Reference(model, batches, held_out=False, seed=seed)
+    base = [model_digest(model), batches_digest(batches), fit, fit_key, seed, torch.__version__]
+    damage: dict[str, dict[Ranks, float]] = {}
+    for plan in tqdm(plans, desc="layer damage", unit="layer", disable=None, leave=False):
+        key = digest(*base, plan.name, type(plan.module).__name__)
+        table = cache.load(key)
+        damage[plan.name] = {None: 0.0}
+        for ranks in candidates.get(plan.name, []):
+            k = rank_key(ranks)
+            if k in table:
+                cache.hits += 1
+            else:
+                cache.misses += 1
+                table[k] = _cut_one(model, plan, ranks, build, reference)
+            damage[plan.name][ranks] = table[k]
+        cache.save(key, table)
+    stats = {"damage_measured": cache.misses, "damage_cached": cache.hits,
+             "damage_s": time.perf_counter() - started, "damage_cpu_s": time.process_time() - cpu}
+    log.info("layer damage: %d measured, %d from cache (%.1f s)", cache.misses, cache.hits, stats["damage_s"])
+    return damage, stats
+
+
+def _cut_one(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...], build: Builder, reference: Reference
+             ) -> float:
+    """The damage with ``plan``'s layer alone replaced at ``ranks``; the original is back afterwards."""
+    new, _ = build(plan, ranks)
+    swap_module(model, plan.module, new)
+    try:
+        return float(reference.compare(model).damage)
+    finally:
+        swap_module(model, new, plan.module)
+
+
+# ------------------------------------------------------------------------------------------ the solver
+def solve(objective: dict[str, dict[Ranks, float]], cost: dict[str, dict[Ranks, float]], reference: Choice,
+          budget: float | None = None, max_rounds: int = 500) -> Choice:
+    """Per layer one option: the least total ``objective`` whose total ``cost`` stays within ``budget`` (default: the
+    reference's total cost).
+
+    The Lagrangian of :class:`BudgetProblem` (each layer minimises ``objective + lam * cost``, ``lam`` bisected),
+    then exchanges while one lowers the objective within the budget: one layer to another option, or two at once
+    (one gives budget up, the other takes it). Exact wherever each layer's options lie on their convex hull; never
+    worse than the reference when the reference fits."""
+    problem = BudgetProblem(objective, cost, reference, slack=0.0, budget=budget)
+    best = _exchange(problem, problem.relaxed(), max_rounds)
+    if problem.total(reference) <= problem.budget * (1 + 1e-12):
+        from_ref = _exchange(problem, dict(reference), max_rounds)
+        if problem.seconds(from_ref) < problem.seconds(best):
+            best = from_ref
+    return best
+
+
+def _moves(problem: BudgetProblem, sel: Choice) -> list[tuple[float, float, str, Ranks]]:
+    """Every single change of one layer's option: (change of cost, change of objective, layer, option)."""
+    out = []
+    for n, opts in problem.options.items():
+        c0, o0 = problem.params[n][sel[n]], opts[sel[n]]
+        out += [(problem.params[n][r] - c0, opts[r] - o0, n, r) for r in opts if r != sel[n]]
+    return out
+
+
+def _exchange(problem: BudgetProblem, sel: Choice, max_rounds: int) -> Choice:
+    """Improve ``sel`` by single or paired changes that keep it within the budget, best objective gain per unit of
+    budget first (a change that frees budget and lowers the objective first of all)."""
+    sel = dict(sel)
+    tol = 1e-12 * max(abs(problem.budget), 1.0)
+    for _ in range(max_rounds):
+        spare = problem.budget - problem.total(sel)
+        moves = _moves(problem, sel)
+        singles = [m for m in moves if m[1] < -1e-15 and m[0] <= spare + tol]
+        if singles:
+            _, _, n, r = min(singles, key=lambda m: (1, m[1] / m[0]) if m[0] > 0 else (0, m[1]))
+            sel[n] = r
+            continue
+        pair = _best_pair(moves, spare + tol)
+        if pair is None:
+            break
+        for _, _, n, r in pair:
+            sel[n] = r
+    return sel
+
+
+def _best_pair(moves: list[tuple[float, float, str, Ranks]], spare: float, limit: int = 4000
+               ) -> tuple[tuple[float, float, str, Ranks], ...] | None:
+    """Two changes of two layers that fit together and lower the objective most; None if none does (or too many
+    moves to pair: ``limit``)."""
+    if len(moves) > limit:
+        return None
+    down = [m for m in moves if m[0] < 0]  # gives budget up
+    up = [m for m in moves if m[0] > 0 and m[1] < 0]  # takes budget, lowers the objective
+    best, gain = None, -1e-15
+    for a in down:
+        for b in up:
+            if a[2] != b[2] and a[0] + b[0] <= spare and a[1] + b[1] < gain:
+                best, gain = (a, b), a[1] + b[1]
+    return best
+
+
+# ------------------------------------------------------------------------------------------ the policy
+class Allocation(NamedTuple):
+    """What :func:`allocate` chose: per layer the ranks (None: dense), the report's reason, the predicted damage,
+    and the whole allocation's numbers (``report.allocation``)."""
+
+    chosen: Choice
+    reasons: dict[str, str]
+    damage: dict[str, float]
+    summary: dict[str, Any]
+
+
+def layer_costs(plans: Sequence[LayerPlan], options: dict[str, list[Ranks]], budget_by: str,
+                times: dict[str, dict[Ranks, float]] | None = None) -> dict[str, dict[Ranks, float]]:
+    """Per layer and option what it spends of a ``budget_by`` budget: parameters, forward FLOPs, or seconds."""
+    out: dict[str, dict[Ranks, float]] = {}
+    for p in plans:
+        if budget_by == "time":
+            out[p.name] = {r: times[p.name][r] for r in options[p.name]}
+        elif budget_by == "flops":
+            flops = {r: p.forward_flops(r) for r in options[p.name]}
+            if any(f is None for f in flops.values()):
+                raise ValueError(f"rank.budget_by=flops: layer {p.name} has no activation shape; pass example_input "
+                                 "or calibration to decompose_model")
+            out[p.name] = flops
+        else:
+            out[p.name] = {r: float(p.params_dense if r is None else p.params_for(r)) for r in options[p.name]}
+    return out
+
+
+def allocate(model: nn.Module, plans: Sequence[LayerPlan], uniform: Choice, settings: dict[str, Any],
+             batches: Sequence[Batch], build: Builder, *, context: dict[str, Any] | None = None, seed: int = 0,
+             fit_key: str = "") -> Allocation:
+    """``rank.allocation=global`` or ``fastest`` (``settings``) over the layers of ``plans``, starting from the
+    ``uniform`` ranks the policy gives. ``context`` holds the rank search's timing context (time budgets and
+    ``fastest``) and ``damage_cache_dir``."""
+    context = dict(context or {})
+    damage_dir = context.pop("damage_cache_dir", None)
+    context.pop("output_dir", None)
+    if not batches:
+        raise ValueError(f"rank.allocation={settings['allocation']} measures each layer's damage on calibration "
+                         "inputs: pass calibration= to decompose_model")
+    uniform = {p.name: None if uniform.get(p.name) is None or p.params_for(tuple(uniform[p.name])) >= p.params_dense
+               else tuple(uniform[p.name]) for p in plans}
+    cands = {p.name: candidate_ranks(p, settings["multiple"], uniform[p.name]) for p in plans}
+    live = [p for p in plans if cands[p.name]]
+    for p in live:
+        if p.moments is not None:
+            p.energy_spectra()  # the whitened spectra, computed once and reused by every candidate's fit
+    subset = calibration_batches(list(batches), settings["damage_images"])
+    damage, stats = measure_damage(model, live, cands, subset, build, cache_dir=damage_dir,
+                                   fit=settings["fit"], fit_key=fit_key, seed=seed)
+    options = {p.name: [None, *cands[p.name]] for p in live}
+    needs_time = settings["allocation"] == "fastest" or settings["budget_by"] == "time"
+    times = None
+    if needs_time:
+        times, timing = measure_times(live, cands, objective=settings["objective"], **context)
+        stats.update(timing)
+    ref = {p.name: uniform[p.name] for p in live}
+    chosen, summary = _spend(live, options, ref, damage, times, settings)
+    summary.update(damage_images=sum(batch_size_of(b) for b in subset), **stats)
+    reasons = {n: _reason(settings["allocation"], r, ref[n], damage[n]) for n, r in chosen.items()}
+    return Allocation(chosen, reasons, {n: damage[n][r] for n, r in chosen.items()}, summary)
+
+
+def _spend(plans: Sequence[LayerPlan], options: dict[str, list[Ranks]], ref: Choice,
+           damage: dict[str, dict[Ranks, float]], times: dict[str, dict[Ranks, float]] | None,
+           settings: dict[str, Any]) -> tuple[Choice, dict[str, Any]]:
+    """The chosen options and the allocation's numbers: ``global`` (least damage within the uniform ranks' cost) or
+    ``fastest`` (least time within the damage bound)."""
+    if settings["allocation"] == "global":
+        cost = layer_costs(plans, options, settings["budget_by"], times)
+        chosen = solve(damage, cost, ref)
+        budget = sum(cost[n][r] for n, r in ref.items())
+        spent = sum(cost[n][r] for n, r in chosen.items())
+    else:
+        cost = {n: {r: times[n][r] for r in options[n]} for n in options}
+        budget = settings["max_damage"]
+        budget = sum(damage[n][r] for n, r in ref.items()) if budget is None else budget
+        chosen = solve(cost, damage, ref, budget=budget)
+        spent = sum(damage[n][r] for n, r in chosen.items())
+    summary = {"allocation": settings["allocation"],
+               "budget_by": settings["budget_by"] if settings["allocation"] == "global" else "damage",
+               "budget": budget, "spent": spent, "predicted_damage": sum(damage[n][r] for n, r in chosen.items()),
+               "uniform_predicted_damage": sum(damage[n][r] for n, r in ref.items())}
+    if times is not None:
+        summary["predicted_s"] = sum(times[n][r] for n, r in chosen.items())
+        summary["uniform_predicted_s"] = sum(times[n][r] for n, r in ref.items())
+    return chosen, summary
+
+
+def _reason(allocation: str, ranks: Ranks, uniform: Ranks, damage: dict[Ranks, float]) -> str:
+    where = "dense: no candidate's damage was worth what it saves" if ranks is None else rank_key(ranks)
+    return (f"allocation={allocation}: {where}, predicted damage {damage[ranks]:.3g} (uniform {rank_key(uniform)}: "
+            f"{damage[uniform]:.3g})")
