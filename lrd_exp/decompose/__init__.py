@@ -2,7 +2,8 @@
 (registry: nn.Linear, transformers' Conv1D, your own), factorized layers (layers), torch's attention and
 transformer layers unpacked so their projections factorize (attention), watching layers in a forward (capture),
 calibration inputs (calibration), rank formulas (ranks), one candidate layer (plan), measured ranks (search),
-ranks spread over the whole model by measured damage under one budget (allocation),
+ranks spread over the whole model by measured damage under one budget (allocation), the measurements kept on disk
+(cache),
 model surgery (surgery), what it did (report) and whether the model survived it (check: the end-to-end check
 against the original). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -32,11 +31,11 @@ from tqdm.auto import tqdm
 from lrd_exp.batches import Batch, batch_size_of, tensors
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.attention import swap_module
+from lrd_exp.decompose.cache import TableCache
 from lrd_exp.decompose.calibration import calibration_batches
 from lrd_exp.decompose.check import Reference
 from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.decompose.search import BudgetProblem, measure_times
-from lrd_exp.results.atomic import write_json_atomic
 
 log = logging.getLogger("lrd_exp")
 
@@ -89,32 +88,8 @@ def batches_digest(batches: Sequence[Batch]) -> str:
     return digest(*[t for b in batches for t in tensors(b)])
 
 
-class DamageCache:
+class DamageCache(TableCache):
     """One JSON file per (model weights, layer, fit, calibration and damage images, seed): ranks -> damage."""
-
-    def __init__(self, directory: str | None) -> None:
-        self.directory = directory
-        self.hits = 0
-        self.misses = 0
-
-    def _path(self, key: str) -> str | None:
-        return os.path.join(self.directory, f"{key}.json") if self.directory else None
-
-    def load(self, key: str) -> dict[str, float]:
-        path = self._path(key)
-        if not path or not os.path.isfile(path):
-            return {}
-        try:
-            with open(path) as fh:
-                return {k: float(v) for k, v in json.load(fh).items()}
-        except (OSError, ValueError):
-            return {}
-
-    def save(self, key: str, table: dict[str, float]) -> None:
-        path = self._path(key)
-        if path:
-            os.makedirs(self.directory, exist_ok=True)
-            write_json_atomic(path, table)
 
 
 def measure_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict[str, list[tuple[int, ...]]],

@@ -34,12 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrd_exp.config.values import canonical_precision
+from lrd_exp.decompose.cache import TableCache
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.decompose.registry import is_linear, layer_bias
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo, resolve_device
-from lrd_exp.results.atomic import write_json_atomic, write_text_atomic
+from lrd_exp.results.atomic import write_text_atomic
 from lrd_exp.timing.steps import autocast, cast_dtype, precision_dtypes, time_fn
 
 log = logging.getLogger("lrd_exp")
@@ -165,18 +166,13 @@ def _time_layer(plan: LayerPlan, ranks: tuple[int, ...] | None, *, batch_size: i
     return total
 
 
-class TimingCache:
+class TimingCache(TableCache):
     """One JSON file per (device, precision, geometry, batch, objective) key: rank -> median seconds.
 
     The key also holds what else moves a timing: the dtype and autocast dtype the precision implies, compile
     mode, warm-up and step counts, layout, torch version and the host allocator mode (`device.malloc`: glibc's
     defaults re-fault large CPU buffers every step), so a changed setting re-measures.
     """
-
-    def __init__(self, directory: str | None) -> None:
-        self.directory = directory
-        self.hits = 0
-        self.misses = 0
 
     @staticmethod
     def key(plan: LayerPlan, *, device_name: str, precision: str, batch_size: int, objective: str,
@@ -194,26 +190,6 @@ class TimingCache:
                 "batch": batch_size, "objective": objective, "channels_last": channels_last, "geometry": geometry,
                 "torch": torch.__version__, "malloc": malloc_mode()}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-    def _path(self, key: str) -> str | None:
-        return os.path.join(self.directory, f"{key}.json") if self.directory else None
-
-    def load(self, key: str) -> dict[str, float]:
-        path = self._path(key)
-        if not path or not os.path.isfile(path):
-            return {}
-        try:
-            with open(path) as fh:
-                return {k: float(v) for k, v in json.load(fh).items()}
-        except (OSError, ValueError):
-            return {}
-
-    def save(self, key: str, table: dict[str, float]) -> None:
-        path = self._path(key)
-        if not path:
-            return
-        os.makedirs(self.directory, exist_ok=True)
-        write_json_atomic(path, table)
 
 
 def _rank_key(ranks: tuple[int, ...] | None) -> str:
