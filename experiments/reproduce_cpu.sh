@@ -2,15 +2,15 @@
 # Regenerates everything under results/ that this CPU can produce (about 2 hours on 2 cores, half of it the compression sweep).
 # Each step is a committed command; provenance (device, date, commit, command) is written beside its output.
 #   bash experiments/reproduce_cpu.sh [step ...]
-#   steps: paper vit convergence freeze_order compression calibration distill calibration_time attention bench resnet50 advise
-#          advise_proxy advise_proxy_calibrated fidelity figures
+#   steps: paper vit convergence freeze_order compression calibration distill calibration_time attention recipe allocation
+#          bench resnet50 advise advise_proxy advise_proxy_calibrated fidelity figures
 # (bench: three default benchmark invocations + 60 s of timing_studies/machine_drift.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS_DIR:-multirun/reproduce}
 mkdir -p "$RUNS"  # a step run on its own (tee writes its log there) on a fresh clone
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression calibration distill calibration_time attention bench resnet50 advise advise_proxy advise_proxy_calibrated fidelity figures)
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression calibration distill calibration_time attention recipe allocation bench resnet50 advise advise_proxy advise_proxy_calibrated fidelity figures)
 export WANDB_MODE=offline WANDB_SILENT=true
 TIMING=(device.malloc=tuned)  # careful timing on a noisy host (docs/measurement.md): the allocator keeps its buffers
 
@@ -71,6 +71,25 @@ for step in "${steps[@]}"; do
       $PY -c "import sys; from lrd_exp.results import collect_rows, write_tables; write_tables(collect_rows(sys.argv[1]), sys.argv[2])" "$RUNS/$name" "$dest" ;;
     attention)  # torch's own TransformerEncoder on digits: top-1 before fine-tuning, weight vs activation fit
       $PY experiments/attention_fit_check.py --out results/attention_digits/fit_check.md ;;
+    recipe)  # fine-tuning recipes for a calibrated start (digits_calibration's starts, 3 seeds) and the main job's config
+      dest=results/finetune_recipe; mkdir -p "$dest"
+      OMP_NUM_THREADS=1 $PY experiments/finetune_recipe_check.py --cache "$RUNS/calibration_cache" --archs resnet18 \
+        --candidates "configured,lr/10+warmup,lr/10+warmup+kd" --csv "$RUNS/recipe_resnet18.csv" &
+      OMP_NUM_THREADS=1 $PY experiments/finetune_recipe_check.py --cache "$RUNS/calibration_cache" --archs vit_tiny_digits \
+        --candidates "configured,lr/10+warmup,lr/10+warmup+kd" --csv "$RUNS/recipe_vit.csv" &
+      wait
+      OMP_NUM_THREADS=1 $PY experiments/finetune_recipe_check.py --cache "$RUNS/calibration_cache" --default-job \
+        --candidates "configured,lr/10+warmup+kd,lr/10+warmup" --csv "$dest/default_job.csv"
+      $PY -c "import pandas as pd, sys; pd.concat(map(pd.read_csv, sys.argv[1:3])).to_csv(sys.argv[3], index=False)" \
+        "$RUNS/recipe_resnet18.csv" "$RUNS/recipe_vit.csv" "$dest/rows.csv"
+      $PY experiments/finetune_recipe_check.py --report "$dest/rows.csv" --default-rows "$dest/default_job.csv" \
+        --winner "lr/10+warmup+kd" --out "$dest/recipe_check.md" ;;
+    allocation)  # rank.allocation=global / fastest against uniform on three digits models, before fine-tuning
+      dest=results/allocation_digits; mkdir -p "$dest"
+      OMP_NUM_THREADS=1 $PY experiments/allocation_check.py --cache "$RUNS/calibration_cache" \
+        --rows "$RUNS/allocation_rows.jsonl" --fastest-scales 1,0.25
+      $PY experiments/allocation_check.py --cache "$RUNS/calibration_cache" --rows "$RUNS/allocation_rows.jsonl" \
+        --report "$dest/results.md" ;;
     calibration_time)  # resnet50 at 224 px, 256 images: calibrated decomposition time against the weight fit
       $PY experiments/calibration_time.py --model resnet50 --image-size 224 --images 256 --out results/calibration_cpu ;;
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
