@@ -256,9 +256,14 @@ def collect_paired(original: nn.Module, current: nn.Module, name: str, batches: 
 
 
 # ---------------------------------------------------------------------------------------------------- BatchNorm
+def _tracking_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that keep running statistics: what :func:`recalibrate_bn` changes."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether the model has a BatchNorm that keeps running statistics (what :func:`recalibrate_bn` changes)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+    return bool(_tracking_batchnorms(model))
 
 
 def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -278,7 +283,7 @@ def recalibrate_bn(model: nn.Module, batches: torch.Tensor | Iterable[Batch]) ->
     and a ViT's drop-path would change the statistics), records autograd graphs, feeds only the first element of a
     tuple batch and no dict, and leaves the statistics reset when a batch fails. Here a BatchNorm that no batch
     reached keeps its own statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _tracking_batchnorms(model)
     if not bns:
         return 0
     batches = calibration_batches(batches)

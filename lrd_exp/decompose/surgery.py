@@ -380,9 +380,9 @@ def decompose_model(
                               min_agreement=min_agreement, allocation=allocation, budget_by=budget_by,
                               max_damage=max_damage, damage_images=damage_images, calibration=calibration)
     batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
-    reference = _reference(model, settings, evaluation, batches, seed)
     check_selection(model, include=settings["include"], exclude=settings["exclude"],
                     rank=settings["rank"] if settings["policy"] == "fixed" else None)
+    reference = _reference(model, settings, evaluation, batches, seed)  # a typo above costs no forward pass
     params_before = _count(model)
     # torch's attention and transformer layers, with their projections as modules the surgery can replace
     packed = unpack_attention(model) if settings["policy"] != "none" else {}

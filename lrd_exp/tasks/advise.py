@@ -43,7 +43,7 @@ from lrd_exp.tasks.advice_report import (
     speed_column,
     write_advice,
 )
-from lrd_exp.tasks.decomposition import calibration_inputs, check_inputs, decompose_copy
+from lrd_exp.tasks.decomposition import calibration_inputs, check_fields, check_inputs, decompose_copy
 from lrd_exp.tasks.identity import slug
 from lrd_exp.tasks.job import JobFailed
 from lrd_exp.tasks.measure import compare_states, deploy
@@ -255,10 +255,11 @@ def decompose_group(cfg: DictConfig, first: DictConfig, device: DeviceInfo, dm: 
 
 
 def check_columns(report: DecompositionReport) -> dict[str, Any]:
-    """The end-to-end check of a configuration, as the training job measures it (null without check inputs)."""
-    c = report.check
-    return {"agreement": c.agreement if c else None, "check_kl": c.kl if c else None,
-            "check_error": c.rel_error if c else None}
+    """The end-to-end check of a configuration: the training job's own columns (null without check inputs), under
+    the advice table's names."""
+    fields = check_fields(report)
+    return {"agreement": fields["check_agreement"], "check_kl": fields["check_kl"],
+            "check_error": fields["check_rel_error"]}
 
 
 def time_group(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decomposed: nn.Module,
