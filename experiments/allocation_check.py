@@ -79,15 +79,15 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * hits / len(y)
 
 
-def decompose(data: dict, ratio: float, allocation: str, seed: int, cache: str, max_damage: float | None = None
-              ) -> tuple[nn.Module, dict]:
+def decompose(data: dict, ratio: float, allocation: str, seed: int, cache: str, max_damage: float | None = None,
+              damage_by: str = "measured") -> tuple[nn.Module, dict]:
     model = copy.deepcopy(data["model"])
     context = {"damage_cache_dir": os.path.join(cache, "rank_damage"), "cache_dir": os.path.join(cache, "rank_timings"),
                "batch_size": 64, "device": resolve_device("cpu"), "warmup": 2, "steps": 7}
     t0 = time.perf_counter()
     report = decompose_model(model, policy="quantized", ratio=ratio, multiple=8, calibration=data["calibration"],
                              evaluation=data["check"], allocation=allocation, seed=seed, rank_search=context,
-                             max_damage=max_damage)
+                             max_damage=max_damage, damage_by=damage_by)
     a = report.allocation or {}
     return model, {"params_ratio": report.params_before / report.params_after,
                    "check_kl": report.check.kl, "check_agreement": report.check.agreement,

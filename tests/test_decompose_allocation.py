@@ -12,7 +12,8 @@ from torch import nn
 
 from lrd_exp import decompose_model
 from lrd_exp.config.values import check_rank_keys
-from lrd_exp.decompose.allocation import candidate_ranks, measure_damage, solve
+from lrd_exp.decompose.allocation import candidate_ranks, solve
+from lrd_exp.decompose.damage import layer_damage as measure_damage
 from lrd_exp.decompose.surgery import build_factorized, find_candidates
 
 
@@ -24,7 +25,7 @@ def _mlp(seed: int = 0) -> nn.Module:
 
 def test_model_digest_covers_scalar_buffers_and_changes_with_the_weights():
     """BatchNorm's 0-d ``num_batches_tracked`` hashes; one changed weight gives another key."""
-    from lrd_exp.decompose.allocation import model_digest
+    from lrd_exp.decompose.damage import model_digest
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     before = model_digest(model)

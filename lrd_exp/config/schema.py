@@ -23,6 +23,7 @@ from lrd_exp.config.values import (
     BUDGETS,
     CALIBRATES,
     CROP_MODES,
+    DAMAGE_METHODS,
     FACTOR_POSITIONS,
     FITS,
     FREEZE_KINDS,
@@ -58,6 +59,7 @@ RankBase = _choices("RankBase", BASES)
 RankBudget = _choices("RankBudget", BUDGETS)
 RankAllocation = _choices("RankAllocation", ALLOCATIONS)
 BudgetMeasure = _choices("BudgetMeasure", BUDGET_MEASURES)
+DamageMethod = _choices("DamageMethod", DAMAGE_METHODS)
 RankFit = _choices("RankFit", FITS)
 Calibrate = _choices("Calibrate", CALIBRATES)
 Objective = _choices("Objective", OBJECTIVES)
@@ -117,6 +119,7 @@ class RankConfig:
     budget_by: BudgetMeasure = BudgetMeasure.params  # allocation=global: the budget counts params | flops | time
     max_damage: float | None = None  # allocation=fastest: the bound on predicted damage; null: uniform's
     damage_images: int = 128  # calibration images the per-layer damage is measured on (allocation global / fastest)
+    damage_by: DamageMethod = DamageMethod.measured  # measured (each cut run) | fisher (estimated from one pass)
 
 
 @dataclass

@@ -20,6 +20,9 @@ BUDGETS = ("layer", "model")
 # predicted damage stays within rank.max_damage)
 ALLOCATIONS = ("uniform", "global", "fastest")
 BUDGET_MEASURES = ("params", "flops", "time")  # what rank.allocation=global's budget counts
+# how a layer's damage at a rank is found: measured (each cut run through the model) or fisher (a second-order
+# estimate from the gradients of one pass; lrd_exp.decompose.damage)
+DAMAGE_METHODS = ("measured", "fisher")
 ALLOCATED_POLICIES = ("ratio", "energy", "quantized")  # the policies whose uniform ranks a global budget re-spreads
 # auto: activations wherever calibration inputs exist, weights otherwise; weights: the paper's truncated SVD /
 # HOSVD of the weights; activations: the least output error on the calibration inputs
@@ -160,27 +163,28 @@ def check_end_to_end(check_images: Any, min_agreement: Any) -> tuple[int, float]
     return check_images, float(min_agreement)
 
 
-def check_allocation(policy: str, allocation: Any, budget_by: Any, max_damage: Any, damage_images: Any
-                     ) -> tuple[str, str, float | None, int]:
-    """``rank.allocation``, ``rank.budget_by``, ``rank.max_damage`` (null: the uniform ranks' predicted damage) and
-    ``rank.damage_images``: one ValueError naming the key."""
+def check_allocation(policy: str, allocation: Any, budget_by: Any, max_damage: Any, damage_images: Any,
+                     damage_by: Any = "measured") -> tuple[str, str, float | None, int, str]:
+    """``rank.allocation``, ``rank.budget_by``, ``rank.max_damage`` (null: the uniform ranks' predicted damage),
+    ``rank.damage_images`` and ``rank.damage_by``: one ValueError naming the key."""
     allocation = check_choice("rank.allocation", allocation, ALLOCATIONS)
     budget_by = check_choice("rank.budget_by", budget_by, BUDGET_MEASURES)
     if max_damage is not None and (not _is_number(max_damage) or max_damage < 0):
         raise ValueError(f"rank.max_damage={max_damage!r} is not allowed: null (the uniform ranks' predicted damage) "
                          "or a number >= 0 (KL in nats for class scores, else relative output error)")
     check_count("rank.damage_images", damage_images, "a number of calibration images")
+    damage_by = check_choice("rank.damage_by", damage_by, DAMAGE_METHODS)
     if allocation != "uniform" and policy not in ALLOCATED_POLICIES:
         raise ValueError(f"rank.allocation={allocation!r} is not allowed with rank.policy={policy}: it re-spreads the "
                          f"uniform ranks of rank.policy {', '.join(ALLOCATED_POLICIES)}")
-    return allocation, budget_by, None if max_damage is None else float(max_damage), damage_images
+    return allocation, budget_by, None if max_damage is None else float(max_damage), damage_images, damage_by
 
 
 def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, rounding: Any, base: Any, rank: Any,
                     window: Any, step: Any, objective: Any, tolerance: Any, budget: Any, fit: Any,
                     calibrate: Any, calibration_images: Any, check_images: Any = 256, min_agreement: Any = 0.5,
                     allocation: Any = "uniform", budget_by: Any = "params", max_damage: Any = None,
-                    damage_images: Any = 128, **_: Any) -> dict[str, Any]:
+                    damage_images: Any = 128, damage_by: Any = "measured", **_: Any) -> dict[str, Any]:
     """The ``rank`` node's rules, one ValueError naming the key: what ``run.py`` and ``decompose_model`` both run.
 
     Every numeric key is checked whatever the policy (a bad value is a typo, used or not). Returns the checked
@@ -197,13 +201,14 @@ def check_rank_keys(*, policy: Any, ratio: Any, energy: Any, multiple: Any, roun
     window, step, tolerance = check_window(window), check_step(step), check_tolerance(tolerance)
     fit, calibrate, calibration_images = check_fit(fit, calibrate, calibration_images)
     check_images, min_agreement = check_end_to_end(check_images, min_agreement)
-    allocation, budget_by, max_damage, damage_images = check_allocation(policy, allocation, budget_by, max_damage,
-                                                                        damage_images)
+    allocation, budget_by, max_damage, damage_images, damage_by = check_allocation(
+        policy, allocation, budget_by, max_damage, damage_images, damage_by)
     return {"policy": policy, "ratio": ratio, "energy": energy, "multiple": multiple, "rounding": rounding,
             "base": base, "rank": rank, "window": window, "step": step, "objective": objective,
             "tolerance": tolerance, "budget": budget, "fit": fit, "calibrate": calibrate,
             "calibration_images": calibration_images, "check_images": check_images, "min_agreement": min_agreement,
-            "allocation": allocation, "budget_by": budget_by, "max_damage": max_damage, "damage_images": damage_images}
+            "allocation": allocation, "budget_by": budget_by, "max_damage": max_damage, "damage_images": damage_images,
+            "damage_by": damage_by}
 
 
 def check_fixed_rank(rank: Any) -> None:

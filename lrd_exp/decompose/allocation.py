@@ -17,23 +17,16 @@ paired exchanges while one improves; neither is ever worse than the uniform rank
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lrd_exp.batches import Batch, batch_size_of, tensors
+from lrd_exp.batches import Batch, batch_size_of
 from lrd_exp.decompose import ranks as R
-from lrd_exp.decompose.attention import swap_module
-from lrd_exp.decompose.cache import TableCache
 from lrd_exp.decompose.calibration import calibration_batches
-from lrd_exp.decompose.check import Reference
+from lrd_exp.decompose.damage import Builder, Ranks, batches_digest, layer_damage, rank_key
 from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.decompose.search import BudgetProblem, measure_times
 
@@ -43,13 +36,8 @@ log = logging.getLogger("lrd_exp")
 #: covers model ratios 1.5 to 16 without measuring every multiple of a wide layer
 LAYER_RATIOS = (1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 
-Ranks = tuple[int, ...] | None  # None: the dense layer
 Choice = dict[str, Ranks]
-Builder = Callable[[LayerPlan, tuple[int, ...]], tuple[nn.Module, float]]
-
-
-def rank_key(ranks: Ranks) -> str:
-    return "dense" if ranks is None else "x".join(map(str, ranks))
+__all__ = ["Allocation", "allocate", "batches_digest", "candidate_ranks", "layer_costs", "solve"]
 
 
 def candidate_ranks(plan: LayerPlan, multiple: int, uniform: Ranks = None) -> list[tuple[int, ...]]:
@@ -64,75 +52,6 @@ def candidate_ranks(plan: LayerPlan, multiple: int, uniform: Ranks = None) -> li
             raw = (r, r)
         found.add(tuple(R.quantize_rank(min(r, f), multiple, f) for r, f in zip(raw, plan.full_ranks)))
     return sorted(r for r in found if plan.params_for(r) < plan.params_dense)
-
-
-def digest(*items: Any) -> str:
-    """A short sha256 of tensors (their bytes, shape and dtype) and plain values, in order."""
-    h = hashlib.sha256()
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            t = item.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{tuple(item.shape)}{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        else:
-            h.update(json.dumps(item, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
-
-
-def model_digest(model: nn.Module) -> str:
-    """The weights and buffers of ``model``, by name: a retrained model measures its damages again."""
-    return digest(*[x for name, t in model.state_dict().items() for x in (name, t)])
-
-
-def batches_digest(batches: Sequence[Batch]) -> str:
-    return digest(*[t for b in batches for t in tensors(b)])
-
-
-class DamageCache(TableCache):
-    """One JSON file per (model weights, layer, fit, calibration and damage images, seed): ranks -> damage."""
-
-
-def measure_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict[str, list[tuple[int, ...]]],
-                   batches: Sequence[Batch], build: Builder, *, cache_dir: str | None = None, fit: str = "weights",
-                   fit_key: str = "", seed: int = 0) -> tuple[dict[str, dict[Ranks, float]], dict[str, Any]]:
-    """Per layer, the damage to the model's outputs on ``batches`` of that layer alone cut at each candidate (the
-    dense layer: 0), the model restored after each; and statistics (measured, cached, seconds).
-
-    ``build(plan, ranks)`` makes the replacement as the decomposition would (fitted to the plan's moments);
-    ``fit_key`` names what the fit saw (the calibration images), for the cache key."""
-    started, cpu = time.perf_counter(), time.process_time()
-    cache = DamageCache(cache_dir)
-    reference = Reference(model, batches, held_out=False, seed=seed)
-    base = [model_digest(model), batches_digest(batches), fit, fit_key, seed, torch.__version__]
-    damage: dict[str, dict[Ranks, float]] = {}
-    for plan in tqdm(plans, desc="layer damage", unit="layer", disable=None, leave=False):
-        key = digest(*base, plan.name, type(plan.module).__name__)
-        table = cache.load(key)
-        damage[plan.name] = {None: 0.0}
-        for ranks in candidates.get(plan.name, []):
-            k = rank_key(ranks)
-            if k in table:
-                cache.hits += 1
-            else:
-                cache.misses += 1
-                table[k] = _cut_one(model, plan, ranks, build, reference)
-            damage[plan.name][ranks] = table[k]
-        cache.save(key, table)
-    stats = {"damage_measured": cache.misses, "damage_cached": cache.hits,
-             "damage_s": time.perf_counter() - started, "damage_cpu_s": time.process_time() - cpu}
-    log.info("layer damage: %d measured, %d from cache (%.1f s)", cache.misses, cache.hits, stats["damage_s"])
-    return damage, stats
-
-
-def _cut_one(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...], build: Builder, reference: Reference
-             ) -> float:
-    """The damage with ``plan``'s layer alone replaced at ``ranks``; the original is back afterwards."""
-    new, _ = build(plan, ranks)
-    swap_module(model, plan.module, new)
-    try:
-        return float(reference.compare(model).damage)
-    finally:
-        swap_module(model, new, plan.module)
 
 
 # ------------------------------------------------------------------------------------------ the solver
@@ -249,8 +168,8 @@ def allocate(model: nn.Module, plans: Sequence[LayerPlan], uniform: Choice, sett
         if p.moments is not None:
             p.energy_spectra()  # the whitened spectra, computed once and reused by every candidate's fit
     subset = calibration_batches(list(batches), settings["damage_images"])
-    damage, stats = measure_damage(model, live, cands, subset, build, cache_dir=damage_dir,
-                                   fit=settings["fit"], fit_key=fit_key, seed=seed)
+    damage, stats = layer_damage(model, live, cands, subset, build, method=settings.get("damage_by", "measured"),
+                                 cache_dir=damage_dir, fit=settings["fit"], fit_key=fit_key, seed=seed)
     options = {p.name: [None, *cands[p.name]] for p in live}
     needs_time = settings["allocation"] == "fastest" or settings["budget_by"] == "time"
     times = None

@@ -156,7 +156,8 @@ class DecompositionReport:
             return ""
         return (f"; allocation={a['allocation']} by {a['budget_by']} (budget {a['budget']:.4g}, spent "
                 f"{a['spent']:.4g}): predicted damage {a['predicted_damage']:.3g} (uniform ranks: "
-                f"{a['uniform_predicted_damage']:.3g}; {a['damage_measured']} layer cuts measured, "
+                f"{a['uniform_predicted_damage']:.3g}; {a['damage_measured']} layer cuts "
+                f"{'estimated (fisher)' if a.get('damage_by') == 'fisher' else 'measured'}, "
                 f"{a['damage_cached']} cached)")
 
     def check_line(self) -> str:

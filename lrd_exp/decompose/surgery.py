@@ -348,7 +348,7 @@ def decompose_model(
     exclude: Iterable[str] = (), skip_stem: bool = True, skip_head: bool = True, fit: str = "auto",
     calibration_images: int = 256, calibrate: str = "independent", recalibrate_bn: bool = True,
     check_images: int = 256, min_agreement: float = 0.5, allocation: str = "uniform", budget_by: str = "params",
-    max_damage: float | None = None, damage_images: int = 128, *,
+    max_damage: float | None = None, damage_images: int = 128, damage_by: str = "measured", *,
     calibration: torch.Tensor | Iterable[Any] | None = None, evaluation: torch.Tensor | Iterable[Any] | None = None,
     example_input: Any = None,
     input_size: tuple[int, ...] | None = None, rank_search: Mapping[str, Any] | None = None, seed: int = 0,
@@ -368,7 +368,8 @@ def decompose_model(
     ``check_images`` samples of ``evaluation`` (batches the fit did not use; without them, the calibration batches,
     and the report says so): relative output error, top-1 agreement and KL. BatchNorm re-estimation is kept only
     where it lowers that damage (``report.bn_recalibration``); an agreement below ``min_agreement`` warns.
-    ``allocation`` global / fastest spreads the ranks by measured damage (:mod:`lrd_exp.decompose.allocation`).
+    ``allocation`` global / fastest spreads the ranks by each layer's damage (:mod:`lrd_exp.decompose.allocation`),
+    measured or estimated (``damage_by``, :mod:`lrd_exp.decompose.damage`).
     """
     started = time.perf_counter()
     settings = check_settings(policy=policy, ratio=ratio, energy=energy, multiple=multiple, rounding=rounding,
@@ -378,7 +379,8 @@ def decompose_model(
                               calibration_images=calibration_images, calibrate=calibrate,
                               recalibrate_bn=recalibrate_bn, check_images=check_images,
                               min_agreement=min_agreement, allocation=allocation, budget_by=budget_by,
-                              max_damage=max_damage, damage_images=damage_images, calibration=calibration)
+                              max_damage=max_damage, damage_images=damage_images, damage_by=damage_by,
+                              calibration=calibration)
     batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
     check_selection(model, include=settings["include"], exclude=settings["exclude"],
                     rank=settings["rank"] if settings["policy"] == "fixed" else None)
@@ -496,7 +498,8 @@ def check_settings(*, include: Any, exclude: Any, skip_stem: bool, skip_head: bo
                     skip_head=skip_head, fit=fit, calibration_images=checked["calibration_images"],
                     calibrate=checked["calibrate"], recalibrate_bn=bool(recalibrate_bn),
                     check_images=checked["check_images"], min_agreement=checked["min_agreement"],
-                    **{k: checked[k] for k in ("allocation", "budget_by", "max_damage", "damage_images")})
+                    **{k: checked[k] for k in ("allocation", "budget_by", "max_damage", "damage_images",
+                                                  "damage_by")})
     return settings
 
 
