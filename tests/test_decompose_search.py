@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lrd_exp import decompose_model
-from lrd_exp.decompose.search import candidate_ranks, choose_ranks, pick, pick_within_budget
+from lrd_exp.decompose.candidates import candidate_ranks
+from lrd_exp.decompose.search import choose_ranks, pick, pick_within_budget
 from lrd_exp.decompose.surgery import find_candidates
 from lrd_exp.freezing import collect_factors, set_frozen
 from lrd_exp.timing.flops import count_flops
@@ -239,15 +240,15 @@ def test_benchmark_task_writes_valid_rows(tmp_path):
 
 
 def test_timing_cache_key_changes_with_the_allocator_mode(monkeypatch):
-    import lrd_exp.decompose.search as RS
+    import lrd_exp.decompose.layer_timing as LT
 
     plan = _plans(mlp(), (64,))[0]
     kw = dict(device_name="cpu", precision="32-true", batch_size=4, objective="train", channels_last=False)
-    monkeypatch.setattr(RS, "malloc_mode", lambda: "tuned")
-    tuned = RS.TimingCache.key(plan, **kw)
-    assert RS.TimingCache.key(plan, **kw) == tuned  # stable
-    monkeypatch.setattr(RS, "malloc_mode", lambda: "system")
-    assert RS.TimingCache.key(plan, **kw) != tuned
+    monkeypatch.setattr(LT, "malloc_mode", lambda: "tuned")
+    tuned = LT.TimingCache.key(plan, **kw)
+    assert LT.TimingCache.key(plan, **kw) == tuned  # stable
+    monkeypatch.setattr(LT, "malloc_mode", lambda: "system")
+    assert LT.TimingCache.key(plan, **kw) != tuned
 
 
 # ------------------------------------------------------------------ never slower than the original
@@ -382,7 +383,7 @@ def test_mixed_precision_times_under_autocast(monkeypatch):
 
 
 def test_compile_wraps_the_timed_module_and_changes_the_cache_key(monkeypatch):
-    import lrd_exp.decompose.search as RS
+    from lrd_exp.decompose.layer_timing import TimingCache
 
     compiled = []
 
@@ -398,20 +399,54 @@ def test_compile_wraps_the_timed_module_and_changes_the_cache_key(monkeypatch):
     assert not compiled
     plan = _plans(mlp(), (64,))[0]
     kw = dict(device_name="cpu", batch_size=4, objective="train", channels_last=False)
-    keys = {RS.TimingCache.key(plan, precision=p, compile=c, **kw)
+    keys = {TimingCache.key(plan, precision=p, compile=c, **kw)
             for p in ("32-true", "bf16-true", "bf16-mixed", "64-true") for c in (False, True)}
     assert len(keys) == 8
-    assert RS.TimingCache.key(plan, precision="32-true", compile=True, warmup=1, steps=2, **kw) != \
-        RS.TimingCache.key(plan, precision="32-true", compile=True, warmup=1, steps=5, **kw)
+    assert TimingCache.key(plan, precision="32-true", compile=True, warmup=1, steps=2, **kw) != \
+        TimingCache.key(plan, precision="32-true", compile=True, warmup=1, steps=5, **kw)
+
+
+def _doubled(t):
+    return t * 2
+
+
+def test_compiled_timing_gives_each_candidate_a_static_graph_and_keeps_other_graphs(monkeypatch):
+    """Really compiled (dynamo with a counting eager backend: seconds on a CPU). Candidates of one class share its
+    ``forward``: each must still get its own static graph (no recompile limit, no automatic dynamic shapes across
+    layers of different widths), leave no entry behind, and a graph compiled elsewhere in the process survives the
+    search (no global ``torch._dynamo.reset()``)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from lrd_exp.decompose.layers import FactorizedLayer
+
+    real_compile, graphs = torch.compile, []
+
+    def static_graph(gm, example_inputs):
+        shapes = [getattr(n.meta.get("example_value"), "shape", ()) for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append(not any(isinstance(d, torch.SymInt) for shape in shapes for d in shape))
+        return gm.forward
+
+    other = real_compile(_doubled, backend="eager")
+    other(torch.ones(3))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=static_graph, **kw))
+    plans = [p for p in _plans(mlp(), (64,)) if p.name in ("0", "2")]
+    found = choose_ranks(plans, {"0": (16,), "2": (24,)}, window=0.9, step=8, warmup=1, steps=1, batch_size=2,
+                         objective="both", compile=True)
+    factored = [r for r in found.timings if r["rank"] > 0]
+    assert {r["layer"] for r in factored} == {"0", "2"} and 2 * len(factored) > 8  # past dynamo's recompile limit
+    assert len(graphs) == 2 * len(found.timings) and all(graphs)  # a training and an inference graph each, static
+    assert not _debug_get_cache_entry_list(FactorizedLayer.forward.__code__)
+    assert not _debug_get_cache_entry_list(nn.Linear.forward.__code__)
+    assert len(_debug_get_cache_entry_list(_doubled.__code__)) == 1
 
 
 def test_a_failing_timing_names_the_layer_and_precision(monkeypatch):
-    import lrd_exp.decompose.search as RS
+    import lrd_exp.timing.layer as TL
 
     def boom(*args, **kwargs):
         raise RuntimeError("\"addmm\" not implemented for 'Half'")
 
-    monkeypatch.setattr(RS, "time_fn", boom)
+    monkeypatch.setattr(TL, "time_fn", boom)
     plan = [p for p in _plans(mlp(), (64,)) if p.name == "2"][0]
     with pytest.raises(RuntimeError, match=r"layer 2.*16-true.*not implemented"):
         choose_ranks([plan], {"2": (48,)}, window=0.0, precision="16-true", budget="layer", warmup=0, steps=1)

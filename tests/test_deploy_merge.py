@@ -12,6 +12,7 @@ from torch import nn
 from lrd_exp import decompose_model, merge_for_inference
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv
 from lrd_exp.deploy import merge as M
+from lrd_exp.timing import layer as TL
 
 
 def net() -> nn.Sequential:
@@ -58,7 +59,7 @@ def test_the_faster_form_of_each_layer_is_kept(monkeypatch, merged_faster):
 
     deployed = copy.deepcopy(model)
     monkeypatch.setattr(M, "merged_layer", tag_merged)
-    monkeypatch.setattr(M, "time_fn", fake_time_fn)
+    monkeypatch.setattr(TL, "time_fn", fake_time_fn)  # the per-layer timing merge shares with the rank search
     report = merge_for_inference(deployed, x)
     assert {r["name"] for r in report.layers if r["merged"]} == merged_faster
     assert report.layers_merged == len(merged_faster)

@@ -22,6 +22,7 @@ from lrd_exp.decompose.capture import watch  # noqa: E402
 from lrd_exp.deploy import merge as M  # noqa: E402
 from lrd_exp.freezing.factors import collect_factors, factor_costs  # noqa: E402
 from lrd_exp.freezing.schedule import FreezeSchedule  # noqa: E402
+from lrd_exp.timing import layer as TL  # noqa: E402
 from lrd_exp.timing.flops import count_flops  # noqa: E402
 from lrd_exp.timing.steps import prepare_inference, prepare_train_step  # noqa: E402
 
@@ -223,7 +224,7 @@ def test_gpt2_model_file_round_trip_and_merge_with_dict_inputs(gpt2_decomposed, 
     assert torch.equal(logits(loaded, batch), logits(model, batch))
 
     # every layer merged (the merged form timed faster): each is a Conv1D again, computing the same function
-    monkeypatch.setattr(M, "time_fn", _merged_faster())
+    monkeypatch.setattr(TL, "time_fn", _merged_faster())  # the per-layer timing merge shares with the rank search
     report = merge_for_inference(model, example_input=batch, warmup=0, steps=1)
     assert report.layers_merged == len(names) == 8
     assert all(type(model.get_submodule(n)) is Conv1D for n in names)

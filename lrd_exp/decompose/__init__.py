@@ -1,11 +1,12 @@
 """Low-rank decomposition: the linear algebra (functional), the linear-like layer types it factorizes as linears
 (registry: nn.Linear, transformers' Conv1D, your own), factorized layers (layers), torch's attention and
 transformer layers unpacked so their projections factorize (attention), watching layers in a forward (capture),
-calibration inputs (calibration), rank formulas (ranks), one candidate layer (plan), measured ranks (search),
-ranks spread over the whole model by measured damage under one budget (allocation), the measurements kept on disk
-(cache),
-model surgery (surgery), what it did (report) and whether the model survived it (check: the end-to-end check
-against the original). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
+calibration inputs (calibration), rank formulas (ranks), one candidate layer (plan), measured ranks (search: the
+ranks it times (candidates), each layer timed alone (layer_timing), the timings' CSV (rank_timings)), one budget
+shared by the layers (budget), ranks spread over the whole model by measured damage under one budget (allocation),
+the measurements kept on disk (cache), model surgery (surgery), what it did (report) and whether the model
+survived it (check: the end-to-end check against the original). Needs torch alone: no Hydra, OmegaConf, pandas
+or Lightning."""
 
 from lrd_exp.decompose.attention import (
     FactorizableDecoderLayer,

@@ -11,7 +11,7 @@ model's weights, the layer, the fit and the calibration and damage images.
 The predicted damage of a whole allocation is the sum of its layers' damages. ``global`` picks the ranks of least
 predicted damage whose total parameters (or forward FLOPs, or measured seconds) stay within the uniform ranks'
 total; ``fastest`` picks the ranks of least measured time whose predicted damage stays within ``max_damage`` (null:
-the uniform ranks' own). Both are :class:`lrd_exp.decompose.search.BudgetProblem`'s Lagrangian, then single and
+the uniform ranks' own). Both are :class:`lrd_exp.decompose.budget.BudgetProblem`'s Lagrangian, then single and
 paired exchanges while one improves; neither is ever worse than the uniform ranks by its own objective.
 """
 
@@ -25,10 +25,11 @@ from torch import nn
 
 from lrd_exp.batches import Batch, batch_size_of
 from lrd_exp.decompose import ranks as R
+from lrd_exp.decompose.budget import solve
 from lrd_exp.decompose.calibration import calibration_batches
 from lrd_exp.decompose.damage import Builder, Ranks, batches_digest, layer_damage, rank_key
+from lrd_exp.decompose.layer_timing import measure_times
 from lrd_exp.decompose.plan import LayerPlan
-from lrd_exp.decompose.search import BudgetProblem, measure_times
 
 log = logging.getLogger("lrd_exp")
 
@@ -54,69 +55,6 @@ def candidate_ranks(plan: LayerPlan, multiple: int, uniform: Ranks = None) -> li
     return sorted(r for r in found if plan.params_for(r) < plan.params_dense)
 
 
-# ------------------------------------------------------------------------------------------ the solver
-def solve(objective: dict[str, dict[Ranks, float]], cost: dict[str, dict[Ranks, float]], reference: Choice,
-          budget: float | None = None, max_rounds: int = 500) -> Choice:
-    """Per layer one option: the least total ``objective`` whose total ``cost`` stays within ``budget`` (default: the
-    reference's total cost).
-
-    The Lagrangian of :class:`BudgetProblem` (each layer minimises ``objective + lam * cost``, ``lam`` bisected),
-    then exchanges while one lowers the objective within the budget: one layer to another option, or two at once
-    (one gives budget up, the other takes it). Exact wherever each layer's options lie on their convex hull; never
-    worse than the reference when the reference fits."""
-    problem = BudgetProblem(objective, cost, reference, slack=0.0, budget=budget)
-    best = _exchange(problem, problem.relaxed(), max_rounds)
-    if problem.total(reference) <= problem.budget * (1 + 1e-12):
-        from_ref = _exchange(problem, dict(reference), max_rounds)
-        if problem.seconds(from_ref) < problem.seconds(best):
-            best = from_ref
-    return best
-
-
-def _moves(problem: BudgetProblem, sel: Choice) -> list[tuple[float, float, str, Ranks]]:
-    """Every single change of one layer's option: (change of cost, change of objective, layer, option)."""
-    out = []
-    for n, opts in problem.options.items():
-        c0, o0 = problem.params[n][sel[n]], opts[sel[n]]
-        out += [(problem.params[n][r] - c0, opts[r] - o0, n, r) for r in opts if r != sel[n]]
-    return out
-
-
-def _exchange(problem: BudgetProblem, sel: Choice, max_rounds: int) -> Choice:
-    """Improve ``sel`` by single or paired changes that keep it within the budget, best objective gain per unit of
-    budget first (a change that frees budget and lowers the objective first of all)."""
-    sel = dict(sel)
-    tol = 1e-12 * max(abs(problem.budget), 1.0)
-    for _ in range(max_rounds):
-        spare = problem.budget - problem.total(sel)
-        moves = _moves(problem, sel)
-        singles = [m for m in moves if m[1] < -1e-15 and m[0] <= spare + tol]
-        if singles:
-            _, _, n, r = min(singles, key=lambda m: (1, m[1] / m[0]) if m[0] > 0 else (0, m[1]))
-            sel[n] = r
-            continue
-        pair = _best_pair(moves, spare + tol)
-        if pair is None:
-            break
-        for _, _, n, r in pair:
-            sel[n] = r
-    return sel
-
-
-def _best_pair(moves: list[tuple[float, float, str, Ranks]], spare: float, limit: int = 4000
-               ) -> tuple[tuple[float, float, str, Ranks], ...] | None:
-    """Two changes of two layers that fit together and lower the objective most; None if none does (or too many
-    moves to pair: ``limit``)."""
-    if len(moves) > limit:
-        return None
-    down = [m for m in moves if m[0] < 0]  # gives budget up
-    up = [m for m in moves if m[0] > 0 and m[1] < 0]  # takes budget, lowers the objective
-    best, gain = None, -1e-15
-    for a in down:
-        for b in up:
-            if a[2] != b[2] and a[0] + b[0] <= spare and a[1] + b[1] < gain:
-                best, gain = (a, b), a[1] + b[1]
-    return best
 
 
 # ------------------------------------------------------------------------------------------ the policy

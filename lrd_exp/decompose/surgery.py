@@ -33,9 +33,10 @@ from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_wa
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.rank_timings import write_timings
 from lrd_exp.decompose.registry import dense_attributes, is_linear, linear_features, weight_matrix
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
-from lrd_exp.decompose.search import choose_ranks, write_timings
+from lrd_exp.decompose.search import choose_ranks
 
 log = logging.getLogger("lrd_exp")
 

@@ -4,7 +4,8 @@ Training keeps the factors (freezing needs them). For inference a factorized lay
 dense layer whose weight is the product of its factors (not the original weights), and on some devices and
 shapes the dense layer is faster (a thin factor is memory-bound, three small kernels cost three launches).
 :func:`merge_for_inference` times both forms of every decomposed layer at its real input shape, on the run's
-device and precision, and keeps the faster, so the deployed model infers at least as fast as the factored one.
+device and precision (as the rank search times a layer: :func:`lrd_exp.timing.layer.time_module`), and keeps the
+faster, so the deployed model infers at least as fast as the factored one.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from lrd_exp.config.values import canonical_precision
 from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, reconstruct_weight
 from lrd_exp.decompose.registry import build_dense
-from lrd_exp.devices.resolve import DeviceInfo, synchronize
-from lrd_exp.timing.steps import autocast, cast_dtype, eval_forward, time_fn
+from lrd_exp.devices.resolve import DeviceInfo
+from lrd_exp.timing.layer import time_module
+from lrd_exp.timing.steps import cast_dtype, eval_forward
 
 
 def merged_layer(layer: FactorizedLayer) -> nn.Module:
@@ -99,13 +101,8 @@ def merge_for_inference(model: nn.Module, example_input: Batch, *, device: Devic
                 work = work.to(cast)
             if channels_last and x.dim() == 4:
                 work = work.to(memory_format=torch.channels_last)
-
-            def forward(work: nn.Module = work, x: torch.Tensor = x) -> None:
-                with torch.inference_mode(), autocast(precision, dev.type):
-                    work(x)
-
-            sync = device.synchronize if device is not None else (lambda: synchronize(dev))
-            times[form] = time_fn(forward, warmup=warmup, steps=steps, sync=sync).median_s
+            times[form] = time_module(work, x, precision=precision, objective="inference", warmup=warmup,
+                                      steps=steps, device=device)
         merge = times["merged"] < times["factored"]
         if merge:
             model.set_submodule(name, dense.to(layer.factors()["first"].weight.device))

@@ -1,6 +1,7 @@
-"""How speed is measured: a prepared training / inference step with synchronised timing (steps), FLOPs with
-freezing (flops), one training step's memory (memory), the original and the decomposed model timed side by side,
-interleaved, in every training state (compare), and what the training loop itself achieved (loop). The names load
+"""How speed is measured: a prepared training / inference step with synchronised timing (steps), one layer timed
+alone (layer: the rank search's candidates, deployment's two forms of a layer), FLOPs with freezing (flops), one
+training step's memory (memory), the original and the decomposed model timed side by side, interleaved, in every
+training state (compare), and what the training loop itself achieved (loop). The names load
 on first use: the rank search times layers without Lightning."""
 
 from lrd_exp.lazy import lazy_exports

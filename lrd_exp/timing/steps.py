@@ -144,7 +144,8 @@ def cast_dtype(precision: Any) -> torch.dtype | None:
     return precision_dtypes(precision)[1]
 
 
-def _sync_for(device: DeviceInfo | None, torch_device: torch.device) -> Callable[[], None]:
+def sync_for(device: DeviceInfo | None, torch_device: torch.device) -> Callable[[], None]:
+    """What waits for ``torch_device``'s queued work: the resolved device's own wait when there is one."""
     if device is not None:
         return device.synchronize
     return lambda: synchronize(torch_device)
@@ -284,7 +285,7 @@ def prepare_train_step(
     work.train()
     run = torch.compile(work) if compile else work
     step = make_train_step(run, xw, yw, optimizer_factory=optimizer_factory, precision=precision)
-    return PreparedStep(step, _sync_for(device, torch_device), batch_size_of(x))
+    return PreparedStep(step, sync_for(device, torch_device), batch_size_of(x))
 
 
 def prepare_inference(
@@ -310,4 +311,4 @@ def prepare_inference(
         with torch.inference_mode(), autocast(precision, device_type):
             feed(run, xw)
 
-    return PreparedStep(forward, _sync_for(device, torch_device), batch_size_of(x))
+    return PreparedStep(forward, sync_for(device, torch_device), batch_size_of(x))
