@@ -211,40 +211,44 @@ def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float,
 
 def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[FactorizedLayer, float]:
     """The factorized replacement and its relative error: of the output on the calibration inputs when the plan
-    has moments (fit=activations), of the weight otherwise."""
-    m = plan.module
-    if plan.moments is not None:
-        return build_fitted(plan, ranks, plan.moments)
-    if plan.kind == "svd":
-        basis = plan.svd_basis()
-        if is_linear(m):
-            new = SVDLinear.from_linear(m, ranks[0], basis=basis)
-        else:
-            new = SVDConv1x1.from_conv(m, ranks[0], basis=basis)
-        return new, svd_error(basis[2], ranks[0])
-    (u_out, _), (u_in, _) = plan.mode_bases()
-    new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], basis=(u_out, u_in))
-    return new, tucker2_error(m.weight.detach(), new.core.weight.detach())
-
-
-def build_fitted(plan: LayerPlan, ranks: tuple[int, ...], moments: C.Moments) -> tuple[FactorizedLayer, float]:
-    """The replacement fitted to the layer's outputs. Paired moments (sequential calibration) fit the original
-    output ``W X`` from the decomposed model's inputs ``X^``: the closed form applied to the least-squares target."""
-    m, w = plan.module, plan.weight()
-    paired = moments.cross is not None
-    target = Fn.least_squares_target(w, moments.moment, moments.cross) if paired else w
-    spectra = plan.cached_whitened_spectra() if not paired else None
-    if plan.kind == "svd":
-        factors = Fn.whitened_svd_factors(target.flatten(1), ranks[0], moments.moment, spectra)
-        new = (SVDLinear if is_linear(m) else SVDConv1x1).from_factors(m, *factors)
+    has moments (fit=activations), of the weight otherwise. Paired moments (sequential calibration) fit the
+    original output ``W X`` from the decomposed model's inputs ``X^``."""
+    m, fit = plan.module, _fit_inputs(plan)
+    if plan.kind == "tucker2":
+        new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], **fit)
+    elif is_linear(m):
+        new = SVDLinear.from_linear(m, ranks[0], **fit)
     else:
-        factors = Fn.tucker2_fitted_factors(target, ranks[0], ranks[1], moments.moment,
-                                            spectra[0] if spectra else None)
-        new = Tucker2Conv.from_factors(m, *factors)
-    w_hat = reconstruct_weight(new)
-    if paired:
-        return new, Fn.paired_output_error(w, w_hat, moments.original, moments.cross, moments.moment)
-    return new, Fn.output_error(w, w_hat, moments.moment)
+        new = SVDConv1x1.from_conv(m, ranks[0], **fit)
+    return new, _fit_error(plan, new, ranks)
+
+
+def _fit_inputs(plan: LayerPlan) -> dict[str, Any]:
+    """What the layer's constructor fits with: the cached bases of its weight, or its moments and the cached
+    whitened spectra (:meth:`LayerPlan.energy_spectra` computed them if an energy policy asked)."""
+    if plan.moments is None:
+        if plan.kind == "svd":
+            return {"basis": plan.svd_basis()}
+        (u_out, _), (u_in, _) = plan.mode_bases()
+        return {"basis": (u_out, u_in)}
+    spectra = plan.cached_whitened_spectra()
+    if spectra is not None and plan.kind == "tucker2":
+        spectra = spectra[0]  # the input spectrum; the output one gives the energy ranks only
+    return {"moment": plan.moments.moment, "cross": plan.moments.cross, "spectrum": spectra}
+
+
+def _fit_error(plan: LayerPlan, new: FactorizedLayer, ranks: tuple[int, ...]) -> float:
+    """The replacement's relative error: of the weight (from the cached spectrum where it is exact), or of the
+    output on the calibration inputs."""
+    moments = plan.moments
+    if moments is None:
+        if plan.kind == "svd":
+            return svd_error(plan.singular_values(), ranks[0])
+        return tucker2_error(plan.module.weight.detach(), new.core.weight.detach())
+    w, w_hat = plan.weight(), reconstruct_weight(new)
+    if moments.cross is not None:
+        return Fn.paired_output_error(w, w_hat, moments.original, moments.cross, moments.moment)
+    return Fn.output_error(w, w_hat, moments.moment)
 
 
 #: attributes of the dense layer that a parent may read itself (``F.linear(x, self.qkv.weight)``); those of the
