@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from lrd_exp import decompose_model
-from lrd_exp.decompose import SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
+from lrd_exp.decompose import SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight, register_weight_reader
 from lrd_exp.decompose import ranks as R
+from lrd_exp.decompose import registry as RG
+from lrd_exp.decompose.runnable import Swaps, traced_reads, unpack
 
 
 def rel_err(a, b):
@@ -323,3 +325,49 @@ def test_analytic_flops_equal_the_counted_ones_for_every_layer_type(layer, shape
     assert row.flops_before == dense
     assert row.flops_after == count_flops(model, x, train=False) // shape[0]
     assert row.flops_after < row.flops_before
+
+
+class _FlaggedReader(nn.Module):
+    """Reads ``proj.weight`` itself, behind a data-dependent branch that torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.other = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:
+            return self.other(nn.functional.linear(x, self.proj.weight))
+        return x
+
+
+def test_a_traceable_model_is_read_once_and_an_untraceable_one_falls_back_to_trial_forwards():
+    traceable = nn.Sequential(_ReadsItsChildsWeight(), nn.Linear(32, 4))
+    assert traced_reads(traceable) == {"0.b": "weight"}
+    model = nn.Sequential(_FlaggedReader(), nn.Linear(32, 4))
+    assert traced_reads(model) is None
+    report = decompose_model(model, policy="ratio", ratio=2, skip_head=False, example_input=torch.randn(2, 32))
+    kept = {layer.name: layer.reason for layer in report.layers if layer.action == "kept"}
+    assert kept == {"0.proj": "its parent reads .weight of it directly"}
+
+
+def test_a_declared_weight_reader_keeps_its_child_dense_with_the_reason(monkeypatch):
+    monkeypatch.setattr(RG, "_READERS", dict(RG._READERS))  # the registration ends with the test
+    register_weight_reader(_FlaggedReader, ("proj",))
+    model = nn.Sequential(_FlaggedReader(), nn.Linear(32, 4))
+    report = decompose_model(model, policy="ratio", ratio=2, skip_head=False)  # no input: the declaration decides
+    kept = {layer.name: layer.reason for layer in report.layers if layer.action == "kept"}
+    assert "_FlaggedReader (proj.weight)" in kept["0.proj"]
+    assert {layer.name for layer in report.decomposed} == {"0.other", "1"}
+
+
+def test_swaps_turn_a_readers_switch_off_while_its_children_are_swapped_and_give_everything_back():
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+    model = nn.Sequential(encoder, nn.Linear(16, 2))
+    originals = list(model.modules())
+    swaps = Swaps(model)
+    assert unpack(swaps) == ["0.layers.0", "0.layers.1"] and not encoder.use_nested_tensor
+    swaps.swap("1", SVDLinear.from_linear(model[1], 1))
+    swaps.give_back("0.layers.0")
+    assert not encoder.use_nested_tensor  # one layer is still unpacked
+    swaps.give_back_all()
+    assert encoder.use_nested_tensor and list(model.modules()) == originals

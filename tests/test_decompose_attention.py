@@ -19,11 +19,11 @@ from lrd_exp.decompose.attention import (
     FactorizableDecoderLayer,
     FactorizableEncoderLayer,
     FactorizableMultiheadAttention,
-    unpack_attention,
-    unpacked,
 )
 from lrd_exp.decompose.calibration import CalibrationError
 from lrd_exp.decompose.layers import FactorizedLayer, SVDLinear
+from lrd_exp.decompose.registry import unpacked
+from lrd_exp.decompose.runnable import Swaps, unpack
 from lrd_exp.deploy.model_file import structure
 from lrd_exp.freezing.factors import collect_factors
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched")  # torc
 def full_rank(model: nn.Module) -> nn.Module:
     """Unpack, then replace every linear with its full-rank SVD factorization (the same function)."""
     model = unpacked(model)
-    unpack_attention(model)
+    unpack(Swaps(model))
     for name, m in list(model.named_modules()):
         if type(m) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
             model.set_submodule(name, SVDLinear.from_linear(m, min(m.in_features, m.out_features)))

@@ -3,9 +3,10 @@
 ``nn.MultiheadAttention`` keeps its query/key/value projections as one packed ``in_proj_weight`` and hands
 ``out_proj.weight`` to ``F.multi_head_attention_forward``; ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` hand
 ``linear1/linear2.weight`` to a fused kernel at inference. A factorized layer in their place would break them, so
-:func:`unpack_attention` first swaps each for an equivalent module here, whose projections are plain
+the surgery first swaps each for an equivalent module here, whose projections are plain
 ``nn.Linear`` children that any factorized layer can replace, and which computes attention with
-``F.scaled_dot_product_attention`` (explicitly when the attention weights are asked for). Outputs equal the
+``F.scaled_dot_product_attention`` (explicitly when the attention weights are asked for). The registry declares them
+(:mod:`lrd_exp.decompose.registry`); :mod:`lrd_exp.decompose.runnable` unpacks them. Outputs equal the
 original's in train and eval, batch-first or not, with any mask; only the original's inference fast paths (a fused
 kernel, nested tensors that return zeros at padded positions) are gone.
 """
@@ -13,12 +14,12 @@ kernel, nested tensors that return zeros at padded positions) are gone.
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lrd_exp.decompose.registry import unpacked
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -282,71 +283,17 @@ class FactorizableDecoderLayer(_TransformerLayer):
         return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-#: torch class -> its equivalent (exact classes only: a subclass may have its own forward)
+#: the equivalents defined here, by the torch class each replaces (what a model file may name); the registry
+#: declares them as packed types (:func:`~lrd_exp.decompose.registry.register_unpacked`)
 UNPACKED: dict[type[nn.Module], type[Unpacked]] = {
     cls.replaces: cls for cls in (FactorizableMultiheadAttention, FactorizableEncoderLayer, FactorizableDecoderLayer)
 }
-#: torch's layers that read some children's weights themselves, and which (a layer that stays packed, e.g. a
-#: subclass, keeps those children dense): F.multi_head_attention_forward takes out_proj.weight, and the encoder /
-#: decoder layers' inference fast path hands linear1/linear2.weight to a fused kernel
-WEIGHT_READERS: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.MultiheadAttention: ("out_proj",),
-    nn.TransformerEncoderLayer: ("linear1", "linear2"),
-    nn.TransformerDecoderLayer: ("linear1", "linear2"),
-}
-# an nn.TransformerEncoder's nested-tensor path reads its layers' packed weights: off while they are unpacked
-_NESTED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
-
-def unpacked(module: nn.Module) -> nn.Module:
-    """The equivalent of ``module`` if it is one of torch's packed layers, else ``module`` itself."""
-    cls = UNPACKED.get(type(module))
-    return cls.from_torch(module) if cls is not None else module
 
 
 def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is registered in ``model``: a module shared under two names stays shared."""
     for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]:
         model.set_submodule(name, new)
-
-
-def packed_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of the outermost torch attention / transformer layers inside ``model`` that unpack, each
-    once (not ``model`` itself: in-place surgery cannot replace the root; use :func:`unpacked` for that)."""
-    inside: list[str] = []
-    for name, m in model.named_modules():
-        if name and type(m) in UNPACKED and not any(name.startswith(p + ".") for p in inside):
-            inside.append(name)
-            yield name, m
-
-
-def unpack_attention(model: nn.Module) -> dict[str, nn.Module]:
-    """Swap, in place, every torch attention / transformer layer of ``model`` for its equivalent (at every name it
-    is registered under); returns name -> the original, to put back (:func:`repack`) where nothing inside gets
-    factorized."""
-    originals = dict(packed_layers(model))
-    for original in originals.values():
-        swap_module(model, original, unpacked(original))
-    for encoder in model.modules():
-        if isinstance(encoder, nn.TransformerEncoder) and any(isinstance(m, Unpacked) for m in encoder.layers):
-            _NESTED.setdefault(encoder, encoder.use_nested_tensor)
-            encoder.use_nested_tensor = False
-    return originals
-
-
-def repack(model: nn.Module, originals: dict[str, nn.Module], *, keep: type[nn.Module] | None = None) -> list[str]:
-    """Put back the originals whose equivalent holds no module of type ``keep`` (all of them when ``keep`` is
-    None), so a model left dense keeps torch's fast paths; returns the names put back."""
-    back = []
-    for name, original in originals.items():
-        current = model.get_submodule(name)
-        if keep is None or not any(isinstance(m, keep) for m in current.modules()):
-            swap_module(model, current, original)
-            back.append(name)
-    for encoder in model.modules():
-        if encoder in _NESTED and not any(isinstance(m, Unpacked) for m in encoder.layers):
-            encoder.use_nested_tensor = _NESTED.pop(encoder)
-    return back
 
 
 def projection_names(model: nn.Module) -> list[str]:

@@ -7,6 +7,8 @@ reconstruction and approximation error of each. Factors are computed in float64 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 Basis = tuple[str, torch.Tensor, torch.Tensor]
@@ -109,6 +111,13 @@ def psd_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evecs.flip(1), evals.flip(0).clamp_min(0)
 
 
+def psd_sqrt(a: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root ``S = H^1/2`` of a PSD moment ``H`` (``S S^T = H``): the whitening every fit to the
+    outputs multiplies the weight by."""
+    q, lam = psd_eigh(a)
+    return (q * lam.sqrt()[None, :]) @ q.T
+
+
 def psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a^-1 b`` for a symmetric PSD ``a`` by Cholesky, with jitter (a ridge relative to ``a``'s mean diagonal)
     added until it factors: singular moments come from dead channels, all-zero inputs, or fewer calibration
@@ -144,8 +153,7 @@ def whitened_spectrum(w: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tens
     if w.shape[0] <= w.shape[1]:
         u, evals = psd_eigh(w @ moment @ w.T)
         return u, evals.sqrt()
-    q, lam = psd_eigh(moment)
-    ws = w @ ((q * lam.sqrt()[None, :]) @ q.T)
+    ws = w @ psd_sqrt(moment)
     v, evals = psd_eigh(ws.T @ ws)
     s = evals.sqrt()
     u = (ws @ v) / s.clamp_min(1e-300)[None, :]
@@ -178,20 +186,31 @@ def channel_moment(patch_moment: torch.Tensor, n_in: int) -> torch.Tensor:
     return patch_moment.reshape(n_in, k2, n_in, k2).diagonal(dim1=1, dim2=3).sum(-1)
 
 
-def tucker2_input_spectrum(w: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class InputSpectrum(NamedTuple):
+    """The whitened input-channel spectrum of a k x k conv (:func:`tucker2_input_spectrum`), with the channel
+    whitening ``S`` it was computed under: the fit reuses both."""
+
+    vectors: torch.Tensor  # in x in, right singular vectors of M S, largest first
+    values: torch.Tensor  # their singular values
+    whitening: torch.Tensor  # S = C^1/2 of the channel moment C
+
+
+def _slices(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The stacked k x k slices ``M`` (out*k*k x in) of a conv kernel."""
+    return w.to(dtype).permute(0, 2, 3, 1).reshape(-1, w.shape[1])
+
+
+def tucker2_input_spectrum(w: torch.Tensor, moment: torch.Tensor) -> InputSpectrum:
     """Right singular vectors and values of the stacked k x k slices ``M`` (out*k*k x in) times the channel whitening
     ``S = C^1/2``: the input-channel subspace that keeps most of the output (and its spectrum, for energy ranks)."""
-    n_out, n_in = w.shape[:2]
-    m = w.to(moment.dtype).permute(0, 2, 3, 1).reshape(-1, n_in)
-    q, lam = psd_eigh(channel_moment(moment, n_in))
-    s_half = (q * lam.sqrt()[None, :]) @ q.T
-    ms = m @ s_half
+    s_half = psd_sqrt(channel_moment(moment, w.shape[1]))
+    ms = _slices(w, moment.dtype) @ s_half
     v, evals = psd_eigh(ms.T @ ms)
-    return v, evals.sqrt()
+    return InputSpectrum(v, evals.sqrt(), s_half)
 
 
 def tucker2_fitted_factors(w: torch.Tensor, rank_in: int, rank_out: int, moment: torch.Tensor,
-                           input_spectrum: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           input_spectrum: InputSpectrum | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tucker-2 of a k x k conv fitted to its outputs (patch moment ``moment``): (first, core, last) as
     :func:`tucker2_factors`.
@@ -203,11 +222,8 @@ def tucker2_fitted_factors(w: torch.Tensor, rank_in: int, rank_out: int, moment:
     """
     n_out, n_in, kh, kw = w.shape
     k2 = kh * kw
-    wd = w.to(moment.dtype)
-    v, _ = input_spectrum if input_spectrum is not None else tucker2_input_spectrum(w, moment)
-    m = wd.permute(0, 2, 3, 1).reshape(-1, n_in)
-    q, lam = psd_eigh(channel_moment(moment, n_in))
-    s_half = (q * lam.sqrt()[None, :]) @ q.T
+    v, _, s_half = input_spectrum if input_spectrum is not None else tucker2_input_spectrum(w, moment)
+    m = _slices(w, moment.dtype)
     basis = (m.T @ (m @ (s_half @ v[:, :rank_in])))  # in x r1, the row space of V_r^T S M^T M, transposed
     first = torch.linalg.qr(basis)[0].T  # r1 x in, orthonormal rows
     # Sigma F^T as in x k2 x r1 x k2, and F Sigma F^T: F acts on the channel index of each kernel position. The
@@ -232,6 +248,35 @@ def least_squares_target(w: torch.Tensor, moment: torch.Tensor, cross: torch.Ten
     shape = w.shape
     wd = w.flatten(1).to(moment.dtype)
     return psd_solve(moment, (wd @ cross).T).T.reshape(shape)
+
+
+def svd_fit(w: torch.Tensor, rank: int, *, basis: Basis | None = None, moment: torch.Tensor | None = None,
+            cross: torch.Tensor | None = None, spectrum: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-``rank`` factors (first r x in, last out x r) of a matrix or 1x1 kernel ``w``, by what the fit has:
+    the weight alone (truncated SVD; ``basis``, its :func:`svd_basis` if cached), the input moment (fitted to the
+    outputs; ``spectrum``, the :func:`whitened_spectrum` of ``w`` if cached), or with ``cross`` as well (sequential
+    calibration: fitted to the :func:`least_squares_target`, whose spectrum no cache holds)."""
+    w = w.flatten(1)
+    if moment is None:
+        return svd_factors(w, rank, basis)
+    if cross is not None:
+        w, spectrum = least_squares_target(w, moment, cross), None
+    return whitened_svd_factors(w, rank, moment, spectrum)
+
+
+def tucker2_fit(w: torch.Tensor, rank_in: int, rank_out: int, *,
+                bases: tuple[torch.Tensor, torch.Tensor] | None = None, moment: torch.Tensor | None = None,
+                cross: torch.Tensor | None = None, spectrum: InputSpectrum | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Tucker-2 factors (first, core, last) of a k x k kernel, chosen as :func:`svd_fit` chooses: HOSVD
+    (``bases``: cached (out-mode, in-mode) singular vectors), the fit to the outputs (``spectrum``: the cached
+    :func:`tucker2_input_spectrum`), or the fit to the least-squares target."""
+    if moment is None:
+        return tucker2_factors(w, rank_in, rank_out, bases)
+    if cross is not None:
+        w, spectrum = least_squares_target(w, moment, cross), None
+    return tucker2_fitted_factors(w, rank_in, rank_out, moment, spectrum)
 
 
 def paired_output_error(w: torch.Tensor, w_hat: torch.Tensor, original: torch.Tensor, cross: torch.Tensor,

@@ -68,12 +68,14 @@ class SVDLinear(FactorizedLayer):
 
     @classmethod
     def from_linear(cls, layer: nn.Module, rank: int, *, basis: Fn.Basis | None = None,
-                    moment: torch.Tensor | None = None) -> SVDLinear:
+                    moment: torch.Tensor | None = None, cross: torch.Tensor | None = None,
+                    spectrum: tuple[torch.Tensor, torch.Tensor] | None = None) -> SVDLinear:
         """Truncated SVD of the weight, or, given the input moment ``moment`` (X X^T of calibration inputs), the
-        rank-``rank`` layer with the least output error (:func:`~lrd_exp.decompose.functional.whitened_svd_factors`).
-        ``layer``: ``nn.Linear`` or any registered linear-like layer (transformers' ``Conv1D``)."""
-        w = R.linear_weight(layer)
-        factors = Fn.svd_factors(w, rank, basis) if moment is None else Fn.whitened_svd_factors(w, rank, moment)
+        rank-``rank`` layer with the least output error; ``cross`` too (sequential calibration), the least error
+        against the original's outputs. ``basis`` / ``spectrum``: what the surgery cached of the weight
+        (:func:`~lrd_exp.decompose.functional.svd_fit`). ``layer``: ``nn.Linear`` or any registered linear-like
+        layer (transformers' ``Conv1D``)."""
+        factors = Fn.svd_fit(R.linear_weight(layer), rank, basis=basis, moment=moment, cross=cross, spectrum=spectrum)
         return cls.from_factors(layer, *factors)
 
     @classmethod
@@ -107,10 +109,10 @@ class SVDConv1x1(FactorizedLayer):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int, *, basis: Fn.Basis | None = None,
-                  moment: torch.Tensor | None = None) -> SVDConv1x1:
+                  moment: torch.Tensor | None = None, cross: torch.Tensor | None = None,
+                  spectrum: tuple[torch.Tensor, torch.Tensor] | None = None) -> SVDConv1x1:
         """As :meth:`SVDLinear.from_linear`, on the out x in matrix of the 1x1 kernel."""
-        w = conv.weight.detach().flatten(1)  # out x in
-        factors = Fn.svd_factors(w, rank, basis) if moment is None else Fn.whitened_svd_factors(w, rank, moment)
+        factors = Fn.svd_fit(conv.weight.detach(), rank, basis=basis, moment=moment, cross=cross, spectrum=spectrum)
         return cls.from_factors(conv, *factors)
 
     @classmethod
@@ -145,14 +147,14 @@ class Tucker2Conv(FactorizedLayer):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank_in: int, rank_out: int, *,
-                  basis: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  moment: torch.Tensor | None = None) -> Tucker2Conv:
+                  basis: tuple[torch.Tensor, torch.Tensor] | None = None, moment: torch.Tensor | None = None,
+                  cross: torch.Tensor | None = None, spectrum: Fn.InputSpectrum | None = None) -> Tucker2Conv:
         """HOSVD init (``basis`` = (out-mode, in-mode) singular vectors if the caller already has them), or, given
-        the im2col patch moment ``moment`` of calibration inputs, the fit to the conv's outputs
-        (:func:`~lrd_exp.decompose.functional.tucker2_fitted_factors`)."""
-        w = conv.weight.detach()
-        factors = (Fn.tucker2_factors(w, rank_in, rank_out, basis) if moment is None
-                   else Fn.tucker2_fitted_factors(w, rank_in, rank_out, moment))
+        the im2col patch moment ``moment`` of calibration inputs (and ``cross``, as :meth:`SVDLinear.from_linear`),
+        the fit to the conv's outputs (``spectrum``: the cached input spectrum;
+        :func:`~lrd_exp.decompose.functional.tucker2_fit`)."""
+        factors = Fn.tucker2_fit(conv.weight.detach(), rank_in, rank_out, bases=basis, moment=moment, cross=cross,
+                                 spectrum=spectrum)
         return cls.from_factors(conv, *factors)
 
     @classmethod

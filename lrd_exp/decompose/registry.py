@@ -1,20 +1,33 @@
-"""Linear-like layer types: how the surgery reads each one as a matrix, and how a dense one is built back.
+"""The layer types the surgery knows, in one place: linear-like types (how each is read as a matrix and built back),
+packed types to unpack first (their projections become child modules), and parents that read a child's weight
+themselves (those children stay dense). Register your own with :func:`register_linear`, :func:`register_unpacked`
+and :func:`register_weight_reader`; the newest registration of a type wins. A type may be named by its import path
+(``"module.path:ClassName"``): it is matched only once its module has been imported by whoever built the model, so
+transformers is never imported here.
 
-A layer counts as a linear when it computes ``y = x W^T + b`` over the last dimension of its input, whatever the
-layout of its weight. Each registered type says how to read its weight as ``out x in`` and its bias, and how to
-build a layer of its own type from such a weight: a merged layer keeps the original's type, so the parent module
-and a model file see the layout they expect. ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's projections,
-the weight stored ``in x out``) are registered. A type may be named by its import path: it is matched only once
-its module has been imported by whoever built the model, so transformers is never imported here.
+**Linear-like types.** A layer counts as a linear when it computes ``y = x W^T + b`` over the last dimension of its
+input, whatever the layout of its weight. Each registered type says how to read its weight as ``out x in`` and its
+bias, and how to build a layer of its own type from such a weight: a merged layer keeps the original's type, so the
+parent module and a model file see the layout they expect. ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's
+projections, the weight stored ``in x out``) are registered.
 
-Register your own with :func:`register_linear`; the newest registration of a type wins.
+**Packed types.** torch's ``nn.MultiheadAttention`` keeps its query/key/value projections in one packed parameter;
+its equivalent (:mod:`lrd_exp.decompose.attention`) has them as ``nn.Linear`` children. Only the exact class is
+unpacked: a subclass may have a forward of its own.
+
+**Weight readers.** ``nn.MultiheadAttention`` hands ``out_proj.weight`` to a function instead of calling
+``out_proj``; a factorized layer there would break it. A reader may instead have a switch, a boolean attribute that,
+off, makes it stop (``nn.TransformerEncoder.use_nested_tensor``): the surgery turns it off while anything under
+those children is swapped. Readers inside a model's own code are found by tracing it
+(:mod:`lrd_exp.decompose.runnable`); declare those whose forward is not traced (torch's own layers).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,20 +44,23 @@ class LinearType:
     weight: Callable[[nn.Module], torch.Tensor]  # the weight as out x in (a view of the parameter)
     build: Builder
     bias: Callable[[nn.Module], torch.Tensor | None] = lambda m: getattr(m, "bias", None)
-    #: attributes of the dense layer a parent may read itself (a factorized layer in its place lacks them)
-    attributes: frozenset[str] = field(default_factory=frozenset)
 
     def resolve(self) -> type | None:
-        """The class, if its module is loaded (no import: a module never loaded has built no such layer)."""
-        module, _, qualname = self.name.partition(":")
-        obj = sys.modules.get(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part, None)
-        return obj if isinstance(obj, type) else None
+        return _loaded(self.name)
 
     def matches(self, module: nn.Module) -> bool:
         cls = self.resolve()
         return cls is not None and isinstance(module, cls)
+
+
+def _loaded(name: str) -> type | None:
+    """The class named ``module.path:ClassName``, if its module is loaded (no import: a module never loaded has
+    built no such layer)."""
+    module, _, qualname = name.partition(":")
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) else None
 
 
 _TYPES: dict[str, LinearType] = {}
@@ -59,19 +75,18 @@ def _name(cls: type | str) -> str:
 
 
 def register_linear(cls: type | str, *, weight: Callable[[nn.Module], torch.Tensor], build: Builder,
-                    bias: Callable[[nn.Module], torch.Tensor | None] | None = None,
-                    attributes: tuple[str, ...] = ()) -> LinearType:
+                    bias: Callable[[nn.Module], torch.Tensor | None] | None = None) -> LinearType:
     """Declare a layer type linear-like: the surgery factorizes it like ``nn.Linear`` (SVD, activation fit,
     report, freezing, model file, merge, FLOPs).
 
     ``cls``: the class, or its import path ``"module.path:ClassName"`` (matched once that module is loaded).
     ``weight(layer)``: its weight as an ``out x in`` tensor. ``build(cls, weight, bias)``: a layer of the class
     computing ``x @ weight.T + bias``, on ``weight``'s device and dtype (what a merged layer becomes).
-    ``bias(layer)``: its bias or None (default: ``layer.bias``). ``attributes``: what a parent may read of it
-    besides ``weight`` / ``bias`` (a parent that does keeps it dense).
+    ``bias(layer)``: its bias or None (default: ``layer.bias``). A parent that reads an attribute of it (``weight``,
+    ``in_features``, ...) keeps it dense: :mod:`lrd_exp.decompose.runnable` finds those.
     """
     kwargs = {"bias": bias} if bias is not None else {}
-    entry = LinearType(_name(cls), weight, build, attributes=frozenset(attributes), **kwargs)
+    entry = LinearType(_name(cls), weight, build, **kwargs)
     _TYPES.pop(entry.name, None)
     _TYPES[entry.name] = entry  # the newest last: looked up first
     return entry
@@ -121,11 +136,6 @@ def layer_bias(module: nn.Module) -> torch.Tensor | None:
     return linear_bias(module) if is_linear(module) else getattr(module, "bias", None)
 
 
-def dense_attributes() -> frozenset[str]:
-    """Every registered type's declared attributes: what a parent may read of a layer a factorized one replaced."""
-    return frozenset().union(*(entry.attributes for entry in _TYPES.values()))
-
-
 def build_dense(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A layer of the registered type ``name`` computing ``x @ weight.T + bias`` (a merged layer)."""
     entry = _TYPES.get(name)
@@ -152,7 +162,109 @@ def _conv1d(cls: type, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Mo
     return layer
 
 
-LINEAR = register_linear(nn.Linear, weight=lambda m: m.weight, build=_linear,
-                         attributes=("in_features", "out_features"))
-CONV1D = register_linear("transformers.pytorch_utils:Conv1D", weight=lambda m: m.weight.T, build=_conv1d,
-                         attributes=("nf", "nx"))
+LINEAR = register_linear(nn.Linear, weight=lambda m: m.weight, build=_linear)
+CONV1D = register_linear("transformers.pytorch_utils:Conv1D", weight=lambda m: m.weight.T, build=_conv1d)
+
+
+# ------------------------------------------------------------------------------------------------ packed types
+@dataclass(frozen=True)
+class PackedType:
+    """A layer type unpacked before the surgery: ``unpack(layer)`` builds its equivalent with the projections as
+    child modules (named ``module.path:function`` it is imported when first used)."""
+
+    name: str
+    unpack: Callable[[nn.Module], nn.Module] | str
+
+    def build(self, module: nn.Module) -> nn.Module:
+        unpack = self.unpack
+        if isinstance(unpack, str):
+            path, _, qualname = unpack.partition(":")
+            unpack = importlib.import_module(path)
+            for part in qualname.split("."):
+                unpack = getattr(unpack, part)
+        return unpack(module)
+
+
+_PACKED: dict[str, PackedType] = {}
+
+
+def register_unpacked(cls: type | str, unpack: Callable[[nn.Module], nn.Module] | str) -> PackedType:
+    """Declare a layer type to unpack before the surgery: ``unpack(layer)`` returns a module computing the same
+    whose projections are linear-like children (which the surgery then factorizes); a layer of the exact class
+    only is unpacked, and put back where nothing inside it was factorized. ``unpack`` may be named by its import
+    path ``"module.path:Class.from_torch"``."""
+    entry = PackedType(_name(cls), unpack)
+    _PACKED.pop(entry.name, None)
+    _PACKED[entry.name] = entry
+    return entry
+
+
+def packed_type(module: nn.Module) -> PackedType | None:
+    """The registration ``module``'s exact class has as a packed type, or None."""
+    for entry in reversed(list(_PACKED.values())):
+        if _loaded(entry.name) is type(module):
+            return entry
+    return None
+
+
+def unpacked(module: nn.Module) -> nn.Module:
+    """The equivalent of ``module`` if its type is registered as packed, else ``module`` itself."""
+    entry = packed_type(module)
+    return entry.build(module) if entry is not None else module
+
+
+# ------------------------------------------------------------------------------------------------ weight readers
+@dataclass(frozen=True)
+class WeightReader:
+    """A parent type whose forward reads some children's weights itself instead of calling them."""
+
+    name: str
+    children: tuple[str, ...]
+    switch: str | None = None  # a boolean attribute that, set False, stops it reading them
+
+    def resolve(self) -> type | None:
+        return _loaded(self.name)
+
+    def matches(self, module: nn.Module) -> bool:
+        cls = self.resolve()
+        return cls is not None and isinstance(module, cls)
+
+
+_READERS: dict[str, WeightReader] = {}
+
+
+def register_weight_reader(cls: type | str, children: tuple[str, ...], *, switch: str | None = None
+                           ) -> WeightReader:
+    """Declare that a layer of ``cls`` (or a subclass) reads the weights of its ``children`` itself: a linear-like
+    or conv child there stays dense, with the reason in the report. With ``switch``, the name of a boolean
+    attribute that, False, makes the layer call them instead, the surgery turns it off while any module under
+    those children is swapped (unpacked or factorized) and restores it once none is. Only parents whose forward
+    the surgery cannot trace need declaring (torch's own layers: a model's own code is traced)."""
+    entry = WeightReader(_name(cls), tuple(children), switch)
+    _READERS.pop(entry.name, None)
+    _READERS[entry.name] = entry
+    return entry
+
+
+def weight_readers(module: nn.Module) -> list[WeightReader]:
+    """The registrations ``module`` matches as a parent that reads its children's weights."""
+    return [entry for entry in _READERS.values() if entry.matches(module)]
+
+
+def is_declared(module: nn.Module) -> bool:
+    """Whether the surgery knows ``module``'s type from a registration (so a trace does not look inside it)."""
+    return is_linear(module) or packed_type(module) is not None or bool(weight_readers(module))
+
+
+_ATTENTION = "lrd_exp.decompose.attention"
+for _cls, _equivalent in ((nn.MultiheadAttention, "FactorizableMultiheadAttention"),
+                          (nn.TransformerEncoderLayer, "FactorizableEncoderLayer"),
+                          (nn.TransformerDecoderLayer, "FactorizableDecoderLayer")):
+    register_unpacked(_cls, f"{_ATTENTION}:{_equivalent}.from_torch")
+# F.multi_head_attention_forward takes out_proj.weight; the encoder / decoder layers' inference fast path hands
+# linear1/linear2.weight to a fused kernel (a subclass stays packed, so these apply)
+register_weight_reader(nn.MultiheadAttention, ("out_proj",))
+register_weight_reader(nn.TransformerEncoderLayer, ("linear1", "linear2"))
+register_weight_reader(nn.TransformerDecoderLayer, ("linear1", "linear2"))
+# the encoder's nested-tensor path reads its layers' packed weights
+register_weight_reader(nn.TransformerEncoder, ("layers",), switch="use_nested_tensor")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import fnmatch
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,22 +19,16 @@ from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.allocation import allocate, batches_digest
-from lrd_exp.decompose.attention import (
-    WEIGHT_READERS,
-    Unpacked,
-    projection_names,
-    repack,
-    swap_module,
-    unpack_attention,
-)
+from lrd_exp.decompose.attention import projection_names
 from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_warning
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.decompose.rank_timings import write_timings
-from lrd_exp.decompose.registry import dense_attributes, is_linear, linear_features, weight_matrix
+from lrd_exp.decompose.registry import is_linear, linear_features, weight_matrix
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
+from lrd_exp.decompose.runnable import Swaps, declared_reads, keep_runnable, repack, run_eval, traced_reads, unpack
 from lrd_exp.decompose.search import choose_ranks
 
 log = logging.getLogger("lrd_exp")
@@ -79,12 +72,6 @@ def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
     return tuple(size) if size else None
 
 
-def _forward(model: nn.Module, batch: C.Batch, what: str = "the example input") -> Any:
-    """One forward of a batch (tensor, tuple or dict) in eval mode without autograd; modes are restored."""
-    with C.EvalModes(model):
-        return C.run_batch(model, batch, what)
-
-
 def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Batch,
                    what: str = "the example input") -> None:
     by_name = {plan.name: plan for plan in plans}
@@ -103,7 +90,7 @@ def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Ba
             plan.in_shape, plan.out_shape = plan.calls[0]
 
     with watch({plan.name: plan.module for plan in plans}, record):
-        _forward(model, example_input, what)
+        run_eval(model, example_input, what)
 
 
 def patterns(value: str | Iterable[str] | None) -> list[str]:
@@ -111,20 +98,6 @@ def patterns(value: str | Iterable[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else [str(v) for v in value]
-
-
-def weights_read_directly(model: nn.Module) -> dict[str, str]:
-    """Layers whose parent reads ``.weight`` itself instead of calling them: a factorized layer there would break
-    the parent's forward, so they stay dense (name -> reason)."""
-    out = {}
-    for name, m in model.named_modules():
-        for cls, children in WEIGHT_READERS.items():
-            if isinstance(m, cls):
-                for child in children:
-                    if is_linear(getattr(m, child, None)):
-                        out[f"{name}.{child}" if name else child] = (f"read directly by its {cls.__module__}."
-                                                                     f"{cls.__name__} ({child}.weight)")
-    return out
 
 
 def check_selection(model: nn.Module, *, include: Iterable[str] = (), exclude: Iterable[str] = (),
@@ -143,11 +116,14 @@ def check_selection(model: nn.Module, *, include: Iterable[str] = (), exclude: I
 
 
 def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: Iterable[str] = (),
-                    skip_stem: bool = True, skip_head: bool = True) -> tuple[list[LayerPlan], list[LayerReport]]:
-    """Decomposable layers in module order, and reports for the layers skipped by rule."""
+                    skip_stem: bool = True, skip_head: bool = True, reads: Mapping[str, str] | None = None
+                    ) -> tuple[list[LayerPlan], list[LayerReport]]:
+    """Decomposable layers in module order, and reports for the layers skipped by rule. ``reads``: the layers whose
+    attribute the model reads directly (name -> attribute, :func:`~lrd_exp.decompose.runnable.traced_reads`)."""
     include, exclude = patterns(include), patterns(exclude)
     stems, heads = stem_and_head(model)
-    direct = weights_read_directly(model)
+    direct = {name: f"its parent reads .{attr} of it directly" for name, attr in (reads or {}).items()}
+    direct.update(declared_reads(model))
     plans, skipped = [], []
     for name, m in model.named_modules():
         if isinstance(m, FactorizedLayer) or not (is_linear(m) or isinstance(m, nn.Conv2d)):
@@ -212,124 +188,57 @@ def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float,
 
 def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[FactorizedLayer, float]:
     """The factorized replacement and its relative error: of the output on the calibration inputs when the plan
-    has moments (fit=activations), of the weight otherwise."""
-    m = plan.module
-    if plan.moments is not None:
-        return build_fitted(plan, ranks, plan.moments)
-    if plan.kind == "svd":
-        basis = plan.svd_basis()
-        if is_linear(m):
-            new = SVDLinear.from_linear(m, ranks[0], basis=basis)
-        else:
-            new = SVDConv1x1.from_conv(m, ranks[0], basis=basis)
-        return new, svd_error(basis[2], ranks[0])
-    (u_out, _), (u_in, _) = plan.mode_bases()
-    new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], basis=(u_out, u_in))
-    return new, tucker2_error(m.weight.detach(), new.core.weight.detach())
-
-
-def build_fitted(plan: LayerPlan, ranks: tuple[int, ...], moments: C.Moments) -> tuple[FactorizedLayer, float]:
-    """The replacement fitted to the layer's outputs. Paired moments (sequential calibration) fit the original
-    output ``W X`` from the decomposed model's inputs ``X^``: the closed form applied to the least-squares target."""
-    m, w = plan.module, plan.weight()
-    paired = moments.cross is not None
-    target = Fn.least_squares_target(w, moments.moment, moments.cross) if paired else w
-    spectra = plan.cached_whitened_spectra() if not paired else None
-    if plan.kind == "svd":
-        factors = Fn.whitened_svd_factors(target.flatten(1), ranks[0], moments.moment, spectra)
-        new = (SVDLinear if is_linear(m) else SVDConv1x1).from_factors(m, *factors)
+    has moments (fit=activations), of the weight otherwise. Paired moments (sequential calibration) fit the
+    original output ``W X`` from the decomposed model's inputs ``X^``."""
+    m, fit = plan.module, _fit_inputs(plan)
+    if plan.kind == "tucker2":
+        new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], **fit)
+    elif is_linear(m):
+        new = SVDLinear.from_linear(m, ranks[0], **fit)
     else:
-        factors = Fn.tucker2_fitted_factors(target, ranks[0], ranks[1], moments.moment,
-                                            spectra[0] if spectra else None)
-        new = Tucker2Conv.from_factors(m, *factors)
-    w_hat = reconstruct_weight(new)
-    if paired:
-        return new, Fn.paired_output_error(w, w_hat, moments.original, moments.cross, moments.moment)
-    return new, Fn.output_error(w, w_hat, moments.moment)
+        new = SVDConv1x1.from_conv(m, ranks[0], **fit)
+    return new, _fit_error(plan, new, ranks)
 
 
-#: attributes of the dense layer that a parent may read itself (``F.linear(x, self.qkv.weight)``); those of the
-#: registered linear-like types (``in_features``, ``Conv1D.nf``) are added when a lookup is watched
-DENSE_ATTRIBUTES = frozenset({"weight", "bias", "in_channels", "out_channels", "kernel_size", "stride", "padding",
-                              "dilation", "groups", "padding_mode"})
+def _fit_inputs(plan: LayerPlan) -> dict[str, Any]:
+    """What the layer's constructor fits with: the cached bases of its weight, or its moments and the cached
+    whitened spectra (:meth:`LayerPlan.energy_spectra` computed them if an energy policy asked)."""
+    if plan.moments is None:
+        if plan.kind == "svd":
+            return {"basis": plan.svd_basis()}
+        (u_out, _), (u_in, _) = plan.mode_bases()
+        return {"basis": (u_out, u_in)}
+    spectra = plan.cached_whitened_spectra()
+    if spectra is not None and plan.kind == "tucker2":
+        spectra = spectra[0]  # the input spectrum; the output one gives the energy ranks only
+    return {"moment": plan.moments.moment, "cross": plan.moments.cross, "spectrum": spectra}
 
 
-@contextlib.contextmanager
-def _missing_lookups(cls: type[nn.Module], names: frozenset[str] | None = None) -> Iterator[dict[int, str]]:
-    """Record, during the block, which modules of type ``cls`` had a missing attribute (one of ``names``, or any)
-    looked up on them (id -> the attribute): the modules whose parents read them as the layer they replaced."""
-    missed: dict[int, str] = {}
-    base = nn.Module.__getattr__
-    names = None if names is None else names | dense_attributes()
-
-    def lookup(self: nn.Module, name: str) -> Any:
-        try:
-            return base(self, name)
-        except AttributeError:
-            if names is None or name in names:
-                missed.setdefault(id(self), name)
-            raise
-
-    own = cls.__dict__.get("__getattr__")
-    cls.__getattr__ = lookup
-    try:
-        yield missed
-    finally:
-        if own is None:
-            del cls.__getattr__
-        else:
-            cls.__getattr__ = own
+def _fit_error(plan: LayerPlan, new: FactorizedLayer, ranks: tuple[int, ...]) -> float:
+    """The replacement's relative error: of the weight (from the cached spectrum where it is exact), or of the
+    output on the calibration inputs."""
+    moments = plan.moments
+    if moments is None:
+        if plan.kind == "svd":
+            return svd_error(plan.singular_values(), ranks[0])
+        return tucker2_error(plan.module.weight.detach(), new.core.weight.detach())
+    w, w_hat = plan.weight(), reconstruct_weight(new)
+    if moments.cross is not None:
+        return Fn.paired_output_error(w, w_hat, moments.original, moments.cross, moments.moment)
+    return Fn.output_error(w, w_hat, moments.moment)
 
 
-def _forward_error(model: nn.Module, x: C.Batch, cls: type[nn.Module] = FactorizedLayer,
-                   names: frozenset[str] | None = DENSE_ATTRIBUTES) -> tuple[Exception | None, dict[int, str]]:
-    with _missing_lookups(cls, names) as missed:
-        try:
-            _forward(model, x)
-            return None, missed
-        except Exception as exc:  # any failure: the model would not run as decomposed
-            return exc, missed
+def _keep_runnable(swaps: Swaps, reports: list[LayerReport], x: C.Batch, traced: bool) -> None:
+    """A model that no longer runs gets back exactly the layers that break it (:func:`keep_runnable`); each restored
+    layer's report says why."""
+    by_name = {r.name: r for r in reports if r.action == "decomposed"}
+    for name, attr, error in keep_runnable(swaps, by_name, x, traced=traced):
+        why = (f"its parent reads .{attr} of it directly" if attr
+               else f"the model's forward failed with it decomposed ({error})")
+        _restore(by_name[name], why)
 
 
-def _keep_unpacked_runnable(model: nn.Module, packed: dict[str, nn.Module], x: C.Batch) -> None:
-    """Put back the torch attention layers whose parents read an attribute of them that the equivalent lacks (a
-    subclassed encoder layer's fast path reads ``self_attn.in_proj_weight``); their linears then stay as they are."""
-    while packed:  # one forward stops at the first such parent
-        error, missed = _forward_error(model, x, Unpacked, names=None)
-        if error is None or not missed:
-            return  # runs, or fails for a reason of its own that the shape recording will report
-        culprits = {name: attr for name in packed for m in model.get_submodule(name).modules()
-                    if (attr := missed.get(id(m))) is not None}
-        if not culprits:
-            return
-        for name, attr in culprits.items():
-            log.info("%s stays torch's %s: its parent reads .%s of it", name, type(packed[name]).__name__, attr)
-            swap_module(model, model.get_submodule(name), packed.pop(name))
-
-
-def _keep_runnable(model: nn.Module, originals: dict[str, nn.Module], reports: list[LayerReport],
-                   x: C.Batch) -> None:
-    """A model that no longer runs gets back exactly the layers that break it: those whose parents read a dense
-    attribute (``.weight``, ``.bias``, ...) of them directly. Only if the failure names none are layers given back
-    last decomposed first, until it runs. Each restored layer's report says why."""
-    error, missed = _forward_error(model, x)
-    decomposed = [r for r in reports if r.action == "decomposed"]
-    while error is not None and decomposed:
-        message = f"{type(error).__name__}: {' '.join(str(error).split())}"
-        culprits = [r for r in decomposed if id(model.get_submodule(r.name)) in missed]
-        if culprits:
-            for r in culprits:
-                attr = missed[id(model.get_submodule(r.name))]
-                _restore(model, originals, r, f"its parent reads .{attr} of it directly")
-                decomposed.remove(r)
-        else:
-            r = decomposed.pop()
-            _restore(model, originals, r, f"the model's forward failed with it decomposed ({message})")
-        error, missed = _forward_error(model, x)
-
-
-def _restore(model: nn.Module, originals: dict[str, nn.Module], r: LayerReport, reason: str) -> None:
-    swap_module(model, model.get_submodule(r.name), originals[r.name])
+def _restore(r: LayerReport, reason: str) -> None:
     r.action, r.reason = "kept", reason
     r.factor_shapes, r.params_after, r.flops_after, r.rel_error = [], r.params_before, r.flops_before, 0.0
 
@@ -387,17 +296,17 @@ def decompose_model(
                     rank=settings["rank"] if settings["policy"] == "fixed" else None)
     reference = _reference(model, settings, evaluation, batches, seed)  # a typo above costs no forward pass
     params_before = _count(model)
-    # torch's attention and transformer layers, with their projections as modules the surgery can replace
-    packed = unpack_attention(model) if settings["policy"] != "none" else {}
+    swaps = Swaps(model)  # every swap of this surgery, to give back what breaks the model
+    reads = traced_reads(model) if settings["policy"] != "none" else {}  # None: it cannot be traced
     try:
         example, what = _example(model, example_input, input_size, batches)
-        if example is not None and packed:
-            _keep_unpacked_runnable(model, packed, example)
-        report = _decompose(model, settings, batches, example, what, rank_search=rank_search, seed=seed)
+        # torch's attention and transformer layers, with their projections as modules the surgery can replace
+        packed = unpack(swaps, reads, example) if settings["policy"] != "none" else []
+        report = _decompose(swaps, settings, batches, example, what, reads, rank_search=rank_search, seed=seed)
     except BaseException:
-        repack(model, packed)
+        swaps.give_back_all()
         raise
-    if repack(model, packed, keep=FactorizedLayer):  # those left dense keep torch's fused inference paths
+    if repack(swaps, packed):  # those left dense keep torch's fused inference paths
         existing = {name for name, _ in model.named_modules()}  # their q/k/v projections are gone again
         report.layers = [layer for layer in report.layers if layer.name in existing]
     return _finish(model, report, settings, batches, reference, params_before, started)
@@ -416,12 +325,13 @@ def _finish(model: nn.Module, report: DecompositionReport, settings: dict[str, A
     return report
 
 
-def _decompose(model: nn.Module, settings: dict[str, Any], batches: list[Any], example: Any, what: str, *,
-               rank_search: Mapping[str, Any] | None, seed: int) -> DecompositionReport:
+def _decompose(swaps: Swaps, settings: dict[str, Any], batches: list[Any], example: Any, what: str,
+               reads: dict[str, str] | None, *, rank_search: Mapping[str, Any] | None, seed: int
+               ) -> DecompositionReport:
     """The surgery proper, step by step: candidates, shapes, moments, ranks, replacement, repair, BatchNorm."""
-    policy, fit = settings["policy"], settings["fit"]
+    model, policy, fit = swaps.model, settings["policy"], settings["fit"]
     plans, skipped = find_candidates(model, include=settings["include"], exclude=settings["exclude"],
-                                     skip_stem=settings["skip_stem"], skip_head=settings["skip_head"])
+                                     skip_stem=settings["skip_stem"], skip_head=settings["skip_head"], reads=reads)
     if example is not None:
         _record_shapes(model, plans, example, what)
     dense_flops_all = [p.forward_flops(None) for p in plans]
@@ -441,14 +351,14 @@ def _decompose(model: nn.Module, settings: dict[str, Any], batches: list[Any], e
         allocated = allocate(model, plans, chosen, settings, batches, build_factorized, context=rank_search,
                              seed=seed, fit_key=batches_digest(batches) if fit == "activations" else "")
         chosen, reasons = {**chosen, **allocated.chosen}, {**reasons, **allocated.reasons}
-    reports, seconds = _replace_all(model, plans, chosen, reasons, settings, batches, order, seed)
+    reports, seconds = _replace_all(swaps, plans, chosen, reasons, settings, batches, order, seed)
     calibration_s += seconds
     if allocated is not None:
         for r in reports:
             r.damage = allocated.damage.get(r.name)
 
     if example is not None and any(r.action == "decomposed" for r in reports):
-        _keep_runnable(model, {p.name: p.module for p in plans}, reports, example)
+        _keep_runnable(swaps, reports, example, traced=reads is not None)
     report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=0, params_after=0,
                                  settings=settings, fit=fit,
                                  calibration_images=sum(C.batch_size_of(b) for b in batches),
@@ -461,11 +371,12 @@ def _decompose(model: nn.Module, settings: dict[str, Any], batches: list[Any], e
     return report
 
 
-def _replace_all(model: nn.Module, plans: list[LayerPlan], chosen: dict[str, tuple[int, ...] | None],
+def _replace_all(swaps: Swaps, plans: list[LayerPlan], chosen: dict[str, tuple[int, ...] | None],
                  reasons: dict[str, str], settings: dict[str, Any], batches: list[Any], order: list[str],
                  seed: int) -> tuple[list[LayerReport], float]:
     """Replace every planned layer (in the order the layers run when calibrating sequentially, each fitted to the
     decomposed model's own inputs); the reports and the seconds spent collecting paired moments."""
+    model = swaps.model
     sequential = settings["fit"] == "activations" and settings["calibrate"] == "sequential"
     reference = copy.deepcopy(model) if sequential and plans else None
     if sequential:
@@ -478,7 +389,7 @@ def _replace_all(model: nn.Module, plans: list[LayerPlan], chosen: dict[str, tup
             t0 = time.perf_counter()
             plan.moments = C.collect_paired(reference, model, plan.name, batches, seed=seed)
             seconds += time.perf_counter() - t0
-        reports.append(_replace(model, plan, chosen.get(plan.name), reasons, settings["policy"]))
+        reports.append(_replace(swaps, plan, chosen.get(plan.name), reasons, settings["policy"]))
         plan.release()
     return reports, seconds
 
@@ -585,7 +496,7 @@ def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mappi
     return {p.name: estimate_ranks(p, policy, **keys) for p in plans}, {}
 
 
-def _replace(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...] | None, reasons: dict[str, str],
+def _replace(swaps: Swaps, plan: LayerPlan, ranks: tuple[int, ...] | None, reasons: dict[str, str],
              policy: str) -> LayerReport:
     """Swap one layer for its factorized form (or keep it, saying why) and report it."""
     dense_flops = plan.forward_flops(None)
@@ -608,7 +519,7 @@ def _replace(model: nn.Module, plan: LayerPlan, ranks: tuple[int, ...] | None, r
     reason = reasons.get(plan.name, "")
     if plan.fit_note:
         reason = "; ".join(filter(None, [reason, plan.fit_note]))
-    swap_module(model, plan.module, new)
+    swaps.swap(plan.name, new)
     return LayerReport(
         name=plan.name, kind=plan.kind, action="decomposed", weight_shape=weight_shape,
         factor_shapes=_shapes(new), ranks=tuple(new.ranks), full_ranks=plan.full_ranks,
