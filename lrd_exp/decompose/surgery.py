@@ -9,6 +9,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -186,10 +187,12 @@ def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float,
     return ranks
 
 
-def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[FactorizedLayer, float]:
+def build_factorized(plan: LayerPlan, ranks: tuple[int, ...], *, error: bool = True
+                     ) -> tuple[FactorizedLayer, float]:
     """The factorized replacement and its relative error: of the output on the calibration inputs when the plan
-    has moments (fit=activations), of the weight otherwise. Paired moments (sequential calibration) fit the
-    original output ``W X`` from the decomposed model's inputs ``X^``."""
+    has moments (fit=activations), of the weight otherwise (``error=False``: NaN, not computed; rank.allocation's
+    candidates need none, and on a wide conv it costs as much as the fit). Paired moments (sequential calibration)
+    fit the original output ``W X`` from the decomposed model's inputs ``X^``."""
     m, fit = plan.module, _fit_inputs(plan)
     if plan.kind == "tucker2":
         new = Tucker2Conv.from_conv(m, ranks[0], ranks[1], **fit)
@@ -197,7 +200,7 @@ def build_factorized(plan: LayerPlan, ranks: tuple[int, ...]) -> tuple[Factorize
         new = SVDLinear.from_linear(m, ranks[0], **fit)
     else:
         new = SVDConv1x1.from_conv(m, ranks[0], **fit)
-    return new, _fit_error(plan, new, ranks)
+    return new, _fit_error(plan, new, ranks) if error else float("nan")
 
 
 def _fit_inputs(plan: LayerPlan) -> dict[str, Any]:
@@ -348,8 +351,9 @@ def _decompose(swaps: Swaps, settings: dict[str, Any], batches: list[Any], examp
     chosen, reasons = _choose(plans, settings, rank_search)
     allocated = None
     if settings["allocation"] != "uniform" and plans:
-        allocated = allocate(model, plans, chosen, settings, batches, build_factorized, context=rank_search,
-                             seed=seed, fit_key=batches_digest(batches) if fit == "activations" else "")
+        allocated = allocate(model, plans, chosen, settings, batches, partial(build_factorized, error=False),
+                             context=rank_search, seed=seed,
+                             fit_key=batches_digest(batches) if fit == "activations" else "")
         chosen, reasons = {**chosen, **allocated.chosen}, {**reasons, **allocated.reasons}
     reports, seconds = _replace_all(swaps, plans, chosen, reasons, settings, batches, order, seed)
     calibration_s += seconds
