@@ -4,14 +4,16 @@
 
 Inputs: a sweep dir means its ``results.csv`` (or its ``result.json`` files when the table is missing), plus
 every ``curves.csv`` and ``rank_timings.csv`` below it. A CSV file is recognised by its columns: a results
-table, a labelled curves table (variant, epoch, val_top1), one job's ``curves.csv`` or a rank timings table.
+table, a labelled curves table (variant, epoch, val_top1; a ``freeze`` column dashes the variants that do
+not freeze), one job's ``curves.csv`` or a rank timings table.
 Writes throughput_vs_accuracy.png, speedup_bars.png, convergence.png, rank_saw_tooth.png (each skipped with
-a message when its data is absent). Exits 1 when no figure could be drawn.
+a message when its data is absent: the ``lrd_exp`` logger's, printed here). Exits 1 when no figure could be drawn.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -71,8 +73,18 @@ def load_inputs(inputs: list[str], stage: str | None) -> tuple[pd.DataFrame, pd.
     return cat(results), cat(curves), cat(timings)
 
 
+def show_skipped() -> None:
+    """Print the ``lrd_exp`` logger's notes (why a figure was skipped) with this script's own output."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[figures] %(message)s"))
+    logger = logging.getLogger("lrd_exp")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    show_skipped()
     out = Path(args.out)
     results, curves, timings = load_inputs(args.inputs, args.stage)
     # seed sweeps get their own figures (against compression); the per-variant figures show the single runs

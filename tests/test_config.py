@@ -220,6 +220,8 @@ def test_decompose_model_accepts_composed_rank_node(cfg_factory, overrides, chec
     (["dataset=imagenet"], ["dataset.root", "imagenet"]),
     (["dataset=cifar10"], ["dataset.root", "download"]),
     (["dataset.val_fraction=1.0"], ["dataset.val_fraction"]),
+    (["dataset.num_classes=1"], ["dataset.num_classes=1", ">= 2"]),
+    (["dataset.in_chans=0"], ["dataset.in_chans=0", ">= 1"]),
     (["bench.steps=0"], ["bench.steps"]),
     (["bench.rounds=0"], ["bench.rounds", "null", ">= 1"]),
     (["bench.switch_warmup=-1"], ["bench.switch_warmup", ">= 0"]),

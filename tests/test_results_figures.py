@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,10 @@ def _results_frame() -> pd.DataFrame:
 
 def _curves_frame() -> pd.DataFrame:
     recs = []
-    for variant, speed in (("quant r=2 m=8 | no freeze", 1.0), ("quant r=2 m=8 | seq. freeze", 1.5)):
+    for variant, freeze, speed in (("quant r=2 m=8 | no freeze", "none", 1.0),
+                                   ("quant r=2 m=8 | seq. freeze", "sequential", 1.5)):
         for epoch in range(5):
-            recs.append(dict(variant=variant, epoch=epoch, val_top1=min(95.0, 60 + 8 * speed * epoch)))
+            recs.append(dict(variant=variant, freeze=freeze, epoch=epoch, val_top1=min(95.0, 60 + 8 * speed * epoch)))
     return pd.DataFrame(recs)
 
 
@@ -86,7 +88,8 @@ def test_plot_functions(tmp_path):
     assert _is_png(F.speedup_bars(one, tmp_path / "bars1.png"))
 
 
-def test_plot_functions_skip_cleanly(tmp_path, capsys):
+def test_plot_functions_skip_cleanly(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lrd_exp")
     empty = pd.DataFrame()
     assert F.throughput_vs_accuracy(empty, tmp_path / "a.png") is None
     assert F.speedup_bars(empty, tmp_path / "b.png") is None
@@ -97,7 +100,8 @@ def test_plot_functions_skip_cleanly(tmp_path, capsys):
     assert F.speedup_bars(no_numbers, tmp_path / "f.png") is None
     assert F.rank_saw_tooth(_timings_frame(), tmp_path / "g.png", layer="missing") is None
     assert not list(tmp_path.iterdir())
-    assert capsys.readouterr().out.count("skipped") == 7
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == 7
+    assert all(r.name == "lrd_exp" for r in caplog.records if "skipped" in r.getMessage())
 
 
 def test_curves_from_sweep_labelled_by_job(tmp_path):
@@ -112,6 +116,25 @@ def test_curves_from_sweep_labelled_by_job(tmp_path):
     curves = F.load_curves([sweep])
     assert set(curves["variant"]) == {"resnet18: quant r=2 m=8 | no freeze", "resnet18: quant r=2 m=8 | seq. freeze"}
     assert len(curves) == 6  # fine-tune rows only
+    assert F.frozen_variants(curves) == {"resnet18: quant r=2 m=8 | no freeze": False,
+                                         "resnet18: quant r=2 m=8 | seq. freeze": True}  # the jobs' freeze column
+
+
+def test_convergence_dashes_the_variants_whose_freeze_column_is_none(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    styles = {}
+    real = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        styles[kwargs.get("label")] = kwargs.get("linestyle")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    curves = _curves_frame().assign(variant=lambda d: d["variant"].str.replace(" | ", " / "))  # labels say nothing
+    assert _is_png(F.convergence(curves, tmp_path / "conv.png"))
+    assert styles == {"quant r=2 m=8 / no freeze": "--", "quant r=2 m=8 / seq. freeze": "-"}
+    assert F.frozen_variants(curves.drop(columns=["freeze"])) == {}  # no column: nothing is dashed
 
 
 def test_cli_end_to_end(tmp_path):
@@ -144,14 +167,35 @@ def test_cli_no_input_exits_nonzero(tmp_path, missing):
     assert proc.returncode == 1 and "not found" in proc.stdout
 
 
-def test_advice_frontier_plots_the_table_and_skips_without_its_columns(tmp_path, capsys):
-    df = pd.DataFrame({"configuration": ["original", "ratio=2", "ratio=4"], "train_speedup": [1.0, 1.5, 1.4],
-                       "approx_error": [0.0, 0.3, 0.5], "frontier": [True, True, False],
-                       "recommended": [False, True, False], "model": "resnet50"})
+def test_advice_frontier_plots_the_table_and_skips_without_its_columns(tmp_path, caplog):
+    df = pd.DataFrame({"rank.ratio": [None, 2, 4], "configuration": ["original", "ratio=2", "ratio=4"],
+                       "train_speedup": [1.0, 1.5, 1.4], "approx_error": [0.0, 0.3, 0.5],
+                       "frontier": [True, True, False], "recommended": [False, True, False], "model": "resnet50"})
     assert _is_png(F.advice_frontier(df, tmp_path / "a.png"))
     assert F.advice_frontier(df.drop(columns=["frontier"]), tmp_path / "b.png") is None
-    assert "advice frontier: skipped" in capsys.readouterr().out
-    assert [F.allocation_family(c) for c in ("ratio=2 allocation=global", "ratio=2", "allocation=fastest x=1",
-                                             "rank.allocation=uniform")] == ["global", "uniform", "fastest", "uniform"]
-    both = pd.concat([df, df.assign(configuration=df["configuration"] + " allocation=global")], ignore_index=True)
+    assert "advice frontier: skipped" in caplog.text
+    # the family is the row's rank.allocation column, whatever its label says
+    assert [F.allocation_family(r) for r in ({"rank.allocation": "global"}, {"rank.ratio": 2},
+                                             {"rank.allocation": "fastest", "configuration": "allocation=global"},
+                                             {"rank.allocation": None})] == ["global", "uniform", "fastest", "uniform"]
+    both = pd.concat([df.assign(**{"rank.allocation": "uniform"}),
+                      df.assign(**{"rank.allocation": "global"})], ignore_index=True)
     assert _is_png(F.advice_frontier(both, tmp_path / "c.png"))
+
+
+def test_advice_frontier_labels_points_from_the_grid_columns(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    texts = []
+    real = Axes.annotate
+
+    def spy(self, text, *args, **kwargs):
+        texts.append(text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "annotate", spy)
+    df = pd.DataFrame({"rank.ratio": [None, 2.0, 1.5], "freeze.schedule": [None, "none", "sequential"],
+                       "configuration": ["original", "a label", "another"], "train_speedup": [1.0, 1.5, 1.2],
+                       "approx_error": [0.0, 0.3, 0.2], "frontier": [True, True, True]})
+    assert _is_png(F.advice_frontier(df, tmp_path / "a.png"))
+    assert texts == ["original", "1.5 sequential", "2 none"]  # by error; 2.0 read back from a CSV shows as 2

@@ -17,7 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from lrd_exp.config.schema import DatasetConfig
-from lrd_exp.training.data import DigitsDataModule, build_datamodule
+from lrd_exp.training.data import DatasetOptions, DigitsDataModule, build_datamodule
 
 # without a model, CIFAR is normalised by timm's defaults (a model's own mean / std otherwise)
 CIFAR10_MEAN = CIFAR100_MEAN = IMAGENET_MEAN
@@ -484,7 +484,7 @@ def test_bad_stats_and_val_fraction():
 def test_calibration_images_come_from_the_training_split_seeded():
     """The calibration images are training images (by value and by index), never validation ones, and a seed
     picks the same ones again."""
-    dm = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=3)
+    dm = DigitsDataModule(DatasetOptions(image_size=16, in_chans=1), batch_size=32, seed=3)
     batches = dm.calibration_batches(100, 32)
     assert [b.shape for b in batches] == [torch.Size([32, 1, 16, 16])] * 3 + [torch.Size([4, 1, 16, 16])]
     chosen = dm.train_indices[dm.calibration_indices.numpy()]
@@ -493,14 +493,14 @@ def test_calibration_images_come_from_the_training_split_seeded():
     assert torch.equal(torch.cat(batches), train_x[dm.calibration_indices])
     val_x = dm.val_dataset.tensors[0].flatten(1)
     assert not (torch.cdist(torch.cat(batches).flatten(1), val_x) == 0).any()  # no validation image among them
-    again = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=3)
+    again = DigitsDataModule(DatasetOptions(image_size=16, in_chans=1), batch_size=32, seed=3)
     assert torch.equal(torch.cat(again.calibration_batches(100, 32)), torch.cat(batches))
     with pytest.raises(ValueError, match=r"rank\.calibration_images=5000"):
         dm.calibration_batches(5000)
 
 
 def test_check_images_are_further_training_images_never_calibration_or_validation():
-    dm = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=3)
+    dm = DigitsDataModule(DatasetOptions(image_size=16, in_chans=1), batch_size=32, seed=3)
     calibration = torch.cat(dm.calibration_batches(100, 32))
     held = dm.held_out_batches(50, skip=100, batch_size=32)
     assert [len(b) for b in held] == [32, 18]
@@ -521,9 +521,41 @@ def test_every_allowed_dataset_name_has_a_datamodule():
 
 def test_digits_builds_through_the_base_setup_steps():
     """``setup("validate")`` builds only the validation split (Lightning's contract); both share one split."""
-    dm = DigitsDataModule(OmegaConf.create({"image_size": 16, "in_chans": 1}), batch_size=32, seed=1)
+    dm = DigitsDataModule(DatasetOptions(image_size=16, in_chans=1), batch_size=32, seed=1)
     dm.setup("validate")
     assert dm.val_dataset is not None and dm.train_dataset is None
     dm.setup("fit")
     assert len(dm.train_dataset) + len(dm.val_dataset) == 1797
     assert not set(dm.train_indices) & set(dm.val_indices)
+
+
+# ---------------------------------------------------------------- the typed dataset node
+
+
+def test_options_are_read_once_from_any_form_of_the_dataset_node():
+    """A DictConfig (enums as their values), a mapping or a plain object give the same typed options; a null or
+    missing key takes the default (image_size and root stay None: the model's size, <data_dir>/<name>)."""
+    node = make_cfg(name="cifar10", in_chans=3, mean=[0.5], crop_mode="squash", interpolation="bicubic")
+    options = DatasetOptions.from_config(node)
+    assert options == DatasetOptions.from_config(OmegaConf.to_container(node, enum_to_str=True))
+    assert options.crop_mode == "squash" and options.interpolation == "bicubic" and options.mean == (0.5,)
+    assert options.image_size == 32 and options.root is None
+    plain = DatasetOptions.from_config(SimpleNamespace(name="synthetic", image_size=None, train_size=40))
+    assert (plain.name, plain.image_size, plain.train_size, plain.val_size) == ("synthetic", None, 40, 128)
+    assert build_datamodule(options, batch_size=4, data_dir="nowhere").options is options  # taken as it is
+    with pytest.raises(AttributeError):
+        options.augment = True  # frozen: checked once, never changed after
+
+
+@pytest.mark.parametrize("key,value,needles", [
+    ("name", "mnist", ["dataset.name='mnist'", "digits, synthetic, cifar10, cifar100, imagenet"]),
+    ("image_size", "big", ["dataset.image_size='big'", "image size in pixels"]),
+    ("num_classes", 1, ["dataset.num_classes=1", ">= 2"]),
+    ("in_chans", 0, ["dataset.in_chans=0", ">= 1"]),
+    ("val_fraction", 0.0, ["dataset.val_fraction=0.0", "(0, 1)"]),
+])
+def test_a_bad_dataset_value_is_one_line_naming_key_value_and_allowed(key, value, needles):
+    with pytest.raises(ValueError) as err:
+        DatasetOptions.from_config({key: value})
+    msg = str(err.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg

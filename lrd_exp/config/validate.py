@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from lrd_exp.config.schema import FreezeConfig
 from lrd_exp.config.values import (
-    DATASETS,
     LR_SCHEDULES,
     OPTIMIZERS,
     canonical_precision,
     check_calibrated,
     check_choice,
     check_count,
+    check_dataset,
     check_freeze,
     check_preprocessing,
     check_rank_keys,
@@ -176,16 +176,11 @@ def _check_precisions(cfg: DictConfig) -> None:
 
 
 def _check_dataset(d: DictConfig) -> None:
-    check_choice("dataset.name", d.name, DATASETS)
-    if d.in_chans <= 0 or d.num_classes <= 1:
-        raise ConfigError(f"dataset.in_chans={d.in_chans}, num_classes={d.num_classes}: in_chans must be >= 1 and "
-                          "num_classes >= 2")
+    check_dataset(name=d.name, in_chans=d.in_chans, num_classes=d.num_classes, val_fraction=d.val_fraction)
     # the input pipeline's keys (the model's where null); CIFAR and ImageNet folders are RGB
     check_preprocessing(image_size=d.image_size, mean=d.mean, std=d.std, crop_pct=d.crop_pct,
                         crop_mode=d.crop_mode, interpolation=d.interpolation,
                         channels=3 if d.name in ("cifar10", "cifar100", "imagenet") else d.in_chans)
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"dataset.val_fraction={d.val_fraction} is not allowed: a fraction in (0, 1)")
 
 
 def _check_allocation_data(cfg: DictConfig) -> None:

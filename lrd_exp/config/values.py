@@ -253,6 +253,18 @@ def _check_positions(positions: Iterable[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- input pipeline
+def check_dataset(*, name: Any, in_chans: Any, num_classes: Any, val_fraction: Any, **_: Any) -> str:
+    """The ``dataset`` node's own keys (the input pipeline's: :func:`check_preprocessing`): one ValueError naming
+    the key, the value and what is allowed. Returns the name."""
+    name = check_choice("dataset.name", name, DATASETS)
+    check_count("dataset.in_chans", in_chans, "a number of input channels")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"dataset.num_classes={num_classes!r} is not allowed: a number of classes >= 2")
+    if not _is_number(val_fraction) or not 0 < val_fraction < 1:
+        raise ValueError(f"dataset.val_fraction={val_fraction!r} is not allowed: a fraction in (0, 1)")
+    return name
+
+
 def check_stats(key: str, value: Any, channels: int) -> tuple[float, ...] | None:
     """``dataset.mean`` / ``dataset.std``: None, or 1 or ``channels`` finite numbers (std > 0), as ``channels``
     numbers; else one ValueError naming the key."""

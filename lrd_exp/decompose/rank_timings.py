@@ -9,8 +9,7 @@ import os
 from typing import Any
 
 from lrd_exp.results.atomic import write_text_atomic
-
-TIMINGS_FILENAME = "rank_timings.csv"
+from lrd_exp.results.files import TIMINGS_FILENAME
 
 
 def timing_rows(layer: str, times: dict[tuple[int, ...] | None, float], estimate: tuple[int, ...],

@@ -17,8 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lrd_exp.results.atomic import json_default, jsonable
-
-RESULT_FILENAME = "result.json"
+from lrd_exp.results.files import RESULT_FILENAME as RESULT_FILENAME  # re-exported: where the row lives
 
 IDENTITY_COLUMNS: list[str] = [
     "model",

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from lrd_exp.results.atomic import write_text_atomic
+from lrd_exp.results.files import MARKDOWN_FILENAME, REPLICATES_FILENAME, TABLE_FILENAME
 from lrd_exp.results.replicates import aggregate_replicates, replicates_markdown
 from lrd_exp.results.row import STATUS_OK, UNSTABLE_ROUND_SPREAD, finite_number, is_missing, own_overrides
 
@@ -164,11 +165,11 @@ def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike[str]) -> tuple[Pat
     """Write ``results.csv`` (every column) and ``results.md`` (readable subset + provenance) atomically; a sweep
     over ``seed`` also gets ``replicates.csv`` and a table of means with their 95 % intervals."""
     out_dir = Path(out_dir)
-    csv_path = write_text_atomic(out_dir / "results.csv", df.to_csv(index=False))
+    csv_path = write_text_atomic(out_dir / TABLE_FILENAME, df.to_csv(index=False))
     parts = [f"# Results: {out_dir.resolve().name}", provenance_line(df)]
     agg = aggregate_replicates(df)
     if not agg.empty:
-        write_text_atomic(out_dir / "replicates.csv", agg.to_csv(index=False))
+        write_text_atomic(out_dir / REPLICATES_FILENAME, agg.to_csv(index=False))
         parts += ["## Mean ± 95 % confidence interval over seeds (Student t)", replicates_markdown(agg),
                   "## Every job"]
     parts += [markdown_table(df), MARKDOWN_LEGEND]
@@ -176,5 +177,5 @@ def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike[str]) -> tuple[Pat
     if resolution:
         parts.append(resolution)
     md = "\n\n".join(parts)
-    md_path = write_text_atomic(out_dir / "results.md", md + "\n")
+    md_path = write_text_atomic(out_dir / MARKDOWN_FILENAME, md + "\n")
     return csv_path, md_path

@@ -24,7 +24,7 @@ from lrd_exp.deploy.model_file import read_model_file, save_decomposed, structur
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.callback import FreezingCallback
-from lrd_exp.results.row import RESULT_FILENAME
+from lrd_exp.results.files import CURVES_FILENAME, RESULT_FILENAME
 from lrd_exp.sweep.guard import warn_parallel_throughput
 from lrd_exp.tasks.checkpoint import is_model_file
 from lrd_exp.tasks.decomposition import (
@@ -110,7 +110,7 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     results.write_json_atomic(os.path.join(out_dir, "freeze_history.json"), history)
     curves += finetune_curve
     if curves:
-        results.write_text_atomic(os.path.join(out_dir, "curves.csv"), pd.DataFrame(curves).to_csv(index=False))
+        results.write_text_atomic(os.path.join(out_dir, CURVES_FILENAME), pd.DataFrame(curves).to_csv(index=False))
 
     # 4. measure original vs decomposed side by side (every freeze state, time-weighted)
     if cfg.bench.enabled:
