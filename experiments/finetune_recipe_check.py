@@ -35,7 +35,8 @@ from scipy import stats
 from lrd_exp.cli import prepare
 from lrd_exp.devices.resolve import resolve_device
 from lrd_exp.tasks.decomposition import calibration_inputs
-from lrd_exp.tasks.train import baseline, decompose, finetune, target_callback
+from lrd_exp.tasks.models import baseline
+from lrd_exp.tasks.train import decompose, finetune, target_callback
 from lrd_exp.training.classifier import BATCHNORMS, NonFiniteLossError
 from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.recipe import resolve_recipe
