@@ -100,7 +100,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     bar.close()
 
     table = advice_table(cfg, rows, reference, top1_original, device.name)
-    val_images = validation_images(subset_config(cfg), dm) if wants_top1(cfg) else None
+    val_images = validation_images(dm, subset_config(cfg).trainer.limit_val_batches) if wants_top1(cfg) else None
     command = write_advice(cfg, device, table, out_dir, val_images=val_images, notes=notes,
                            duration_s=time.perf_counter() - started)
     print_advice(cfg, table, command, out_dir)
@@ -161,7 +161,8 @@ def wants_top1(cfg: DictConfig) -> bool:
 
 def subset_top1(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: Any, out_dir: str) -> float:
     """Top-1 (%) on the first ``advise.val_images`` validation images (the loader's fixed order, no shuffle)."""
-    return evaluate(subset_config(cfg), device, model, dm, out_dir)
+    sub = subset_config(cfg)
+    return evaluate(sub.trainer, sub.device, device, model, dm, out_dir)
 
 
 def subset_config(cfg: DictConfig) -> DictConfig:

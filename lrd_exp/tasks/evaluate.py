@@ -38,8 +38,8 @@ def measure_model(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> dict[str
     dm = build_data(cfg)
     model = run_model(cfg, device, out_dir, dm).model
     side = "decomposed" if any(isinstance(m, FactorizedLayer) for m in model.modules()) else "original"
-    fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg, device, model, dm, out_dir),
-                              "val_images": validation_images(cfg, dm), **dm.input_columns()}
+    fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg.trainer, cfg.device, device, model, dm, out_dir),
+                              "val_images": validation_images(dm, cfg.trainer.limit_val_batches), **dm.input_columns()}
     x, _ = dm.example_batch(batch)
     kw = {"precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg), "compile": b.compile,
           "device": device}

@@ -166,8 +166,8 @@ def baseline(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str
         curve = []
         if t.baseline_epochs > 0:
             log.info("training the baseline: %s, %d epochs", cfg.model.name, t.baseline_epochs)
-            module = fit(cfg, device, model, dm, epochs=t.baseline_epochs, optim=t.baseline_optim,
-                         out_dir=out_dir, stage="baseline", loggers=make_loggers(cfg, out_dir, "baseline"))
+            module = fit(t, cfg.device, device, model, dm, epochs=t.baseline_epochs, optim=t.baseline_optim,
+                         out_dir=out_dir, stage="baseline", loggers=make_loggers(cfg.logger, out_dir, "baseline"))
             curve = module.curve
         return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "curve": curve}
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from lrd_exp import results
 from lrd_exp.config.schema import canonical_precision
+from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.callback import FreezingCallback
@@ -56,7 +57,8 @@ def train(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     row = identity_row(cfg, out_dir)
     row.update(device=device.accelerator, device_name=device.name, parallel_jobs=warn_parallel_throughput(cfg))
     with JobRow(row, out_dir, announce=True) as job:
-        wandb_logger = make_wandb(cfg, out_dir, row)
+        wandb_logger = make_wandb(cfg.logger.wandb, out_dir, row, job_type=_v(cfg.task),
+                                  config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         if wandb_logger is not None:
             job.on_close(lambda final: finish_wandb(wandb_logger, final))
         row.update(train_job(cfg, device, out_dir, wandb_logger))
@@ -80,14 +82,14 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
         results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), run.file_report())
     else:
         row.update(run.fields)
-        row["top1_original"] = evaluate(cfg, device, run.original, dm, out_dir)
+        row["top1_original"] = evaluate(cfg.trainer, cfg.device, device, run.original, dm, out_dir)
 
         # 2. decompose
         decomposed, fitted = decompose(cfg, device, dm, run.original, out_dir, calibration=calibration,
                                        evaluation=evaluation)
         row.update(fitted)
     original, curves = run.original, list(run.curves)
-    row["top1_decomposed_pre"] = evaluate(cfg, device, decomposed, dm, out_dir)
+    row["top1_decomposed_pre"] = evaluate(cfg.trainer, cfg.device, device, decomposed, dm, out_dir)
 
     # 3. fine-tune with the freeze schedule, timed to the target accuracy (and stopped there, if asked),
     #    distilled from the original if asked (not from a model file's: its original is untrained)
@@ -104,8 +106,8 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
                                                      teacher=teacher, target=target, recipe=recipe)
     row.update(target_fields(cfg, target))
     row["distill_alpha"] = float(cfg.trainer.distill.alpha) if teacher is not None else None
-    row["top1_decomposed"] = evaluate(cfg, device, decomposed, dm, out_dir)
-    row["val_images"] = validation_images(cfg, dm)
+    row["top1_decomposed"] = evaluate(cfg.trainer, cfg.device, device, decomposed, dm, out_dir)
+    row["val_images"] = validation_images(dm, cfg.trainer.limit_val_batches)
     save_model(cfg, run, decomposed, out_dir, top1=row["top1_decomposed"])
     results.write_json_atomic(os.path.join(out_dir, "freeze_history.json"), history)
     curves += finetune_curve
@@ -163,10 +165,10 @@ def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module
     probe = make_probe(cfg, device, dm, speed)
     if t.finetune_epochs <= 0:
         return [], speed, probe, []
-    loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
+    loggers = make_loggers(cfg.logger, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
     before = [p.requires_grad for p in decomposed.parameters()]
     callbacks = [freezer, speed] + ([probe] if probe else []) + ([target] if target is not None else [])
-    module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=recipe.optim, out_dir=out_dir,
+    module = fit(t, cfg.device, device, decomposed, dm, epochs=t.finetune_epochs, optim=recipe.optim, out_dir=out_dir,
                  stage="finetune", callbacks=callbacks, loggers=loggers, resume=cfg.resume,
                  teacher=copy.deepcopy(teacher) if teacher is not None else None, bn=recipe.bn)
     for p, flag in zip(decomposed.parameters(), before):  # as before the fit: measurement applies each state
