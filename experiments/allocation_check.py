@@ -55,7 +55,7 @@ def load(arch: str, seed: int, cache: str) -> dict:
         return dict(model=model.eval(), calibration=calib, check=check, x_val=x_val, y_val=y_val,
                     x=x_train[:64], y=y_train[:64])
     from experiments.calibration_fit_check import compose_config
-    from lrd_exp.tasks.train import baseline
+    from lrd_exp.tasks.models import baseline
     from lrd_exp.training.data import build_datamodule
 
     cfg = compose_config(["experiment=digits_calibration", f"arch={arch}", f"seed={seed}",

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from lrd_exp import decompose_model
 from lrd_exp.cli import prepare
 from lrd_exp.devices.resolve import resolve_device
-from lrd_exp.tasks.train import baseline
+from lrd_exp.tasks.models import baseline
 from lrd_exp.training.data import build_datamodule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -25,7 +25,7 @@ from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose.calibration import collect_moments
 from lrd_exp.decompose.ranks import tucker2_rank_for_ratio
 from lrd_exp.devices.resolve import resolve_device
-from lrd_exp.tasks.train import baseline
+from lrd_exp.tasks.models import baseline
 from lrd_exp.training.data import build_datamodule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

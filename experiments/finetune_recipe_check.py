@@ -35,7 +35,8 @@ from scipy import stats
 from lrd_exp.cli import prepare
 from lrd_exp.devices.resolve import resolve_device
 from lrd_exp.tasks.decomposition import calibration_inputs
-from lrd_exp.tasks.train import baseline, decompose, finetune, target_callback
+from lrd_exp.tasks.models import baseline
+from lrd_exp.tasks.train import decompose, finetune, target_callback
 from lrd_exp.training.classifier import BATCHNORMS, NonFiniteLossError
 from lrd_exp.training.data import build_datamodule
 from lrd_exp.training.recipe import resolve_recipe
@@ -90,7 +91,7 @@ def one_finetune(base: list[str], name: str, device, dm, original, decomposed, f
                     "distill": recipe.distill, "bn": recipe.bn, "top1_post": float("nan"),
                     "finetune_s": time.perf_counter() - t0}
         seconds = time.perf_counter() - t0
-        top1 = evaluate(cfg, device, model, dm, out)
+        top1 = evaluate(cfg.trainer, cfg.device, device, model, dm, out)
     if recipe.bn == "eval":  # the recipe does what it says: BatchNorm's statistics are the calibrated ones
         assert all(torch.equal(a, b) for a, b in zip(before_bn, bn_state(model))), name
     return {"recipe": name, "lr": recipe.optim["lr"], "warmup": recipe.optim.get("warmup_epochs", 0.0),
@@ -119,12 +120,12 @@ def measure(args) -> None:
         calibration = calibration_inputs(cfg, dm)
         out = tempfile.mkdtemp(prefix="recipe_")
         original, _, cache = baseline(cfg, device, dm, out)
-        top1_original = evaluate(cfg, device, original, dm, out)
+        top1_original = evaluate(cfg.trainer, cfg.device, device, original, dm, out)
         for ratio in ratios:
             base = start + ([] if args.default_job else [f"rank.ratio={ratio}"])
             cfg = compose_config(base)
             decomposed, fitted = decompose(cfg, device, dm, original, out, calibration=calibration)
-            top1_pre = evaluate(cfg, device, decomposed, dm, out)
+            top1_pre = evaluate(cfg.trainer, cfg.device, device, decomposed, dm, out)
             for name in args.candidates.split(","):
                 row = {"model": cfg.model.name, "seed": cfg.seed, "ratio": float(cfg.rank.ratio), "fit": fitted["fit"],
                        "epochs": cfg.trainer.finetune_epochs, "top1_original": top1_original, "top1_pre": top1_pre}

@@ -336,7 +336,7 @@ def test_a_lightning_checkpoint_loads_safely(cfg_factory, tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     from lrd_exp.tasks.checkpoint import check_model_checkpoint
-    from lrd_exp.tasks.models import build_model
+    from lrd_exp.tasks.models import build_original
     from lrd_exp.training.classifier import Classifier
 
     torch.manual_seed(0)
@@ -350,7 +350,7 @@ def test_a_lightning_checkpoint_loads_safely(cfg_factory, tmp_path):
     cfg = cfg_factory([f"model.checkpoint={tmp_path / 'ckpt' / 'last.ckpt'}"])
     validate(cfg)
     check_model_checkpoint(cfg)
-    model = build_model(cfg, num_classes=10, in_chans=1, image_size=32)
+    model = build_original(cfg.model, num_classes=10, in_chans=1, image_size=32)
     for (name, a), b in zip(model.state_dict().items(), module.model.state_dict().values()):
         assert torch.equal(a, b), name
 

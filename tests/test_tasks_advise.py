@@ -38,10 +38,10 @@ def test_a_small_grid_end_to_end_marks_only_non_dominated_rows(cfg_factory, sing
     exactly the non-dominated rows, the proxy and the size ratios those of a fresh decomposition of those weights."""
     from lrd_exp import decompose_model
     from lrd_exp.tasks import run
-    from lrd_exp.tasks.models import build_model
+    from lrd_exp.tasks.models import build_original
 
     shape = {"num_classes": 10, "in_chans": 3, "image_size": 32}
-    weights = build_model(cfg_factory(TINY), **shape).state_dict()
+    weights = build_original(cfg_factory(TINY).model, **shape).state_dict()
     torch.save(weights, tmp_path / "weights.pt")
     cfg = cfg_factory([*TINY, *GRID, f"model.checkpoint={tmp_path / 'weights.pt'}"])
     run(cfg)
@@ -75,7 +75,7 @@ def test_a_small_grid_end_to_end_marks_only_non_dominated_rows(cfg_factory, sing
     # numbers a second decomposition reproduces: the proxy, the parameter ratio, the schedules' shared layers
     x = torch.randn(1, 3, 32, 32)
     for (ratio, multiple), rows in configs.groupby(["rank.ratio", "rank.multiple"]):
-        original = build_model(cfg, **shape)  # loads model.checkpoint
+        original = build_original(cfg.model, **shape)  # loads model.checkpoint
         assert all(torch.equal(v, weights[k]) for k, v in original.state_dict().items())
         model = copy.deepcopy(original)
         report = decompose_model(model, **grid.apply(cfg, {"rank.ratio": float(ratio), "rank.multiple": int(multiple)}
@@ -252,10 +252,10 @@ def test_advise_settings_are_checked_before_any_work(cfg_factory, tmp_path):
     with pytest.raises(ConfigError, match="advise.max_error=-1"):
         validate(cfg_factory(["task=advise", "advise.max_error=-1"]))
     from lrd_exp import decompose_model, save_decomposed
-    from lrd_exp.tasks.models import build_model
+    from lrd_exp.tasks.models import build_original
 
     cfg = cfg_factory(["task=advise"])
-    model = build_model(cfg, num_classes=10, in_chans=1, image_size=32)
+    model = build_original(cfg.model, num_classes=10, in_chans=1, image_size=32)
     decompose_model(model, policy="quantized", ratio=2.0, input_size=(1, 32, 32))
     path = tmp_path / "model.pt"
     save_decomposed(model, path, model_name="resnet18", model_kwargs={"num_classes": 10, "in_chans": 1})

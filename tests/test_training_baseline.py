@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from lrd_exp.training import baseline
 from lrd_exp.training.baseline import (
     DEFAULT_LOCK_TIMEOUT_S,
     LOCK_TIMEOUT_ENV,
     BaselineLockTimeout,
     baseline_key,
-    get_or_train,
+    baseline_spec,
+    entry_path,
     lock_timeout,
 )
 
@@ -49,8 +51,17 @@ def cfg(cfg_factory):
     return cfg_factory(["trainer=smoke"])
 
 
+def spec_of(cfg) -> dict:
+    return baseline_spec(cfg.model, cfg.dataset, cfg.trainer, cfg.seed)
+
+
+def get_or_train(cfg, train_fn):
+    """The run's baseline, as a task asks for it."""
+    return baseline.get_or_train(spec_of(cfg), cfg.paths.cache_dir, train_fn)
+
+
 def lock_path(cfg) -> Path:
-    return Path(cfg.paths.cache_dir) / "baselines" / f"{cfg.model.name}-{baseline_key(cfg)}.pt.lock"
+    return Path(entry_path(spec_of(cfg), cfg.paths.cache_dir) + ".lock")
 
 
 @pytest.fixture
@@ -71,7 +82,7 @@ def holder(cfg):
 def test_trained_once_then_loaded_and_corrupt_entry_rebuilt(cfg):
     train = Trainer()
     entry, hit, path = get_or_train(cfg, train)
-    assert not hit and train.calls == 1 and baseline_key(cfg) in path and entry["complete"]
+    assert not hit and train.calls == 1 and baseline_key(spec_of(cfg)) in path and entry["complete"]
     entry, hit, path2 = get_or_train(cfg, train)
     assert hit and train.calls == 1 and path2 == path and torch.equal(entry["state_dict"]["w"], torch.ones(2))
 

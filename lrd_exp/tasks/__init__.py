@@ -7,7 +7,8 @@ The tasks: train (baseline -> decompose -> fine-tune -> measure -> row), benchma
 saved model), advise (every configuration of a grid measured; advice_report turns the rows into the advice).
 What they share, one concern per module: identity (the row's identity: output dir, git, overrides, variant), job
 (the row's lifecycle: running, then ok or failed, written, summarised; the sweep objective), settings (the
-``bench.*`` settings resolved), models (building the run's model, loading a model file), checkpoint
+``bench.*`` settings resolved), models (the run's model, built by one call: a timm name, checkpoint weights, the
+cached baseline or a model file; model files read and written), checkpoint
 (``model.checkpoint`` read safely and checked), decomposition (what a task gives ``decompose_model`` and demands
 back), measure (the measure stage: original vs decomposed as row fields; the timing is lrd_exp.timing.compare's).
 """

@@ -47,9 +47,8 @@ from lrd_exp.tasks.decomposition import calibration_inputs, check_fields, check_
 from lrd_exp.tasks.identity import slug
 from lrd_exp.tasks.job import JobFailed
 from lrd_exp.tasks.measure import compare_states, deploy
-from lrd_exp.tasks.models import build_data, build_model, data_shape
+from lrd_exp.tasks.models import build_data, run_model
 from lrd_exp.tasks.settings import advise_settings, bench_batch_size, bench_precision, freeze_total_units
-from lrd_exp.tasks.train import baseline
 from lrd_exp.timing.compare import Comparison
 from lrd_exp.timing.flops import count_flops, count_params
 from lrd_exp.training.trainer import evaluate, validation_images
@@ -101,7 +100,7 @@ def advise(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     bar.close()
 
     table = advice_table(cfg, rows, reference, top1_original, device.name)
-    val_images = validation_images(subset_config(cfg), dm) if wants_top1(cfg) else None
+    val_images = validation_images(dm, subset_config(cfg).trainer.limit_val_batches) if wants_top1(cfg) else None
     command = write_advice(cfg, device, table, out_dir, val_images=val_images, notes=notes,
                            duration_s=time.perf_counter() - started)
     print_advice(cfg, table, command, out_dir)
@@ -150,8 +149,8 @@ def original_model(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str) -
         if not (cfg.model.checkpoint or cfg.model.pretrained):
             log.warning("advise: %s has random weights (no model.checkpoint, model.pretrained=false): the accuracy "
                         "proxy then measures random matrices, not what training learned", cfg.model.name)
-        return build_model(cfg, **data_shape(dm)).eval(), None
-    original, _, _ = baseline(cfg, device, dm, out_dir)
+        return run_model(cfg, device, out_dir, dm).original.eval(), None
+    original = run_model(cfg, device, out_dir, dm, train_baseline=True).original
     return original.eval(), subset_top1(cfg, device, original, dm, out_dir) if wants_top1(cfg) else None
 
 
@@ -162,7 +161,8 @@ def wants_top1(cfg: DictConfig) -> bool:
 
 def subset_top1(cfg: DictConfig, device: DeviceInfo, model: nn.Module, dm: Any, out_dir: str) -> float:
     """Top-1 (%) on the first ``advise.val_images`` validation images (the loader's fixed order, no shuffle)."""
-    return evaluate(subset_config(cfg), device, model, dm, out_dir)
+    sub = subset_config(cfg)
+    return evaluate(sub.trainer, sub.device, device, model, dm, out_dir)
 
 
 def subset_config(cfg: DictConfig) -> DictConfig:

@@ -27,7 +27,7 @@ from lrd_exp.tasks.decomposition import decompose_copy, require_decomposed
 from lrd_exp.tasks.identity import identity_row, slug
 from lrd_exp.tasks.job import JobRow
 from lrd_exp.tasks.measure import measure
-from lrd_exp.tasks.models import build_model, config_shape
+from lrd_exp.tasks.models import run_model
 from lrd_exp.tasks.settings import bench_batch_size, bench_precision, freeze_total_units
 from lrd_exp.training.preprocessing import input_columns
 
@@ -53,10 +53,11 @@ def variant_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 def benchmark(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     """Time the original and every variant; one row per variant, a printed table and ``freeze_stages.csv``."""
     parallel = warn_parallel_throughput(cfg)  # other jobs of the sweep timing on this machine at the same time
-    d, shape = cfg.dataset, config_shape(cfg)
-    batch, size = bench_batch_size(cfg), cfg.model.image_size or shape["image_size"]
+    d = cfg.dataset
     torch.manual_seed(cfg.seed)
-    original = build_model(cfg, **shape)
+    run = run_model(cfg, device, out_dir)  # a model file's decomposed model is not read: its original is timed
+    batch, size = bench_batch_size(cfg), cfg.model.image_size or run.shape["image_size"]
+    original = run.original
     x = torch.randn(batch, d.in_chans, size, size, device=device.torch_device)
     y = torch.randint(0, d.num_classes, (batch,), device=device.torch_device)
     original = original.to(device.torch_device)

@@ -22,7 +22,7 @@ from lrd_exp.decompose import DecompositionWarning, decompose_model
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.tasks.checkpoint import is_model_file
 from lrd_exp.tasks.identity import output_dir
-from lrd_exp.tasks.models import build_model, config_shape
+from lrd_exp.tasks.models import build_original, config_shape
 from lrd_exp.tasks.settings import bench_batch_size, bench_channels_last, bench_precision
 
 log = logging.getLogger("lrd_exp")
@@ -60,7 +60,7 @@ def check_model_selection(cfg: DictConfig) -> None:
     if _v(cfg.task) == "evaluate" or is_model_file(cfg.model.checkpoint) or not (
             r.include or r.exclude or mapping or core_only):
         return
-    model = build_model(cfg, **config_shape(cfg), load=False)
+    model = build_original(cfg.model, **config_shape(cfg), load=False)
     try:
         check_selection(model, include=r.include, exclude=r.exclude, rank=mapping)
     except ValueError as exc:

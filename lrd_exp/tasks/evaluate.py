@@ -10,10 +10,9 @@ from omegaconf import DictConfig
 from lrd_exp.decompose.layers import FactorizedLayer
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.results.row import STATUS_OK
-from lrd_exp.tasks.checkpoint import is_model_file
 from lrd_exp.tasks.identity import identity_row
 from lrd_exp.tasks.job import JobRow
-from lrd_exp.tasks.models import build_data, build_model, data_shape, load_model_file
+from lrd_exp.tasks.models import build_data, run_model
 from lrd_exp.tasks.settings import bench_batch_size, bench_channels_last, bench_precision
 from lrd_exp.timing.flops import count_flops, count_params
 from lrd_exp.timing.steps import prepare_inference
@@ -37,11 +36,10 @@ def measure_model(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> dict[str
     b = cfg.bench
     batch = bench_batch_size(cfg)
     dm = build_data(cfg)
-    shape = data_shape(dm)
-    model = load_model_file(cfg, **shape) if is_model_file(cfg.model.checkpoint) else build_model(cfg, **shape)
+    model = run_model(cfg, device, out_dir, dm).model
     side = "decomposed" if any(isinstance(m, FactorizedLayer) for m in model.modules()) else "original"
-    fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg, device, model, dm, out_dir),
-                              "val_images": validation_images(cfg, dm), **dm.input_columns()}
+    fields: dict[str, Any] = {f"top1_{side}": top1_of(cfg.trainer, cfg.device, device, model, dm, out_dir),
+                              "val_images": validation_images(dm, cfg.trainer.limit_val_batches), **dm.input_columns()}
     x, _ = dm.example_batch(batch)
     kw = {"precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg), "compile": b.compile,
           "device": device}

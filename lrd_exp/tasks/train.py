@@ -8,7 +8,6 @@ pipeline.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from lrd_exp import results
 from lrd_exp.config.schema import canonical_precision
-from lrd_exp.deploy.model_file import read_model_file, save_decomposed, structure
+from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.devices.npu import count_devices
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.callback import FreezingCallback
@@ -37,10 +36,9 @@ from lrd_exp.tasks.decomposition import (
 from lrd_exp.tasks.identity import identity_row
 from lrd_exp.tasks.job import JobRow, objective_value
 from lrd_exp.tasks.measure import measure_pair
-from lrd_exp.tasks.models import build_data, build_model, data_shape, load_model_file
+from lrd_exp.tasks.models import RunModel, build_data, run_model
 from lrd_exp.tasks.settings import bench_optimizer
 from lrd_exp.timing.loop import BenchProbe, StepThroughput, fidelity_epochs, loop_fidelity
-from lrd_exp.training.baseline import get_or_train
 from lrd_exp.training.recipe import FinetuneRecipe, resolve_recipe
 from lrd_exp.training.target import DEFAULT_TARGET_DROP, TimeToTarget
 from lrd_exp.training.trainer import evaluate, finish_wandb, fit, make_loggers, make_wandb, validation_images
@@ -59,7 +57,8 @@ def train(cfg: DictConfig, device: DeviceInfo, out_dir: str) -> float | None:
     row = identity_row(cfg, out_dir)
     row.update(device=device.accelerator, device_name=device.name, parallel_jobs=warn_parallel_throughput(cfg))
     with JobRow(row, out_dir, announce=True) as job:
-        wandb_logger = make_wandb(cfg, out_dir, row)
+        wandb_logger = make_wandb(cfg.logger.wandb, out_dir, row, job_type=_v(cfg.task),
+                                  config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         if wandb_logger is not None:
             job.on_close(lambda final: finish_wandb(wandb_logger, final))
         row.update(train_job(cfg, device, out_dir, wandb_logger))
@@ -71,23 +70,26 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_data(cfg)
     row: dict[str, Any] = dm.input_columns()  # the inputs the model is fed: its own pipeline on real photos
-    calibration = None if is_model_file(cfg.model.checkpoint) else calibration_inputs(cfg, dm)  # before any work
-    evaluation = None if is_model_file(cfg.model.checkpoint) else check_inputs(cfg, dm, calibration)
+    from_file = is_model_file(cfg.model.checkpoint)  # a saved decomposed model: fine-tune it further, no SVD again
+    calibration = None if from_file else calibration_inputs(cfg, dm)  # before any work
+    evaluation = None if from_file else check_inputs(cfg, dm, calibration)
 
-    from_file = is_model_file(cfg.model.checkpoint)
-    if from_file:  # a saved decomposed model: fine-tune it further, no SVD again
-        original, decomposed, curves = from_model_file(cfg, dm, out_dir)
+    # 1. the original: the baseline, trained once per defining config and cached for every job of a sweep (or the
+    #    architecture of a model file's decomposed model)
+    run = run_model(cfg, device, out_dir, dm, train_baseline=True)
+    if run.from_file:
+        decomposed = run.decomposed.train()
+        results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), run.file_report())
     else:
-        # 1. baseline: trained once per defining config, cached for every job of a sweep
-        original, curves, cache = baseline(cfg, device, dm, out_dir)
-        row.update(cache)
-        row["top1_original"] = evaluate(cfg, device, original, dm, out_dir)
+        row.update(run.fields)
+        row["top1_original"] = evaluate(cfg.trainer, cfg.device, device, run.original, dm, out_dir)
 
         # 2. decompose
-        decomposed, fitted = decompose(cfg, device, dm, original, out_dir, calibration=calibration,
+        decomposed, fitted = decompose(cfg, device, dm, run.original, out_dir, calibration=calibration,
                                        evaluation=evaluation)
         row.update(fitted)
-    row["top1_decomposed_pre"] = evaluate(cfg, device, decomposed, dm, out_dir)
+    original, curves = run.original, list(run.curves)
+    row["top1_decomposed_pre"] = evaluate(cfg.trainer, cfg.device, device, decomposed, dm, out_dir)
 
     # 3. fine-tune with the freeze schedule, timed to the target accuracy (and stopped there, if asked),
     #    distilled from the original if asked (not from a model file's: its original is untrained)
@@ -104,9 +106,9 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
                                                      teacher=teacher, target=target, recipe=recipe)
     row.update(target_fields(cfg, target))
     row["distill_alpha"] = float(cfg.trainer.distill.alpha) if teacher is not None else None
-    row["top1_decomposed"] = evaluate(cfg, device, decomposed, dm, out_dir)
-    row["val_images"] = validation_images(cfg, dm)
-    save_model(cfg, decomposed, dm, out_dir, top1=row["top1_decomposed"])
+    row["top1_decomposed"] = evaluate(cfg.trainer, cfg.device, device, decomposed, dm, out_dir)
+    row["val_images"] = validation_images(dm, cfg.trainer.limit_val_batches)
+    save_model(cfg, run, decomposed, out_dir, top1=row["top1_decomposed"])
     results.write_json_atomic(os.path.join(out_dir, "freeze_history.json"), history)
     curves += finetune_curve
     if curves:
@@ -119,55 +121,11 @@ def train_job(cfg: DictConfig, device: DeviceInfo, out_dir: str, wandb_logger: A
     return row
 
 
-def baseline(cfg: DictConfig, device: DeviceInfo, dm: Any, out_dir: str
-             ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
-    """The original model, trained or read from the baseline cache: (model, its curve, cache columns)."""
-    t = cfg.trainer
-    shape = data_shape(dm)
-
-    def train_baseline() -> dict:
-        model = build_model(cfg, **shape)
-        curve = []
-        if t.baseline_epochs > 0:
-            log.info("training the baseline: %s, %d epochs", cfg.model.name, t.baseline_epochs)
-            module = fit(cfg, device, model, dm, epochs=t.baseline_epochs, optim=t.baseline_optim,
-                         out_dir=out_dir, stage="baseline", loggers=make_loggers(cfg, out_dir, "baseline"))
-            curve = module.curve
-        return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "curve": curve}
-
-    entry, hit, path = get_or_train(cfg, train_baseline)
-    original = build_model(cfg, **shape)
-    original.load_state_dict(entry["state_dict"])
-    curves = [dict(c, stage="baseline") for c in entry.get("curve", [])]
-    return original, curves, {"baseline_cache_hit": hit, "baseline_path": path}
-
-
-def from_model_file(cfg: DictConfig, dm: Any, out_dir: str) -> tuple[nn.Module, nn.Module, list[dict[str, Any]]]:
-    """(original, decomposed, curves) of a job that starts from a saved model: the original is the architecture
-    before decomposition (for the side-by-side speed; its accuracy is unknown here), the decomposed the file's."""
-    shape = data_shape(dm)
-    decomposed = load_model_file(cfg, **shape).train()
-    layers = structure(decomposed)
-    log.info("loaded %s: %d factorized layers, no decomposition", cfg.model.checkpoint, len(layers))
-    results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"),
-                              f"loaded from {cfg.model.checkpoint}\n" + pd.DataFrame(layers).to_string(index=False)
-                              + "\n")
-    return build_model(cfg, **shape, load=False), decomposed, []
-
-
-def save_model(cfg: DictConfig, model: nn.Module, dm: Any, out_dir: str, **row: Any) -> str:
-    """``model.pt``: the fine-tuned decomposed model, self-describing (lrd_exp.load_decomposed rebuilds it)."""
-    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True) or {})
-    kwargs.update(num_classes=dm.num_classes, in_chans=dm.in_chans, drop_rate=cfg.model.drop_rate)
-    if "img_size" in inspect.signature(type(model).__init__).parameters:
-        kwargs["img_size"] = cfg.model.image_size or dm.image_size
-    path = os.path.join(out_dir, "model.pt")
-    rank = OmegaConf.to_container(cfg.rank, resolve=True, enum_to_str=True)
-    if is_model_file(cfg.model.checkpoint):  # its ranks came from the run that decomposed it
-        rank = read_model_file(cfg.model.checkpoint)["meta"].get("rank")
-    save_decomposed(model, path, model_name=cfg.model.name, model_kwargs=kwargs, rank=rank,
-                    row={**identity_row(cfg, out_dir), **row})
-    return path
+def save_model(cfg: DictConfig, run: RunModel, model: nn.Module, out_dir: str, **row: Any) -> str:
+    """``model.pt``: the fine-tuned decomposed model, self-describing (lrd_exp.load_decomposed rebuilds it), with the
+    rank settings it was decomposed with and the row's identity."""
+    rank = run.file_rank() if run.from_file else OmegaConf.to_container(cfg.rank, resolve=True, enum_to_str=True)
+    return run.save(model, os.path.join(out_dir, "model.pt"), rank=rank, row={**identity_row(cfg, out_dir), **row})
 
 
 def decompose(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Module, out_dir: str, *,
@@ -207,10 +165,10 @@ def finetune(cfg: DictConfig, device: DeviceInfo, dm: Any, decomposed: nn.Module
     probe = make_probe(cfg, device, dm, speed)
     if t.finetune_epochs <= 0:
         return [], speed, probe, []
-    loggers = make_loggers(cfg, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
+    loggers = make_loggers(cfg.logger, out_dir, "finetune") + ([wandb_logger] if wandb_logger is not None else [])
     before = [p.requires_grad for p in decomposed.parameters()]
     callbacks = [freezer, speed] + ([probe] if probe else []) + ([target] if target is not None else [])
-    module = fit(cfg, device, decomposed, dm, epochs=t.finetune_epochs, optim=recipe.optim, out_dir=out_dir,
+    module = fit(t, cfg.device, device, decomposed, dm, epochs=t.finetune_epochs, optim=recipe.optim, out_dir=out_dir,
                  stage="finetune", callbacks=callbacks, loggers=loggers, resume=cfg.resume,
                  teacher=copy.deepcopy(teacher) if teacher is not None else None, bn=recipe.bn)
     for p, flag in zip(decomposed.parameters(), before):  # as before the fit: measurement applies each state

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
@@ -29,20 +30,29 @@ LOCK_TIMEOUT_ENV = "LRD_BASELINE_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT_S = 24 * 3600.0  # a baseline (ImageNet, a large model) can train for hours
 
 
-def baseline_key(cfg: DictConfig) -> str:
-    """Hash of the config that defines the baseline (not rank, freeze, bench or logging)."""
-    t = cfg.trainer
-    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k != "num_workers"}
-    spec = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "dataset": dataset,
-        "epochs": t.baseline_epochs, "batch_size": t.batch_size, "max_steps": t.max_steps,
-        "precision": canonical_precision(t.precision),
-        "optim": OmegaConf.to_container(t.baseline_optim, resolve=True, enum_to_str=True),
-        "seed": cfg.seed,
+def baseline_spec(model: DictConfig, dataset: DictConfig, trainer: DictConfig, seed: int) -> dict[str, Any]:
+    """What defines a baseline (not rank, freeze, bench or logging): the ``model``, ``dataset`` (its worker count
+    left out) and ``trainer`` nodes' defining keys, and the seed."""
+    data = {k: v for k, v in OmegaConf.to_container(dataset, resolve=True).items() if k != "num_workers"}
+    return {
+        "model": OmegaConf.to_container(model, resolve=True),
+        "dataset": data,
+        "epochs": trainer.baseline_epochs, "batch_size": trainer.batch_size, "max_steps": trainer.max_steps,
+        "precision": canonical_precision(trainer.precision),
+        "optim": OmegaConf.to_container(trainer.baseline_optim, resolve=True, enum_to_str=True),
+        "seed": seed,
     }
+
+
+def baseline_key(spec: dict[str, Any]) -> str:
+    """Hash of a :func:`baseline_spec`: the cache entry's name."""
     blob = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def entry_path(spec: dict[str, Any], cache_dir: str) -> str:
+    """Where the baseline of ``spec`` is cached under ``cache_dir`` (``paths.cache_dir``)."""
+    return os.path.join(cache_dir, "baselines", f"{spec['model']['name']}-{baseline_key(spec)}.pt")
 
 
 class BaselineLockTimeout(TimeoutError):
@@ -101,11 +111,10 @@ def load_entry(path: str) -> dict | None:
     return entry
 
 
-def get_or_train(cfg: DictConfig, train_fn: Callable[[], dict]) -> tuple[dict, bool, str]:
-    """(entry, cache_hit, path). ``train_fn`` returns {"state_dict", "top1", ...} and runs under the lock."""
-    key = baseline_key(cfg)
-    directory = os.path.join(cfg.paths.cache_dir, "baselines")
-    path = os.path.join(directory, f"{cfg.model.name}-{key}.pt")
+def get_or_train(spec: dict[str, Any], cache_dir: str, train_fn: Callable[[], dict]) -> tuple[dict, bool, str]:
+    """(entry, cache_hit, path) of the baseline that ``spec`` (:func:`baseline_spec`) defines, cached under
+    ``cache_dir``. ``train_fn`` returns {"state_dict", "top1", ...} and runs under the lock."""
+    path = entry_path(spec, cache_dir)
     entry = load_entry(path)
     if entry is not None:
         return entry, True, path
@@ -113,10 +122,11 @@ def get_or_train(cfg: DictConfig, train_fn: Callable[[], dict]) -> tuple[dict, b
         entry = load_entry(path)  # another job may have finished it while we waited
         if entry is not None:
             return entry, True, path
+        key = baseline_key(spec)
         entry = dict(train_fn())
         entry["complete"] = True
         entry["key"] = key
         write_torch_atomic(path, entry)
-        with open(os.path.join(directory, f"{cfg.model.name}-{key}.json"), "w") as fh:
-            json.dump({"key": key, "top1": entry.get("top1"), "config": OmegaConf.to_container(cfg.model)}, fh)
+        with open(path.removesuffix(".pt") + ".json", "w") as fh:
+            json.dump({"key": key, "top1": entry.get("top1"), "config": spec["model"]}, fh)
     return entry, False, path
