@@ -557,3 +557,41 @@ def test_freeze_rules_give_one_verdict_through_both_paths(cfg_factory, override)
     except ValueError as exc:
         library = str(exc)
     assert cli == library
+
+
+def test_rank_defaults_have_one_source():
+    """RankSettings holds every rank default: the Hydra schema, decompose_model's keywords and the YAML agree."""
+    import inspect
+    from dataclasses import fields
+
+    from lrd_exp.config.rank_settings import DEFAULTS, RankSettings
+    from lrd_exp.config.schema import RankConfig, enum_value
+
+    schema = OmegaConf.to_container(OmegaConf.structured(RankConfig))
+    params = inspect.signature(decompose_model).parameters
+    yaml_rank = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").rank)
+    assert {f.name for f in fields(RankSettings)} == set(schema) == set(yaml_rank)
+    for f in fields(RankSettings):
+        default = getattr(DEFAULTS, f.name)
+        expected = list(default) if isinstance(default, tuple) else default
+        assert enum_value(schema[f.name]) == expected, f.name
+        assert params[f.name].default == default, f.name
+        assert enum_value(yaml_rank[f.name]) == expected, f.name
+
+
+def test_rank_settings_are_checked_once_and_frozen():
+    from dataclasses import FrozenInstanceError
+
+    from lrd_exp.config.rank_settings import RankSettings
+
+    s = RankSettings.from_keys(policy="energy", energy=0.9, include="layer4.*")
+    assert s.include == ("layer4.*",) and s.resolved(calibration=True).fit == "activations"
+    assert s.resolved(calibration=False).fit == "weights"
+    with pytest.raises(FrozenInstanceError):
+        s.ratio = 3.0
+    with pytest.raises(ValueError, match=r"rank.energy=1.5"):
+        RankSettings.from_keys(policy="energy", energy=1.5)
+    with pytest.raises(TypeError, match="ratioo"):
+        RankSettings.from_keys(ratioo=2)
+    with pytest.raises(ValueError, match="needs calibration"):
+        RankSettings.from_keys(fit="activations").resolved(calibration=False)

@@ -185,20 +185,24 @@ def test_choose_ranks_model_budget_searches_above_the_estimate():
 
 
 def test_optimized_policy_real_cpu_run_hits_cache_second_time(tmp_path):
-    ctx = {"batch_size": 4, "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 2,
-           "output_dir": str(tmp_path)}
+    from lrd_exp.decompose.rank_timings import write_timings
+
+    ctx = {"batch_size": 4, "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 2}
     model = mlp()
     rep1 = decompose_model(model, policy="optimized", ratio=2, multiple=8, input_size=(64,), rank_search=ctx)
-    assert rep1.settings["rank_search"]["timings_measured"] > 0
-    assert rep1.settings["rank_search"]["timings_cached"] == 0
+    assert rep1.rank_search["timings_measured"] > 0
+    assert rep1.rank_search["timings_cached"] == 0
     assert all(layer.reason for layer in rep1.layers)
     model(torch.randn(2, 64))
+    assert not any(tmp_path.glob("*.csv"))  # the library writes nothing; the task writes the report's rows
+    write_timings(str(tmp_path), rep1.rank_timings)
     timings = pd.read_csv(tmp_path / "rank_timings.csv")
     assert {"layer", "rank", "time_ms", "objective", "device_name"} <= set(timings.columns)
     assert (timings["rank"] == -1).any() and (timings["time_ms"] > 0).all()
     rep2 = decompose_model(mlp(), policy="optimized", ratio=2, multiple=8, input_size=(64,), rank_search=ctx)
-    assert rep2.settings["rank_search"]["timings_measured"] == 0
-    assert rep2.settings["rank_search"]["timings_cached"] == rep1.settings["rank_search"]["timings_measured"]
+    assert rep2.rank_search["timings_measured"] == 0
+    assert rep2.rank_search["timings_cached"] == rep1.rank_search["timings_measured"]
+    assert "timings" not in rep2.rank_search and "rank_search" not in rep2.settings
     assert [lay.ranks for lay in rep2.layers] == [lay.ranks for lay in rep1.layers]
 
 

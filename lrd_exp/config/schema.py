@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from lrd_exp.config.rank_settings import DEFAULTS as D
 from lrd_exp.config.values import (
     ACCELERATORS,
     ADVISE_SPEEDS,
@@ -91,35 +92,36 @@ Precision = _NamedByValue("Precision", {p: p for p in (*PRECISIONS, *PRECISION_A
 
 @dataclass
 class RankConfig:
-    """Keys equal ``decompose_model``'s keywords, so ``decompose_model(model, **cfg.rank)`` works."""
+    """Keys equal ``decompose_model``'s keywords, so ``decompose_model(model, **cfg.rank)`` works; the defaults are
+    :class:`lrd_exp.config.rank_settings.RankSettings`'s (docs/ranks.md says what each key does)."""
 
-    policy: RankPolicy = RankPolicy.quantized
-    ratio: float = 2.0  # parameter compression target c > 1 of each decomposed layer
-    energy: float = 0.95  # fraction of squared singular-value energy kept (policy=energy)
-    multiple: int = 8  # quantization step (policy=quantized)
-    rounding: Rounding = Rounding.nearest
-    base: RankBase = RankBase.ratio  # the estimate quantized/optimized start from
-    rank: Any = None  # policy=fixed: an int, or {name pattern: int}
-    window: float = 0.25  # optimized: search ranks in [est*(1-window), est*(1+window)]
-    step: int = 8  # optimized: spacing of the searched ranks
-    objective: Objective = Objective.train
-    tolerance: float = 0.03  # optimized: candidates this close to the fastest tie; the largest rank wins
-    budget: RankBudget = RankBudget.model  # optimized, base=ratio: the compression holds per layer or model-wide
+    policy: RankPolicy = RankPolicy(D.policy)
+    ratio: float = D.ratio  # parameter compression target c > 1 of each decomposed layer
+    energy: float = D.energy  # fraction of squared singular-value energy kept (policy=energy)
+    multiple: int = D.multiple  # quantization step (policy=quantized)
+    rounding: Rounding = Rounding(D.rounding)
+    base: RankBase = RankBase(D.base)  # the estimate quantized/optimized start from
+    rank: Any = D.rank  # policy=fixed: an int, or {name pattern: int}
+    window: float = D.window  # optimized: search ranks in [est*(1-window), est*(1+window)]
+    step: int = D.step  # optimized: spacing of the searched ranks
+    objective: Objective = Objective(D.objective)
+    tolerance: float = D.tolerance  # optimized: candidates this close to the fastest tie; the largest rank wins
+    budget: RankBudget = RankBudget(D.budget)  # optimized, base=ratio: the compression holds per layer or model-wide
     include: list[str] = field(default_factory=list)  # fnmatch patterns; overrides the default skips
     exclude: list[str] = field(default_factory=list)
-    skip_stem: bool = True
-    skip_head: bool = True
-    fit: RankFit = RankFit.auto  # what the factors are fitted to: weights | activations (auto: where data exists)
-    calibration_images: int = 256  # training images the activations are fitted on (and BatchNorm re-estimated)
-    calibrate: Calibrate = Calibrate.independent  # fit=activations: independent | sequential
-    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration images after decomposing
-    check_images: int = 256  # held-out training images the decomposed model is checked on against the original; 0: off
-    min_agreement: float = 0.5  # warn when fewer predictions than this stay unchanged (the model is destroyed)
-    allocation: RankAllocation = RankAllocation.uniform  # uniform | global (one budget) | fastest (within a damage)
-    budget_by: BudgetMeasure = BudgetMeasure.params  # allocation=global: the budget counts params | flops | time
-    max_damage: float | None = None  # allocation=fastest: the bound on predicted damage; null: uniform's
-    damage_images: int = 128  # calibration images the per-layer damage is measured on (allocation global / fastest)
-    damage_by: DamageMethod = DamageMethod.measured  # measured (each cut run) | fisher (estimated from one pass)
+    skip_stem: bool = D.skip_stem
+    skip_head: bool = D.skip_head
+    fit: RankFit = RankFit(D.fit)  # what the factors are fitted to: weights | activations (auto: where data exists)
+    calibration_images: int = D.calibration_images  # training images fitted on
+    calibrate: Calibrate = Calibrate(D.calibrate)  # fit=activations: independent | sequential
+    recalibrate_bn: bool = D.recalibrate_bn  # re-estimate BatchNorm after it
+    check_images: int = D.check_images  # the end-to-end check's images; 0: off
+    min_agreement: float = D.min_agreement  # warn below this top-1 agreement
+    allocation: RankAllocation = RankAllocation(D.allocation)  # uniform | global | fastest
+    budget_by: BudgetMeasure = BudgetMeasure(D.budget_by)  # allocation=global: the budget counts params | flops | time
+    max_damage: float | None = D.max_damage  # allocation=fastest: the bound on predicted damage; null: uniform's
+    damage_images: int = D.damage_images  # images each layer's damage is found on
+    damage_by: DamageMethod = DamageMethod(D.damage_by)  # measured (each cut run) | fisher (estimated from one pass)
 
 
 @dataclass

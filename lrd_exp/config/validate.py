@@ -8,6 +8,7 @@ import os
 from dataclasses import MISSING, Field, fields
 from typing import TYPE_CHECKING, Any
 
+from lrd_exp.config.rank_settings import RankSettings
 from lrd_exp.config.schema import FreezeConfig
 from lrd_exp.config.values import (
     LR_SCHEDULES,
@@ -19,7 +20,6 @@ from lrd_exp.config.values import (
     check_dataset,
     check_freeze,
     check_preprocessing,
-    check_rank_keys,
 )
 from lrd_exp.config.values import enum_value as _v
 
@@ -77,7 +77,7 @@ def validate(cfg: DictConfig) -> None:
 
 def validate_rank_freeze(cfg: DictConfig) -> None:
     """The checks of ``rank`` and ``freeze``: what defines one decomposed configuration (the library's own)."""
-    check_rank_keys(**cfg.rank)
+    RankSettings.from_keys(**cfg.rank)
     check_freeze(**freeze_values(cfg.freeze))
 
 

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from lrd_exp.batches import Batch, batch_size_of
+from lrd_exp.config.rank_settings import RankSettings
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.budget import solve
 from lrd_exp.decompose.calibration import calibration_batches
@@ -86,7 +87,7 @@ def layer_costs(plans: Sequence[LayerPlan], options: dict[str, list[Ranks]], bud
     return out
 
 
-def allocate(model: nn.Module, plans: Sequence[LayerPlan], uniform: Choice, settings: dict[str, Any],
+def allocate(model: nn.Module, plans: Sequence[LayerPlan], uniform: Choice, settings: RankSettings,
              batches: Sequence[Batch], build: Builder, *, context: dict[str, Any] | None = None, seed: int = 0,
              fit_key: str = "") -> Allocation:
     """``rank.allocation=global`` or ``fastest`` (``settings``) over the layers of ``plans``, starting from the
@@ -94,51 +95,50 @@ def allocate(model: nn.Module, plans: Sequence[LayerPlan], uniform: Choice, sett
     ``fastest``) and ``damage_cache_dir``."""
     context = dict(context or {})
     damage_dir = context.pop("damage_cache_dir", None)
-    context.pop("output_dir", None)
     if not batches:
-        raise ValueError(f"rank.allocation={settings['allocation']} measures each layer's damage on calibration "
+        raise ValueError(f"rank.allocation={settings.allocation} measures each layer's damage on calibration "
                          "inputs: pass calibration= to decompose_model")
     uniform = {p.name: None if uniform.get(p.name) is None or p.params_for(tuple(uniform[p.name])) >= p.params_dense
                else tuple(uniform[p.name]) for p in plans}
-    cands = {p.name: candidate_ranks(p, settings["multiple"], uniform[p.name]) for p in plans}
+    cands = {p.name: candidate_ranks(p, settings.multiple, uniform[p.name]) for p in plans}
     live = [p for p in plans if cands[p.name]]
     for p in live:
         if p.moments is not None:
             p.energy_spectra()  # the whitened spectra, computed once and reused by every candidate's fit
-    subset = calibration_batches(list(batches), settings["damage_images"])
-    damage, stats = layer_damage(model, live, cands, subset, build, method=settings.get("damage_by", "measured"),
-                                 cache_dir=damage_dir, fit=settings["fit"], fit_key=fit_key, seed=seed)
+    subset = calibration_batches(list(batches), settings.damage_images)
+    damage, stats = layer_damage(model, live, cands, subset, build, method=settings.damage_by,
+                                 cache_dir=damage_dir, fit=settings.fit, fit_key=fit_key, seed=seed)
     options = {p.name: [None, *cands[p.name]] for p in live}
-    needs_time = settings["allocation"] == "fastest" or settings["budget_by"] == "time"
+    needs_time = settings.allocation == "fastest" or settings.budget_by == "time"
     times = None
     if needs_time:
-        times, timing = measure_times(live, cands, objective=settings["objective"], **context)
+        times, timing = measure_times(live, cands, objective=settings.objective, **context)
         stats.update(timing)
     ref = {p.name: uniform[p.name] for p in live}
     chosen, summary = _spend(live, options, ref, damage, times, settings)
     summary.update(damage_images=sum(batch_size_of(b) for b in subset), **stats)
-    reasons = {n: _reason(settings["allocation"], r, ref[n], damage[n]) for n, r in chosen.items()}
+    reasons = {n: _reason(settings.allocation, r, ref[n], damage[n]) for n, r in chosen.items()}
     return Allocation(chosen, reasons, {n: damage[n][r] for n, r in chosen.items()}, summary)
 
 
 def _spend(plans: Sequence[LayerPlan], options: dict[str, list[Ranks]], ref: Choice,
            damage: dict[str, dict[Ranks, float]], times: dict[str, dict[Ranks, float]] | None,
-           settings: dict[str, Any]) -> tuple[Choice, dict[str, Any]]:
+           settings: RankSettings) -> tuple[Choice, dict[str, Any]]:
     """The chosen options and the allocation's numbers: ``global`` (least damage within the uniform ranks' cost) or
     ``fastest`` (least time within the damage bound)."""
-    if settings["allocation"] == "global":
-        cost = layer_costs(plans, options, settings["budget_by"], times)
+    if settings.allocation == "global":
+        cost = layer_costs(plans, options, settings.budget_by, times)
         chosen = solve(damage, cost, ref)
         budget = sum(cost[n][r] for n, r in ref.items())
         spent = sum(cost[n][r] for n, r in chosen.items())
     else:
         cost = {n: {r: times[n][r] for r in options[n]} for n in options}
-        budget = settings["max_damage"]
+        budget = settings.max_damage
         budget = sum(damage[n][r] for n, r in ref.items()) if budget is None else budget
         chosen = solve(cost, damage, ref, budget=budget)
         spent = sum(damage[n][r] for n, r in chosen.items())
-    summary = {"allocation": settings["allocation"],
-               "budget_by": settings["budget_by"] if settings["allocation"] == "global" else "damage",
+    summary = {"allocation": settings.allocation,
+               "budget_by": settings.budget_by if settings.allocation == "global" else "damage",
                "budget": budget, "spent": spent, "predicted_damage": sum(damage[n][r] for n, r in chosen.items()),
                "uniform_predicted_damage": sum(damage[n][r] for n, r in ref.items())}
     if times is not None:

@@ -39,7 +39,9 @@ class DecompositionReport:
     params_after: int = 0
     flops_before: int | None = None  # forward FLOPs per sample of the candidate layers (not the whole model)
     flops_after: int | None = None
-    settings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # the checked rank settings (RankSettings.to_dict)
+    rank_search: dict | None = None  # policy=optimized: what the rank search timed and read from its cache
+    rank_timings: list[dict] = field(default_factory=list)  # policy=optimized: every timed candidate, a row each
     fit: str = "weights"  # weights | activations: what the factors were fitted to
     calibration_images: int = 0  # samples the activations were fitted on (and BatchNorm re-estimated)
     calibration_s: float = 0.0  # forward passes and moments on them, and the BatchNorm re-estimation
@@ -118,6 +120,7 @@ class DecompositionReport:
         return {
             "policy": self.policy,
             "settings": self.settings,
+            "rank_search": self.rank_search,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "flops_before": self.flops_before,

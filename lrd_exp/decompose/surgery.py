@@ -9,13 +9,15 @@ import logging
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import fields
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from lrd_exp.config.values import check_rank_keys, enum_value
+from lrd_exp.config.rank_settings import DEFAULTS as D
+from lrd_exp.config.rank_settings import RankSettings, patterns
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose import ranks as R
@@ -26,23 +28,13 @@ from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_wa
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
-from lrd_exp.decompose.rank_timings import write_timings
 from lrd_exp.decompose.registry import is_linear, linear_features, weight_matrix
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.runnable import Swaps, declared_reads, keep_runnable, repack, run_eval, traced_reads, unpack
 from lrd_exp.decompose.search import choose_ranks
 
 log = logging.getLogger("lrd_exp")
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers and enums -> plain Python, so ``decompose_model(model, **cfg.rank)`` works. A container
-    is known by its module: the library does not import OmegaConf (whoever made the container did)."""
-    if type(value).__module__.startswith("omegaconf."):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(value, resolve=True)
-    return enum_value(value)
+RANK_KEYS = frozenset(f.name for f in fields(RankSettings))  # decompose_model's keywords that are rank keys
 
 
 def _matches(name: str, pats: Iterable[str]) -> bool:
@@ -92,13 +84,6 @@ def _record_shapes(model: nn.Module, plans: list[LayerPlan], example_input: C.Ba
 
     with watch({plan.name: plan.module for plan in plans}, record):
         run_eval(model, example_input, what)
-
-
-def patterns(value: str | Iterable[str] | None) -> list[str]:
-    """``rank.include`` / ``rank.exclude`` as a list of patterns: one string is one pattern, not its letters."""
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 def check_selection(model: nn.Module, *, include: Iterable[str] = (), exclude: Iterable[str] = (),
@@ -255,13 +240,15 @@ def _count(model: nn.Module) -> int:
 
 
 def decompose_model(
-    model: nn.Module, policy: str = "quantized", ratio: float = 2.0, energy: float = 0.95, multiple: int = 8,
-    rounding: str = "nearest", base: str = "ratio", rank: Any = None, window: float = 0.25, step: int = 8,
-    objective: str = "train", tolerance: float = 0.03, budget: str = "model", include: Iterable[str] = (),
-    exclude: Iterable[str] = (), skip_stem: bool = True, skip_head: bool = True, fit: str = "auto",
-    calibration_images: int = 256, calibrate: str = "independent", recalibrate_bn: bool = True,
-    check_images: int = 256, min_agreement: float = 0.5, allocation: str = "uniform", budget_by: str = "params",
-    max_damage: float | None = None, damage_images: int = 128, damage_by: str = "measured", *,
+    model: nn.Module, policy: str = D.policy, ratio: float = D.ratio, energy: float = D.energy,
+    multiple: int = D.multiple, rounding: str = D.rounding, base: str = D.base, rank: Any = D.rank,
+    window: float = D.window, step: int = D.step, objective: str = D.objective, tolerance: float = D.tolerance,
+    budget: str = D.budget, include: Iterable[str] = D.include, exclude: Iterable[str] = D.exclude,
+    skip_stem: bool = D.skip_stem, skip_head: bool = D.skip_head, fit: str = D.fit,
+    calibration_images: int = D.calibration_images, calibrate: str = D.calibrate,
+    recalibrate_bn: bool = D.recalibrate_bn, check_images: int = D.check_images,
+    min_agreement: float = D.min_agreement, allocation: str = D.allocation, budget_by: str = D.budget_by,
+    max_damage: float | None = D.max_damage, damage_images: int = D.damage_images, damage_by: str = D.damage_by, *,
     calibration: torch.Tensor | Iterable[Any] | None = None, evaluation: torch.Tensor | Iterable[Any] | None = None,
     example_input: Any = None,
     input_size: tuple[int, ...] | None = None, rank_search: Mapping[str, Any] | None = None, seed: int = 0,
@@ -285,26 +272,19 @@ def decompose_model(
     measured or estimated (``damage_by``, :mod:`lrd_exp.decompose.damage`).
     """
     started = time.perf_counter()
-    settings = check_settings(policy=policy, ratio=ratio, energy=energy, multiple=multiple, rounding=rounding,
-                              base=base, rank=rank, window=window, step=step, objective=objective,
-                              tolerance=tolerance, budget=budget, include=include, exclude=exclude,
-                              skip_stem=skip_stem, skip_head=skip_head, fit=fit,
-                              calibration_images=calibration_images, calibrate=calibrate,
-                              recalibrate_bn=recalibrate_bn, check_images=check_images,
-                              min_agreement=min_agreement, allocation=allocation, budget_by=budget_by,
-                              max_damage=max_damage, damage_images=damage_images, damage_by=damage_by,
-                              calibration=calibration)
-    batches = C.calibration_batches(calibration, settings["calibration_images"]) if calibration is not None else []
-    check_selection(model, include=settings["include"], exclude=settings["exclude"],
-                    rank=settings["rank"] if settings["policy"] == "fixed" else None)
+    keys = {k: v for k, v in locals().items() if k in RANK_KEYS}
+    settings = RankSettings.from_keys(**keys).resolved(calibration is not None)  # checked once, before any work
+    batches = C.calibration_batches(calibration, settings.calibration_images) if calibration is not None else []
+    check_selection(model, include=settings.include, exclude=settings.exclude,
+                    rank=settings.rank if settings.policy == "fixed" else None)
     reference = _reference(model, settings, evaluation, batches, seed)  # a typo above costs no forward pass
     params_before = _count(model)
     swaps = Swaps(model)  # every swap of this surgery, to give back what breaks the model
-    reads = traced_reads(model) if settings["policy"] != "none" else {}  # None: it cannot be traced
+    reads = traced_reads(model) if settings.policy != "none" else {}  # None: it cannot be traced
     try:
         example, what = _example(model, example_input, input_size, batches)
         # torch's attention and transformer layers, with their projections as modules the surgery can replace
-        packed = unpack(swaps, reads, example) if settings["policy"] != "none" else []
+        packed = unpack(swaps, reads, example) if settings.policy != "none" else []
         report = _decompose(swaps, settings, batches, example, what, reads, rank_search=rank_search, seed=seed)
     except BaseException:
         swaps.give_back_all()
@@ -315,26 +295,26 @@ def decompose_model(
     return _finish(model, report, settings, batches, reference, params_before, started)
 
 
-def _finish(model: nn.Module, report: DecompositionReport, settings: dict[str, Any], batches: list[Any],
+def _finish(model: nn.Module, report: DecompositionReport, settings: RankSettings, batches: list[Any],
             reference: Reference | None, params_before: int, started: float) -> DecompositionReport:
     """BatchNorm, the end-to-end check, the totals, and a warning when nothing was decomposed."""
     if report.decomposed:
         report.calibration_s += _recalibrate_and_check(model, report, settings, batches, reference)
     report.params_before, report.params_after = params_before, _count(model)
     report.decompose_s = time.perf_counter() - started
-    if settings["policy"] != "none" and not report.decomposed:
-        warnings.warn(f"decompose_model: no layer was decomposed (policy={settings['policy']}): "
+    if settings.policy != "none" and not report.decomposed:
+        warnings.warn(f"decompose_model: no layer was decomposed (policy={settings.policy}): "
                       f"{report.why_dense()}", stacklevel=3)
     return report
 
 
-def _decompose(swaps: Swaps, settings: dict[str, Any], batches: list[Any], example: Any, what: str,
+def _decompose(swaps: Swaps, settings: RankSettings, batches: list[Any], example: Any, what: str,
                reads: dict[str, str] | None, *, rank_search: Mapping[str, Any] | None, seed: int
                ) -> DecompositionReport:
     """The surgery proper, step by step: candidates, shapes, moments, ranks, replacement, repair, BatchNorm."""
-    model, policy, fit = swaps.model, settings["policy"], settings["fit"]
-    plans, skipped = find_candidates(model, include=settings["include"], exclude=settings["exclude"],
-                                     skip_stem=settings["skip_stem"], skip_head=settings["skip_head"], reads=reads)
+    model, policy, fit = swaps.model, settings.policy, settings.fit
+    plans, skipped = find_candidates(model, include=settings.include, exclude=settings.exclude,
+                                     skip_stem=settings.skip_stem, skip_head=settings.skip_head, reads=reads)
     if example is not None:
         _record_shapes(model, plans, example, what)
     dense_flops_all = [p.forward_flops(None) for p in plans]
@@ -348,9 +328,9 @@ def _decompose(swaps: Swaps, settings: dict[str, Any], batches: list[Any], examp
             p.fit_note = "" if p.name in order else "not reached by the calibration inputs: fitted to its weights"
         calibration_s += time.perf_counter() - t0
 
-    chosen, reasons = _choose(plans, settings, rank_search)
+    chosen, reasons, search_stats = _choose(plans, settings, rank_search)
     allocated = None
-    if settings["allocation"] != "uniform" and plans:
+    if settings.allocation != "uniform" and plans:
         allocated = allocate(model, plans, chosen, settings, batches, partial(build_factorized, error=False),
                              context=rank_search, seed=seed,
                              fit_key=batches_digest(batches) if fit == "activations" else "")
@@ -364,7 +344,10 @@ def _decompose(swaps: Swaps, settings: dict[str, Any], batches: list[Any], examp
     if example is not None and any(r.action == "decomposed" for r in reports):
         _keep_runnable(swaps, reports, example, traced=reads is not None)
     report = DecompositionReport(policy=policy, layers=reports + skipped, params_before=0, params_after=0,
-                                 settings=settings, fit=fit,
+                                 settings=settings.to_dict(), fit=fit,
+                                 rank_search={k: v for k, v in search_stats.items() if k != "timings"}
+                                 if search_stats else None,
+                                 rank_timings=search_stats["timings"] if search_stats else [],
                                  calibration_images=sum(C.batch_size_of(b) for b in batches),
                                  calibration_s=calibration_s, allocation=allocated.summary if allocated else None)
     order_all = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -376,12 +359,12 @@ def _decompose(swaps: Swaps, settings: dict[str, Any], batches: list[Any], examp
 
 
 def _replace_all(swaps: Swaps, plans: list[LayerPlan], chosen: dict[str, tuple[int, ...] | None],
-                 reasons: dict[str, str], settings: dict[str, Any], batches: list[Any], order: list[str],
+                 reasons: dict[str, str], settings: RankSettings, batches: list[Any], order: list[str],
                  seed: int) -> tuple[list[LayerReport], float]:
     """Replace every planned layer (in the order the layers run when calibrating sequentially, each fitted to the
     decomposed model's own inputs); the reports and the seconds spent collecting paired moments."""
     model = swaps.model
-    sequential = settings["fit"] == "activations" and settings["calibrate"] == "sequential"
+    sequential = settings.fit == "activations" and settings.calibrate == "sequential"
     reference = copy.deepcopy(model) if sequential and plans else None
     if sequential:
         position = {name: i for i, name in enumerate(order)}
@@ -393,50 +376,29 @@ def _replace_all(swaps: Swaps, plans: list[LayerPlan], chosen: dict[str, tuple[i
             t0 = time.perf_counter()
             plan.moments = C.collect_paired(reference, model, plan.name, batches, seed=seed)
             seconds += time.perf_counter() - t0
-        reports.append(_replace(swaps, plan, chosen.get(plan.name), reasons, settings["policy"]))
+        reports.append(_replace(swaps, plan, chosen.get(plan.name), reasons, settings.policy))
         plan.release()
     return reports, seconds
 
 
-def check_settings(*, include: Any, exclude: Any, skip_stem: bool, skip_head: bool, recalibrate_bn: bool,
-                   calibration: Any, **keys: Any) -> dict[str, Any]:
-    """Every keyword checked by the rules ``run.py`` applies (one ValueError naming the key), as plain values: the
-    report's ``settings``."""
-    checked = check_rank_keys(**{key: _plain(value) for key, value in keys.items()})
-    fit = checked["fit"]
-    if fit == "activations" and calibration is None:
-        raise ValueError("fit='activations' needs calibration=: a tensor or an iterable of batches of the model's "
-                         "inputs (or use fit='weights')")
-    fit = ("activations" if calibration is not None else "weights") if fit == "auto" else fit
-    settings = {key: checked[key] for key in ("policy", "ratio", "energy", "multiple", "rounding", "base", "rank",
-                                              "window", "step", "objective", "tolerance", "budget")}
-    settings.update(include=patterns(_plain(include)), exclude=patterns(_plain(exclude)), skip_stem=skip_stem,
-                    skip_head=skip_head, fit=fit, calibration_images=checked["calibration_images"],
-                    calibrate=checked["calibrate"], recalibrate_bn=bool(recalibrate_bn),
-                    check_images=checked["check_images"], min_agreement=checked["min_agreement"],
-                    **{k: checked[k] for k in ("allocation", "budget_by", "max_damage", "damage_images",
-                                                  "damage_by")})
-    return settings
-
-
-def _reference(model: nn.Module, settings: dict[str, Any], evaluation: Any, batches: list[Any],
+def _reference(model: nn.Module, settings: RankSettings, evaluation: Any, batches: list[Any],
                seed: int) -> Reference | None:
     """The original's outputs on the check's inputs (``evaluation``, else the calibration batches), recorded before
     the surgery; None when the check is off (``check_images=0``, policy none) or there are no inputs."""
-    if settings["policy"] == "none" or not settings["check_images"] or (evaluation is None and not batches):
+    if settings.policy == "none" or not settings.check_images or (evaluation is None and not batches):
         return None
     held_out = evaluation is not None
-    inputs = C.calibration_batches(evaluation if held_out else batches, settings["check_images"])
+    inputs = C.calibration_batches(evaluation if held_out else batches, settings.check_images)
     return Reference(model, inputs, held_out=held_out, seed=seed)
 
 
-def _recalibrate_and_check(model: nn.Module, report: DecompositionReport, settings: dict[str, Any],
+def _recalibrate_and_check(model: nn.Module, report: DecompositionReport, settings: RankSettings,
                            batches: list[Any], reference: Reference | None) -> float:
     """BatchNorm re-estimated on the calibration batches and kept only where the end-to-end check says it helped;
     then the check itself (``report.check``), and a one-line warning when the model collapsed. Returns the seconds
     spent re-estimating."""
     seconds, before = 0.0, None
-    wants_bn = settings["recalibrate_bn"] and bool(batches)
+    wants_bn = settings.recalibrate_bn and bool(batches)
     if wants_bn and not C.has_batchnorm(model):
         report.bn_recalibration = "no BatchNorm"
     elif wants_bn:
@@ -455,7 +417,7 @@ def _recalibrate_and_check(model: nn.Module, report: DecompositionReport, settin
                 report.check, report.bn_recalibration = before, "rejected"
             else:
                 report.bn_recalibration = "kept"
-        message = collapse_warning(report.check, report.decomposed, settings["min_agreement"])
+        message = collapse_warning(report.check, report.decomposed, settings.min_agreement)
         if message:
             report.warnings.append(message)
             warnings.warn(f"decompose_model: {message}", DecompositionWarning, stacklevel=3)
@@ -477,27 +439,24 @@ def _example(model: nn.Module, example_input: Any, input_size: tuple[int, ...] |
     return (batches[0], "a calibration batch") if batches else (None, "")
 
 
-def _choose(plans: list[LayerPlan], settings: dict[str, Any], rank_search: Mapping[str, Any] | None
-            ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str]]:
-    """Every plan's ranks by the policy (None keeps the layer dense), and the reasons the report gives."""
-    policy = settings["policy"]
-    keys = {k: settings[k] for k in ("ratio", "energy", "multiple", "rounding", "base", "rank")}
+def _choose(plans: list[LayerPlan], settings: RankSettings, rank_search: Mapping[str, Any] | None
+            ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], dict[str, Any] | None]:
+    """Every plan's ranks by the policy (None keeps the layer dense), the reasons the report gives, and the rank
+    search's statistics (``optimized`` only)."""
+    policy = settings.policy
+    keys = {k: getattr(settings, k) for k in ("ratio", "energy", "multiple", "rounding", "base", "rank")}
     if policy == "optimized":
         context = dict(rank_search or {})
-        output_dir = context.pop("output_dir", None)  # where the timings go: the search itself writes nothing
         context.pop("damage_cache_dir", None)  # rank.allocation's
         estimates = {p.name: estimate_ranks(p, "quantized", **keys) for p in plans}
         found = choose_ranks(
-            plans, estimates, window=settings["window"], step=settings["step"], objective=settings["objective"],
-            base=settings["base"], ratio=settings["ratio"], energy=settings["energy"],
-            tolerance=settings["tolerance"], budget=settings["budget"], **context)
-        if output_dir:
-            write_timings(output_dir, found.timings)
-        settings["rank_search"] = found.stats
-        return found.chosen, found.reasons
+            plans, estimates, window=settings.window, step=settings.step, objective=settings.objective,
+            base=settings.base, ratio=settings.ratio, energy=settings.energy,
+            tolerance=settings.tolerance, budget=settings.budget, **context)
+        return found.chosen, found.reasons, {**found.stats, "timings": found.timings}
     if policy == "none":
-        return {}, {}
-    return {p.name: estimate_ranks(p, policy, **keys) for p in plans}, {}
+        return {}, {}, None
+    return {p.name: estimate_ranks(p, policy, **keys) for p in plans}, {}, None
 
 
 def _replace(swaps: Swaps, plan: LayerPlan, ranks: tuple[int, ...] | None, reasons: dict[str, str],

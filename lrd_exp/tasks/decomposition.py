@@ -19,9 +19,9 @@ from lrd_exp import results
 from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.config.validate import ConfigError
 from lrd_exp.decompose import DecompositionWarning, decompose_model
+from lrd_exp.decompose.rank_timings import write_timings
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.tasks.checkpoint import is_model_file
-from lrd_exp.tasks.identity import output_dir
 from lrd_exp.tasks.models import build_original, config_shape
 from lrd_exp.tasks.settings import bench_batch_size, bench_channels_last, bench_precision
 
@@ -32,18 +32,21 @@ def decompose_copy(cfg: DictConfig, device: DeviceInfo, dm: Any, original: nn.Mo
                    rank: Mapping[str, Any] | None = None, calibration: list[Any] | None = None,
                    evaluation: list[Any] | None = None, table: bool = False) -> tuple[nn.Module, Any]:
     """A decomposed copy of ``original`` by ``cfg.rank`` (or ``rank``: the benchmark fits to the weights), fitted to
-    ``calibration`` and checked on ``evaluation``; ``decomposition.txt`` (and with ``table``, ``decomposition.csv``)
-    written to ``out_dir``, the warnings logged one line each. Returns (model, report)."""
+    ``calibration`` and checked on ``evaluation``; ``decomposition.txt`` (and with ``table``, ``decomposition.csv``;
+    with ``policy=optimized``, ``rank_timings.csv``) written to ``out_dir``, the warnings logged one line each.
+    Returns (model, report)."""
     decomposed = copy.deepcopy(original)
     os.makedirs(out_dir, exist_ok=True)
     with warnings.catch_warnings():  # the job logs them, not Python's warning printer
         warnings.simplefilter("ignore", DecompositionWarning)
         report = decompose_model(decomposed, **(rank if rank is not None else cfg.rank), example_input=example,
                                  calibration=calibration, evaluation=evaluation, seed=cfg.seed,
-                                 rank_search=rank_search_context(cfg, device, dm) | {"output_dir": out_dir})
+                                 rank_search=rank_search_context(cfg, device, dm))
     log_warnings(report)
     if table:
         report.to_frame().to_csv(os.path.join(out_dir, "decomposition.csv"), index=False)
+    if report.rank_timings:
+        write_timings(out_dir, report.rank_timings)
     results.write_text_atomic(os.path.join(out_dir, "decomposition.txt"), report.table(max_rows=None) + "\n")
     return decomposed, report
 
@@ -129,7 +132,7 @@ def rank_search_context(cfg: DictConfig, device: DeviceInfo, dm: Any) -> dict[st
             "precision": bench_precision(cfg), "channels_last": bench_channels_last(cfg),
             "cache_dir": os.path.join(cfg.paths.cache_dir, "rank_timings"), "warmup": b.warmup,
             "damage_cache_dir": os.path.join(cfg.paths.cache_dir, "rank_damage"),
-            "steps": b.steps, "compile": b.compile, "output_dir": output_dir(cfg)}
+            "steps": b.steps, "compile": b.compile}
 
 
 def require_decomposed(cfg: DictConfig, report: Any) -> None:
