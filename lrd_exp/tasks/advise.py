@@ -34,7 +34,7 @@ from lrd_exp.config.schema import enum_value as _v
 from lrd_exp.decompose import DecompositionReport
 from lrd_exp.devices.resolve import DeviceInfo
 from lrd_exp.freezing.schedule import FreezeState, schedule_states
-from lrd_exp.results.row import STATUS_FAILED, STATUS_OK
+from lrd_exp.results.row import STATUS_FAILED, STATUS_OK, make_row
 from lrd_exp.tasks.advice_report import (
     UNCHANGED,
     advice_table,
@@ -46,7 +46,7 @@ from lrd_exp.tasks.advice_report import (
 from lrd_exp.tasks.decomposition import calibration_inputs, check_fields, check_inputs, decompose_copy
 from lrd_exp.tasks.identity import slug
 from lrd_exp.tasks.job import JobFailed
-from lrd_exp.tasks.measure import compare_states, deploy
+from lrd_exp.tasks.measure import compare_states, deploy, speed_fields
 from lrd_exp.tasks.models import build_data, run_model
 from lrd_exp.tasks.settings import advise_settings, bench_batch_size, bench_precision, freeze_total_units
 from lrd_exp.timing.compare import Comparison
@@ -275,26 +275,27 @@ def time_group(cfg: DictConfig, device: DeviceInfo, original: nn.Module, decompo
     return compare_states(original, decomposed, states, x, y, settings, deployed=deployed), fields
 
 
+#: the advice table's names for the row's (``speed_fields``): the original's own numbers
+REFERENCE_NAMES = {"train_ips_original": "train_ips", "infer_ips_original": "infer_ips",
+                   "train_mem_mb_original": "train_mem_mb", "latency_ms_original": "latency_ms",
+                   "latency_ms_original_p90": "latency_ms_p90"}
+
+
 def reference_fields(result: Comparison) -> dict[str, Any]:
     """The original's own numbers (the advice table's reference row)."""
-    orig = result.original
-    return {"train_ips": orig.train.ips, "infer_ips": orig.infer.ips if orig.infer else None,
-            "train_mem_mb": orig.memory_mb, "latency_ms": orig.latency.median_s * 1e3 if orig.latency else None,
-            "latency_ms_p90": orig.latency.quantile_s(0.9) * 1e3 if orig.latency else None}
+    row = speed_fields(result)
+    return {name: row.get(key) for key, name in REFERENCE_NAMES.items()}
 
 
 def inference_fields(result: Comparison) -> dict[str, Any]:
-    """Inference speedups (factored and deployed) and the latency of one image, shared by a group's schedules."""
-    orig, dec, deployed = result.original, result.decomposed, result.deployed
-    fields: dict[str, Any] = {}
-    if orig.infer is not None and dec.infer is not None:
-        fields["infer_speedup"] = dec.infer.ips / orig.infer.ips
-        if deployed.infer is not None:
-            fields["infer_speedup_deployed"] = deployed.infer.ips / orig.infer.ips
-            fields["infer_ips_deployed"] = deployed.infer.ips
-    latency = deployed.latency or dec.latency  # the factored form's when bench.deploy=false (advice.md says so)
-    if latency is not None:
-        fields.update(latency_ms=latency.median_s * 1e3, latency_ms_p90=latency.quantile_s(0.9) * 1e3)
+    """Inference speedups (factored and deployed) and the latency of one image, shared by a group's schedules:
+    the row's ratios (``make_row``) and the deployed latency (the factored form's when bench.deploy=false)."""
+    row = make_row(**speed_fields(result))
+    fields = {k: row[k] for k in ("infer_speedup", "infer_speedup_deployed", "infer_ips_deployed")
+              if row.get(k) is not None}
+    side = "deployed" if row.get("latency_ms_deployed") is not None else "decomposed"
+    if row.get(f"latency_ms_{side}") is not None:
+        fields.update(latency_ms=row[f"latency_ms_{side}"], latency_ms_p90=row[f"latency_ms_{side}_p90"])
     return fields
 
 

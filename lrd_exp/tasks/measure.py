@@ -53,15 +53,18 @@ def compare_states(original: nn.Module, decomposed: nn.Module, states: list[Free
 def comparison_fields(original: nn.Module, decomposed: nn.Module, result: Comparison,
                       x: torch.Tensor) -> dict[str, Any]:
     """Result-row fields (size and speed) of a comparison."""
-    orig, dec, deployed = result.original, result.decomposed, result.deployed
     one = x[:1]
-    row: dict[str, Any] = {
-        "params_original": count_params(original), "params_decomposed": count_params(decomposed),
-        "flops_original": count_flops(original, one, train=False),
-        "flops_decomposed": count_flops(decomposed, one, train=False),
-        "train_flops_original": orig.train_flops, "train_flops_decomposed": dec.train_flops,
-        "freeze_stages": dec.stages, "bench_round_spread": orig.round_spread,
-    }
+    return {"params_original": count_params(original), "params_decomposed": count_params(decomposed),
+            "flops_original": count_flops(original, one, train=False),
+            "flops_decomposed": count_flops(decomposed, one, train=False), **speed_fields(result)}
+
+
+def speed_fields(result: Comparison) -> dict[str, Any]:
+    """The one mapping of a :class:`Comparison` to row fields (names of ``lrd_exp.results.row``): images/s and
+    their round ranges, latency, training FLOPs and memory; the speedups follow from them (``make_row``)."""
+    orig, dec, deployed = result.original, result.decomposed, result.deployed
+    row: dict[str, Any] = {"train_flops_original": orig.train_flops, "train_flops_decomposed": dec.train_flops,
+                           "freeze_stages": dec.stages, "bench_round_spread": orig.round_spread}
     for kind, a, b in (("train", orig.train, dec.train), ("infer", orig.infer, dec.infer)):
         if a is None or b is None:
             continue
