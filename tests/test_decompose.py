@@ -371,3 +371,11 @@ def test_swaps_turn_a_readers_switch_off_while_its_children_are_swapped_and_give
     assert not encoder.use_nested_tensor  # one layer is still unpacked
     swaps.give_back_all()
     assert encoder.use_nested_tensor and list(model.modules()) == originals
+
+
+def test_every_configured_policy_has_its_ranks():
+    """Adding a policy is one function in decompose/policies.py plus its name in the config's allowed values."""
+    from lrd_exp.config.values import POLICIES
+    from lrd_exp.decompose.policies import NOTHING, POLICY_RANKS, SEARCHED
+
+    assert set(POLICIES) == set(POLICY_RANKS) | {SEARCHED, NOTHING}

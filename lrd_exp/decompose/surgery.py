@@ -20,7 +20,6 @@ from lrd_exp.config.rank_settings import DEFAULTS as D
 from lrd_exp.config.rank_settings import RankSettings, patterns
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
-from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.allocation import allocate, batches_digest
 from lrd_exp.decompose.attention import projection_names
 from lrd_exp.decompose.capture import watch
@@ -28,6 +27,7 @@ from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_wa
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.policies import NOTHING, POLICY_RANKS, SEARCHED, quantized_ranks
 from lrd_exp.decompose.registry import is_linear, linear_features, weight_matrix
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.runnable import Swaps, declared_reads, keep_runnable, repack, run_eval, traced_reads, unpack
@@ -140,36 +140,6 @@ def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: I
             plans.append(LayerPlan(name, m, "svd" if k2 == 1 else "tucker2", m.in_channels, m.out_channels, k2))
     return plans, skipped
 
-
-
-def _fixed_rank(name: str, rank: Any) -> int | None:
-    if isinstance(rank, Mapping):
-        for pattern, value in rank.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return R.check_rank(value, f"rank.rank[{pattern!r}]")
-        return None
-    return R.check_rank(rank)
-
-
-def estimate_ranks(plan: LayerPlan, policy: str, *, ratio: float, energy: float, multiple: int,
-                   rounding: str, base: str, rank: Any) -> tuple[int, ...] | None:
-    """The ranks a (non-measured) policy gives a layer, or None to leave it alone."""
-    if policy == "fixed":
-        r = _fixed_rank(plan.name, rank)
-        if r is None:
-            return None
-        return tuple(min(r, full) for full in plan.full_ranks)
-    use_energy = policy == "energy" or (policy in ("quantized", "optimized") and base == "energy")
-    if use_energy:
-        ranks = plan.energy_ranks(energy)
-    elif plan.kind == "svd":
-        ranks = (R.svd_rank_for_ratio(plan.n_in, plan.n_out, ratio),)
-    else:
-        r = R.tucker2_rank_for_ratio(plan.n_in, plan.n_out, plan.k2, ratio)
-        ranks = (min(r, plan.n_in), min(r, plan.n_out))
-    if policy == "quantized":
-        ranks = tuple(R.quantize_rank(r, multiple, full, rounding) for r, full in zip(ranks, plan.full_ranks))
-    return ranks
 
 
 def build_factorized(plan: LayerPlan, ranks: tuple[int, ...], *, error: bool = True
@@ -443,20 +413,18 @@ def _choose(plans: list[LayerPlan], settings: RankSettings, rank_search: Mapping
             ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], dict[str, Any] | None]:
     """Every plan's ranks by the policy (None keeps the layer dense), the reasons the report gives, and the rank
     search's statistics (``optimized`` only)."""
-    policy = settings.policy
-    keys = {k: getattr(settings, k) for k in ("ratio", "energy", "multiple", "rounding", "base", "rank")}
-    if policy == "optimized":
-        context = dict(rank_search or {})
-        context.pop("damage_cache_dir", None)  # rank.allocation's
-        estimates = {p.name: estimate_ranks(p, "quantized", **keys) for p in plans}
-        found = choose_ranks(
-            plans, estimates, window=settings.window, step=settings.step, objective=settings.objective,
-            base=settings.base, ratio=settings.ratio, energy=settings.energy,
-            tolerance=settings.tolerance, budget=settings.budget, **context)
-        return found.chosen, found.reasons, {**found.stats, "timings": found.timings}
-    if policy == "none":
+    if settings.policy == NOTHING:
         return {}, {}, None
-    return {p.name: estimate_ranks(p, policy, **keys) for p in plans}, {}, None
+    if settings.policy != SEARCHED:
+        return {p.name: POLICY_RANKS[settings.policy](p, settings) for p in plans}, {}, None
+    context = dict(rank_search or {})
+    context.pop("damage_cache_dir", None)  # rank.allocation's
+    estimates = {p.name: quantized_ranks(p, settings) for p in plans}
+    found = choose_ranks(
+        plans, estimates, window=settings.window, step=settings.step, objective=settings.objective,
+        base=settings.base, ratio=settings.ratio, energy=settings.energy,
+        tolerance=settings.tolerance, budget=settings.budget, **context)
+    return found.chosen, found.reasons, {**found.stats, "timings": found.timings}
 
 
 def _replace(swaps: Swaps, plan: LayerPlan, ranks: tuple[int, ...] | None, reasons: dict[str, str],
