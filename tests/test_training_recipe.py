@@ -111,9 +111,9 @@ def _job(cfg_factory, tmp_path, monkeypatch, fit: str, overrides: tuple[str, ...
         model, fitted = real_decompose(*args, **kwargs)
         return model, dict(fitted, fit=fit)
 
-    def fit_spy(cfg, device, model, dm, **kwargs):
+    def fit_spy(t, placement, device, model, dm, **kwargs):
         stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, BATCHNORMS)]
-        module = real_fit(cfg, device, model, dm, **kwargs)
+        module = real_fit(t, placement, device, model, dm, **kwargs)
         if kwargs["stage"] == "finetune":
             kept = all(torch.equal(a, m.running_mean) for a, m in
                        zip(stats, [m for m in model.modules() if isinstance(m, BATCHNORMS)]))
