@@ -106,7 +106,8 @@ def report(args: argparse.Namespace) -> None:
              .apply(lambda g: pd.Series({"seeds": g["seed"].nunique(), "drop_pre": ci(g["drop_pre"]),
                                          "check_kl": ci(g["check_kl"]), "params_ratio": ci(g["params_ratio"])}),
                     include_groups=False).reset_index())
-    tabs = df[df["allocation"] == "damage tables"]
+    tabs = df[df["allocation"] == "damage tables"].copy()
+    tabs["measured_fresh"] = tabs["measured_fresh"].fillna(0).astype(bool)
     agree = (tabs.groupby("model")
              .apply(lambda g: pd.Series({"runs": len(g), "pairs": ci(g["pairs"]), "rho_all": ci(g["rho_all"]),
                                          "rho_within_layer": ci(g["rho_within_layer"]),
