@@ -595,3 +595,15 @@ def test_rank_settings_are_checked_once_and_frozen():
         RankSettings.from_keys(ratioo=2)
     with pytest.raises(ValueError, match="needs calibration"):
         RankSettings.from_keys(fit="activations").resolved(calibration=False)
+
+
+@pytest.mark.parametrize("keys,needle", [({"skip_stem": "false"}, "rank.skip_stem='false'"),
+                                         ({"recalibrate_bn": 1}, "rank.recalibrate_bn=1"),
+                                         ({"include": 3}, "rank.include=3"),
+                                         ({"exclude": ["fc", 2]}, "rank.exclude=")])
+def test_rank_settings_refuse_loose_bools_and_patterns(keys, needle):
+    from lrd_exp.config.rank_settings import RankSettings
+
+    with pytest.raises(ValueError) as exc:
+        RankSettings.from_keys(**keys)
+    assert str(exc.value).startswith(needle) and "\n" not in str(exc.value)

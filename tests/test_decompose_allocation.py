@@ -12,7 +12,7 @@ from torch import nn
 
 from lrd_exp import decompose_model
 from lrd_exp.config.values import check_rank_keys
-from lrd_exp.decompose.allocation import candidate_ranks, solve
+from lrd_exp.decompose.allocation import allocation_candidates, solve
 from lrd_exp.decompose.damage import layer_damage as measure_damage
 from lrd_exp.decompose.surgery import build_factorized, find_candidates
 
@@ -54,7 +54,7 @@ def test_damage_cache_round_trip(tmp_path):
     """The second measurement reads every damage from disk: nothing measured, the same numbers."""
     model = _mlp()
     plans, _ = find_candidates(model)
-    cands = {p.name: candidate_ranks(p, 8) for p in plans}
+    cands = {p.name: allocation_candidates(p, 8) for p in plans}
     batches = [_data(64)]
     first, s1 = measure_damage(model, plans, cands, batches, build_factorized, cache_dir=str(tmp_path))
     second, s2 = measure_damage(model, plans, cands, batches, build_factorized, cache_dir=str(tmp_path))
@@ -119,7 +119,7 @@ def test_global_meets_the_parameter_budget_within_one_step():
     for p in plans:
         layer = next(lay for lay in report.layers if lay.name == p.name)
         now = layer.params_after
-        larger = [p.params_for(r) for r in candidate_ranks(p, 8) if p.params_for(r) > now] + (
+        larger = [p.params_for(r) for r in allocation_candidates(p, 8) if p.params_for(r) > now] + (
             [p.params_dense] if layer.action == "decomposed" else [])
         assert all(c - now > spare for c in larger), (p.name, now, larger, spare)
 
@@ -130,7 +130,7 @@ def test_dense_where_factors_would_not_shrink_it():
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 3))
     plans, _ = find_candidates(model)
     thin = next(p for p in plans if p.name == "2")
-    assert candidate_ranks(thin, 8) == []
+    assert allocation_candidates(thin, 8) == []
     report = decompose_model(model, ratio=2, calibration=_data(), allocation="global", check_images=0)
     layer = next(lay for lay in report.layers if lay.name == "2")
     assert layer.action == "kept" and layer.params_after == 256

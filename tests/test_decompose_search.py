@@ -454,3 +454,10 @@ def test_a_failing_timing_names_the_layer_and_precision(monkeypatch):
     plan = [p for p in _plans(mlp(), (64,)) if p.name == "2"][0]
     with pytest.raises(RuntimeError, match=r"layer 2.*16-true.*not implemented"):
         choose_ranks([plan], {"2": (48,)}, window=0.0, precision="16-true", budget="layer", warmup=0, steps=1)
+
+
+def test_an_unknown_rank_search_key_is_one_line_before_any_work():
+    with pytest.raises(ValueError) as exc:
+        decompose_model(mlp(), policy="optimized", input_size=(64,), rank_search={"output_dir": "/tmp/x"})
+    text = str(exc.value)
+    assert "\n" not in text and "rank_search" in text and "'output_dir'" in text and "damage_cache_dir" in text

@@ -57,9 +57,11 @@ class RankSettings:
         plain = {key: plain_value(value) for key, value in keys.items()}
         values = {**{f.name: getattr(cls, f.name) for f in fields(cls)}, **plain}
         checked = check_rank_keys(**values)
-        return cls(**{**values, **checked, "include": patterns(values["include"]),
-                      "exclude": patterns(values["exclude"]), "skip_stem": bool(values["skip_stem"]),
-                      "skip_head": bool(values["skip_head"]), "recalibrate_bn": bool(values["recalibrate_bn"])})
+        for key in ("skip_stem", "skip_head", "recalibrate_bn"):
+            if not isinstance(values[key], bool):
+                raise ValueError(f"rank.{key}={values[key]!r} is not allowed: true or false")
+        return cls(**{**values, **checked, "include": patterns(values["include"], "rank.include"),
+                      "exclude": patterns(values["exclude"], "rank.exclude")})
 
     def resolved(self, calibration: bool) -> RankSettings:
         """``fit=auto`` made concrete (activations wherever calibration inputs exist, weights otherwise);
@@ -88,11 +90,16 @@ def plain_value(value: Any) -> Any:
     return enum_value(value)
 
 
-def patterns(value: Any) -> tuple[str, ...]:
-    """``rank.include`` / ``rank.exclude`` as patterns: one string is one pattern, not its letters."""
+def patterns(value: Any, key: str = "rank.include") -> tuple[str, ...]:
+    """``rank.include`` / ``rank.exclude`` as patterns: one string is one pattern, not its letters; anything but
+    strings is one ValueError naming ``key``."""
+    value = plain_value(value)
     if value is None:
         return ()
-    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+    items = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise ValueError(f"{key}={value!r} is not allowed: a list of fnmatch patterns of layer names (or one)")
+    return tuple(items)
 
 
 #: the defaults, for the keywords of :func:`lrd_exp.decompose_model` and the Hydra schema's ``RankConfig``

@@ -2,12 +2,13 @@
 it factorizes as linears, nn.Linear, transformers' Conv1D, your own; packed types it unpacks first; parents that
 read a child's weight), factorized layers (layers), torch's attention and transformer layers unpacked so their
 projections factorize (attention), keeping the model runnable through the surgery (runnable), watching layers in a
-forward (capture), calibration inputs (calibration), rank formulas (ranks), one candidate layer (plan), measured
-ranks (search: the ranks it times (candidates), each layer timed alone (layer_timing), the timings' CSV
-(rank_timings)), one budget shared by the layers (budget), each layer's damage when it alone is cut, measured or
-estimated (damage), ranks spread over the whole model under one budget (allocation), the measurements kept on disk
-(cache), model surgery (surgery), what it did (report) and whether the model survived it (check: the end-to-end
-check against the original). Needs torch alone: no Hydra, OmegaConf, pandas or Lightning."""
+forward (capture), calibration inputs (calibration), rank formulas (ranks), each policy's ranks (policies), one
+candidate layer (plan), measured ranks (search: the ranks it times (candidates), each layer timed alone
+(layer_timing), the timings' CSV (rank_timings)), one budget shared by the layers (budget), each layer's damage
+when it alone is cut, measured or estimated (damage), ranks spread over the whole model under one budget
+(allocation), the measurements kept on disk (cache), model surgery (surgery), what it did (report) and whether the
+model survived it (check: the end-to-end check against the original). Needs torch alone: no Hydra, OmegaConf,
+pandas or Lightning."""
 
 from lrd_exp.decompose.attention import (
     FactorizableDecoderLayer,

@@ -1,12 +1,12 @@
-"""``rank.allocation``: one budget for the whole model, spent where the measured damage is least.
+"""``rank.allocation``: one budget for the whole model, spent where the layers' damage is least.
 
 Per-layer errors are not comparable across layers (a thin layer that the output depends on can have a small
-relative error and still turn predictions), so each layer's damage is *measured*: the model's outputs on
+relative error and still turn predictions), so each layer's damage is that of the whole model's outputs on
 ``damage_images`` calibration samples with that layer alone cut at a candidate rank, against the original's (KL for
-class scores, else relative output error: :class:`lrd_exp.decompose.check.OutputCheck`'s ``damage``). The
-candidates are the ranks at a few per-layer compressions (:data:`LAYER_RATIOS`), at multiples of ``rank.multiple``,
-the uniform ranks, and the dense layer (damage 0). Damages are cached on disk like the rank timings, keyed by the
-model's weights, the layer, the fit and the calibration and damage images.
+class scores, else relative output error): measured by running each cut, or estimated to second order from one
+pass (``rank.damage_by``, :mod:`lrd_exp.decompose.damage`). The candidates are the ranks at a few per-layer
+compressions (:data:`LAYER_RATIOS`), at multiples of ``rank.multiple``, the uniform ranks, and the dense layer
+(damage 0). Damages are cached on disk like the rank timings.
 
 The predicted damage of a whole allocation is the sum of its layers' damages. ``global`` picks the ranks of least
 predicted damage whose total parameters (or forward FLOPs, or measured seconds) stay within the uniform ranks'
@@ -28,7 +28,7 @@ from lrd_exp.config.rank_settings import RankSettings
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.budget import solve
 from lrd_exp.decompose.calibration import calibration_batches
-from lrd_exp.decompose.damage import Builder, Ranks, batches_digest, layer_damage, rank_key
+from lrd_exp.decompose.damage import Builder, Ranks, layer_damage, rank_key
 from lrd_exp.decompose.layer_timing import measure_times
 from lrd_exp.decompose.plan import LayerPlan
 
@@ -39,10 +39,10 @@ log = logging.getLogger("lrd_exp")
 LAYER_RATIOS = (1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 
 Choice = dict[str, Ranks]
-__all__ = ["Allocation", "allocate", "batches_digest", "candidate_ranks", "layer_costs", "solve"]
+__all__ = ["Allocation", "allocate", "allocation_candidates", "layer_costs", "solve"]
 
 
-def candidate_ranks(plan: LayerPlan, multiple: int, uniform: Ranks = None) -> list[tuple[int, ...]]:
+def allocation_candidates(plan: LayerPlan, multiple: int, uniform: Ranks = None) -> list[tuple[int, ...]]:
     """The ranks a layer's damage is measured at: one per :data:`LAYER_RATIOS` compression at ``multiple``, and the
     uniform ranks; only those that shrink the layer (the dense layer is the other option)."""
     found = {tuple(uniform)} if uniform is not None else set()
@@ -54,8 +54,6 @@ def candidate_ranks(plan: LayerPlan, multiple: int, uniform: Ranks = None) -> li
             raw = (r, r)
         found.add(tuple(R.quantize_rank(min(r, f), multiple, f) for r, f in zip(raw, plan.full_ranks)))
     return sorted(r for r in found if plan.params_for(r) < plan.params_dense)
-
-
 
 
 # ------------------------------------------------------------------------------------------ the policy
@@ -100,7 +98,7 @@ def allocate(model: nn.Module, plans: Sequence[LayerPlan], uniform: Choice, sett
                          "inputs: pass calibration= to decompose_model")
     uniform = {p.name: None if uniform.get(p.name) is None or p.params_for(tuple(uniform[p.name])) >= p.params_dense
                else tuple(uniform[p.name]) for p in plans}
-    cands = {p.name: candidate_ranks(p, settings.multiple, uniform[p.name]) for p in plans}
+    cands = {p.name: allocation_candidates(p, settings.multiple, uniform[p.name]) for p in plans}
     live = [p for p in plans if cands[p.name]]
     for p in live:
         if p.moments is not None:

@@ -80,6 +80,12 @@ def main_output(out: Any) -> torch.Tensor:
     raise TypeError(f"the model's output holds no floating-point tensor to compare ({type(out).__name__})")
 
 
+def has_scores(out: torch.Tensor) -> bool:
+    """Whether an output holds class scores (its last dimension, more than one): KL and agreement apply. A 1-D
+    output is one value per sample, not scores across the batch."""
+    return out.dim() >= 2 and out.shape[-1] > 1
+
+
 def _rows(out: torch.Tensor) -> torch.Tensor:
     """Outputs as rows of class scores (or values): (samples x positions, last dimension), float32 on the CPU."""
     out = out.detach().float().cpu()

@@ -35,7 +35,7 @@ from lrd_exp.config.values import DAMAGE_METHODS
 from lrd_exp.decompose.attention import swap_module
 from lrd_exp.decompose.cache import TableCache
 from lrd_exp.decompose.calibration import EvalModes, run_batch
-from lrd_exp.decompose.check import Reference, main_output
+from lrd_exp.decompose.check import Reference, has_scores, main_output
 from lrd_exp.decompose.plan import LayerPlan
 
 log = logging.getLogger("lrd_exp")
@@ -149,7 +149,7 @@ def fisher_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict
         with _Recorder(modules) as rec, EvalModes(model), torch.enable_grad():
             z = main_output(run_batch(model, piece, "a calibration batch"))
             n = batch_size_of(piece)
-            scores = z.shape[-1] > 1 if scores is None else scores
+            scores = has_scores(z) if scores is None else scores
             rows += z.reshape(-1, z.shape[-1]).shape[0] if scores else 0
             norm += float(z.detach().double().pow(2).sum())
             grads = [_output_grads(rec, z, scores, g, last=k == samples - 1) for k in range(samples)]
@@ -163,23 +163,26 @@ def fisher_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict
 
 
 class _Recorder:
-    """Forward hooks on the candidate layers: each call's input and output (made a leaf that wants a gradient where
-    nothing before it does, so the backward reaches every layer)."""
+    """Forward hooks on the candidate layers: each call's input and output. The output recorded is the one the
+    gradient is taken at (a leaf that wants a gradient where nothing before it does, so the backward reaches every
+    layer); the model goes on with a copy, so an in-place op after the layer (``ReLU(inplace=True)``) cannot change
+    what was recorded."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __enter__(self) -> _Recorder:
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        self.handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.modules.items()]
         return self
 
     def _hook(self, name: str):
-        def record(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
             if not out.requires_grad:
                 out = out.detach().requires_grad_()
-            self.calls.setdefault(name, []).append((args[0].detach(), out))
-            return out
+            x = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+            self.calls.setdefault(name, []).append((x.detach(), out))
+            return out.clone()
         return record
 
     def __exit__(self, *exc: Any) -> None:

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
+from lrd_exp.config.rank_settings import DEFAULTS as D
 from lrd_exp.decompose.budget import BudgetProblem
 from lrd_exp.decompose.candidates import candidate_ranks
 from lrd_exp.decompose.layer_timing import LayerTimer, rank_key
@@ -48,9 +49,10 @@ class RankSearch(NamedTuple):
     timings: list[dict[str, Any]]
 
 
-def choose_ranks(plans: Sequence[LayerPlan], estimates: dict[str, tuple[int, ...] | None], *, window: float = 0.25,
-                 step: int = 8, base: str = "ratio", ratio: float = 2.0, energy: float = 0.95,
-                 tolerance: float = 0.03, budget: str = "model", **timing: Any) -> RankSearch:
+def choose_ranks(plans: Sequence[LayerPlan], estimates: dict[str, tuple[int, ...] | None], *,
+                 window: float = D.window, step: int = D.step, base: str = D.base, ratio: float = D.ratio,
+                 energy: float = D.energy, tolerance: float = D.tolerance, budget: str = D.budget, **timing: Any
+                 ) -> RankSearch:
     """Per layer: the chosen ranks (None keeps it dense), a reason for the report, cache statistics and timings.
 
     ``estimates`` are the ``quantized`` ranks (already at ``rank.multiple``, so there is no ``multiple``

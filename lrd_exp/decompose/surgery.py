@@ -20,10 +20,11 @@ from lrd_exp.config.rank_settings import DEFAULTS as D
 from lrd_exp.config.rank_settings import RankSettings, patterns
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
-from lrd_exp.decompose.allocation import allocate, batches_digest
+from lrd_exp.decompose.allocation import allocate
 from lrd_exp.decompose.attention import projection_names
 from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_warning
+from lrd_exp.decompose.damage import batches_digest
 from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
@@ -141,7 +142,6 @@ def find_candidates(model: nn.Module, *, include: Iterable[str] = (), exclude: I
     return plans, skipped
 
 
-
 def build_factorized(plan: LayerPlan, ranks: tuple[int, ...], *, error: bool = True
                      ) -> tuple[FactorizedLayer, float]:
     """The factorized replacement and its relative error: of the output on the calibration inputs when the plan
@@ -244,6 +244,7 @@ def decompose_model(
     started = time.perf_counter()
     keys = {k: v for k, v in locals().items() if k in RANK_KEYS}
     settings = RankSettings.from_keys(**keys).resolved(calibration is not None)  # checked once, before any work
+    check_rank_search(rank_search)
     batches = C.calibration_batches(calibration, settings.calibration_images) if calibration is not None else []
     check_selection(model, include=settings.include, exclude=settings.exclude,
                     rank=settings.rank if settings.policy == "fixed" else None)
@@ -256,12 +257,12 @@ def decompose_model(
         # torch's attention and transformer layers, with their projections as modules the surgery can replace
         packed = unpack(swaps, reads, example) if settings.policy != "none" else []
         report = _decompose(swaps, settings, batches, example, what, reads, rank_search=rank_search, seed=seed)
+        if repack(swaps, packed):  # those left dense keep torch's fused inference paths
+            existing = {name for name, _ in model.named_modules()}  # their q/k/v projections are gone again
+            report.layers = [layer for layer in report.layers if layer.name in existing]
     except BaseException:
         swaps.give_back_all()
         raise
-    if repack(swaps, packed):  # those left dense keep torch's fused inference paths
-        existing = {name for name, _ in model.named_modules()}  # their q/k/v projections are gone again
-        report.layers = [layer for layer in report.layers if layer.name in existing]
     return _finish(model, report, settings, batches, reference, params_before, started)
 
 
@@ -349,6 +350,20 @@ def _replace_all(swaps: Swaps, plans: list[LayerPlan], chosen: dict[str, tuple[i
         reports.append(_replace(swaps, plan, chosen.get(plan.name), reasons, settings.policy))
         plan.release()
     return reports, seconds
+
+
+#: what ``rank_search`` may hold: the timing context of policy=optimized and rank.allocation, and where
+#: rank.allocation caches the layers' damages
+RANK_SEARCH_KEYS = ("objective", "batch_size", "device", "precision", "channels_last", "cache_dir", "warmup", "steps",
+                    "timer", "compile", "damage_cache_dir")
+
+
+def check_rank_search(rank_search: Mapping[str, Any] | None) -> None:
+    """An unknown ``rank_search`` key is one ValueError naming it (before any work), not a failure deep in timing."""
+    unknown = sorted(set(rank_search or {}) - set(RANK_SEARCH_KEYS))
+    if unknown:
+        raise ValueError(f"rank_search={{{', '.join(map(repr, unknown))}: ...}} is not allowed: its keys are "
+                         f"{', '.join(RANK_SEARCH_KEYS)}")
 
 
 def _reference(model: nn.Module, settings: RankSettings, evaluation: Any, batches: list[Any],
