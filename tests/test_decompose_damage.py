@@ -130,3 +130,24 @@ def test_fisher_sees_the_layer_output_before_in_place_ops_and_judges_1d_outputs_
     for r in cands["a"]:
         assert 0 < measured["a"][r] < 0.3  # a relative output error, not a KL
         assert estimate["a"][r] == pytest.approx(measured["a"][r], rel=0.15)
+
+
+def test_fisher_measures_a_layer_no_gradient_reaches():
+    """A forward that detaches after a layer would give it damage 0 (cut first): that layer is measured instead."""
+    class Detached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).detach())
+
+    torch.manual_seed(0)
+    model = Detached().eval()
+    plans, cands = _plans(model)
+    batches = [torch.randn(32, 16)]
+    estimate = fisher_damage(model, plans, cands, batches, build_factorized)
+    measured, _ = layer_damage(model, plans, cands, batches, build_factorized, method="measured")
+    assert estimate["a"] == {r: d for r, d in measured["a"].items() if r is not None}
+    assert all(v > 0 for v in estimate["a"].values())
+    assert estimate["b"] != measured["b"] and all(v > 0 for v in estimate["b"].values())

@@ -116,6 +116,7 @@ def measured_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: di
     """Each cut put in the model alone and the model run on ``batches``; the original is back after each."""
     reference = Reference(model, batches, held_out=False, seed=seed)
     out: Damage = {}
+    started, total = time.perf_counter(), sum(len(candidates[p.name]) for p in plans)
     for plan in tqdm(plans, desc="layer damage", unit="layer", disable=None, leave=False):
         out[plan.name] = {}
         for ranks in candidates[plan.name]:
@@ -125,7 +126,18 @@ def measured_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: di
                 out[plan.name][ranks] = float(reference.compare(model).damage)
             finally:
                 swap_module(model, new, plan.module)
+        if len(out) == 1:
+            _hint_cost(time.perf_counter() - started, len(out[plan.name]), total)
     return out
+
+
+def _hint_cost(seconds: float, done: int, total: int, threshold_s: float = 300.0) -> None:
+    """One line when measuring every cut will take long: the estimate, and the cheaper way."""
+    left = seconds / max(done, 1) * (total - done)
+    if left > threshold_s:
+        log.info("layer damage: %d cuts, each a whole forward pass, about %.0f min more; rank.damage_by=fisher "
+                 "estimates them all from one pass (docs/ranks.md#rankallocation-one-budget-for-the-whole-model)",
+                 total, left / 60)
 
 
 # ------------------------------------------------------------------------------------------ fisher
@@ -143,7 +155,7 @@ def fisher_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict
     sums = {n: {r: 0.0 for r in c} for n, c in cuts.items()}
     g = torch.Generator().manual_seed(seed)
     rows = norm = 0.0
-    scores = None
+    scores, unreached = None, set()
     pieces = [p for b in batches for p in _pieces(b, PIECE)]
     for piece in tqdm(pieces, desc="layer damage (fisher)", unit="piece", disable=None, leave=False):
         with _Recorder(modules) as rec, EvalModes(model), torch.enable_grad():
@@ -153,13 +165,20 @@ def fisher_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict
             rows += z.reshape(-1, z.shape[-1]).shape[0] if scores else 0
             norm += float(z.detach().double().pow(2).sum())
             grads = [_output_grads(rec, z, scores, g, last=k == samples - 1) for k in range(samples)]
+            unreached |= {n for n, per_call in grads[0].items() if all(gr is None for gr in per_call)}
             with torch.no_grad():
                 for name, calls in rec.calls.items():
-                    for r, cut in cuts[name].items():
+                    for r, cut in cuts[name].items() if name not in unreached else ():
                         sums[name][r] += _squared_change(cut, calls, [gr[name] for gr in grads], n)
     if scores:  # KL ~ 1/2 (dz . F dz), per output row
-        return {n: {r: 0.5 * s / (samples * max(rows, 1)) for r, s in t.items()} for n, t in sums.items()}
-    return {n: {r: (s / samples / norm) ** 0.5 if norm > 0 else 0.0 for r, s in t.items()} for n, t in sums.items()}
+        out = {n: {r: 0.5 * s / (samples * max(rows, 1)) for r, s in t.items()} for n, t in sums.items()}
+    else:
+        out = {n: {r: (s / samples / norm) ** 0.5 if norm > 0 else 0.0 for r, s in t.items()} for n, t in sums.items()}
+    if unreached:  # the forward leaves autograd's graph after them (detach, no_grad): a gradient cannot say
+        log.info("layer damage: no gradient reaches %s from the output; measured instead", ", ".join(sorted(unreached)))
+        out.update(measured_damage(model, [p for p in plans if p.name in unreached], candidates, batches, build,
+                                   seed=seed))
+    return out
 
 
 class _Recorder:
