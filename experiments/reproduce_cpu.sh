@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # experiments import each other (experiments.allocation_check)
 RUNS=${RUNS_DIR:-multirun/reproduce}
 mkdir -p "$RUNS"  # a step run on its own (tee writes its log there) on a fresh clone
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(paper vit convergence freeze_order compression calibration distill calibration_time attention recipe allocation bench resnet50 advise advise_proxy advise_proxy_calibrated fidelity figures)
@@ -89,7 +90,18 @@ for step in "${steps[@]}"; do
       OMP_NUM_THREADS=1 $PY experiments/allocation_check.py --cache "$RUNS/calibration_cache" \
         --rows "$RUNS/allocation_rows.jsonl" --fastest-scales 1,0.25
       $PY experiments/allocation_check.py --cache "$RUNS/calibration_cache" --rows "$RUNS/allocation_rows.jsonl" \
-        --report "$dest/results.md" ;;
+        --report "$dest/results.md"
+      pairs=resnet18:2,resnet18:4,resnet18:8,vit_tiny_digits:2,vit_tiny_digits:4,vit_tiny_digits:8,encoder:2,encoder:4,encoder:8
+      OMP_NUM_THREADS=1 $PY experiments/allocation_check.py --cache "$RUNS/calibration_cache" \
+        --rows "$dest/speed_rows.jsonl" --speed "$pairs" --fastest "$pairs" --fastest-scales 1,0.25
+      $PY experiments/allocation_check.py --cache "$RUNS/calibration_cache" --rows "$dest/speed_rows.jsonl" \
+        --report "$dest/speeds.md"
+      OMP_NUM_THREADS=1 $PY experiments/damage_by_check.py --cache "$RUNS/calibration_cache" --rows "$dest/damage_by.jsonl"
+      $PY experiments/damage_by_check.py --cache "$RUNS/calibration_cache" --rows "$dest/damage_by.jsonl" \
+        --report "$dest/damage_by.md"
+      for way in fisher measured; do  # what finding every layer's damage costs on resnet50 at 224 px
+        OMP_NUM_THREADS=1 $PY experiments/allocation_cost_estimate.py --model resnet50 --damage-by "$way" --cuts 3
+      done | tee "$dest/damage_cost.log" ;;
     calibration_time)  # resnet50 at 224 px, 256 images: calibrated decomposition time against the weight fit
       $PY experiments/calibration_time.py --model resnet50 --image-size 224 --images 256 --out results/calibration_cpu ;;
     bench)  # three repeated invocations of the default benchmark: run-to-run spread of the medians
