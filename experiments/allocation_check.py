@@ -9,7 +9,8 @@ the quantized ranks (multiple 8) fitted to 256 training images, spread uniformly
 ``rank.allocation=global`` at equal parameters; top-1 on the held-out half before fine-tuning, the end-to-end
 check's KL on 256 further training images (the measured damage), and the predicted (summed per-layer) damage.
 ``--fastest model:ratio`` adds ``rank.allocation=fastest`` (the fastest ranks by measured layer times whose
-predicted damage stays within the uniform ranks'), and ``--speed model:ratio`` times a training step and the
+predicted damage stays within the uniform ranks'), ``--budgets flops,time`` adds ``global`` under those budgets
+(rows ``global/flops``, ``global/time``), and ``--speed model:ratio`` times a training step and the
 deployed inference of the original, uniform and allocated models side by side (batch 64, interleaved rounds).
 Rows are appended to ``--rows`` (JSON lines) as they finish (a rerun skips those present); ``--report`` writes
 the tables.
@@ -80,14 +81,14 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def decompose(data: dict, ratio: float, allocation: str, seed: int, cache: str, max_damage: float | None = None,
-              damage_by: str = "measured") -> tuple[nn.Module, dict]:
+              damage_by: str = "measured", budget_by: str = "params") -> tuple[nn.Module, dict]:
     model = copy.deepcopy(data["model"])
     context = {"damage_cache_dir": os.path.join(cache, "rank_damage"), "cache_dir": os.path.join(cache, "rank_timings"),
                "batch_size": 64, "device": resolve_device("cpu"), "warmup": 2, "steps": 7}
     t0 = time.perf_counter()
     report = decompose_model(model, policy="quantized", ratio=ratio, multiple=8, calibration=data["calibration"],
                              evaluation=data["check"], allocation=allocation, seed=seed, rank_search=context,
-                             max_damage=max_damage, damage_by=damage_by)
+                             max_damage=max_damage, damage_by=damage_by, budget_by=budget_by)
     a = report.allocation or {}
     return model, {"params_ratio": report.params_before / report.params_after,
                    "check_kl": report.check.kl, "check_agreement": report.check.agreement,
@@ -168,7 +169,8 @@ def run(args: argparse.Namespace) -> None:
             data = None
             for ratio in map(float, args.ratios.split(",")):
                 scales = [float(x) for x in args.fastest_scales.split(",")] if (arch, ratio) in fastest else []
-                allocations = ["uniform", "global"] + [f"fastest@{x:g}" if x != 1 else "fastest" for x in scales]
+                allocations = ["uniform", "global"] + [f"global/{b}" for b in args.budgets.split(",") if b]
+                allocations += [f"fastest@{x:g}" if x != 1 else "fastest" for x in scales]
                 if all((arch, str(seed), str(ratio), a) in have for a in allocations):
                     continue
                 data = data or load(arch, seed, args.cache)
@@ -178,7 +180,8 @@ def run(args: argparse.Namespace) -> None:
                     bound = None
                     if "@" in allocation:
                         bound = float(allocation.split("@")[1]) * rows[1]["uniform_predicted_damage"]
-                    model, info = decompose(data, ratio, allocation.split("@")[0], seed, args.cache, bound)
+                    kind, _, budget_by = allocation.split("@")[0].partition("/")  # global/flops: budget_by=flops
+                    model, info = decompose(data, ratio, kind, seed, args.cache, bound, budget_by=budget_by or "params")
                     models[allocation] = model
                     rows.append({"model": arch, "seed": seed, "ratio": ratio, "allocation": allocation,
                                  "top1_original": ref, "top1_pre": top1(model, data["x_val"], data["y_val"]), **info})
@@ -242,6 +245,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="2,4,8")
     ap.add_argument("--fastest", default="resnet18:4", help="model:ratio pairs that also run allocation=fastest")
     ap.add_argument("--speed", default="resnet18:4", help="model:ratio pairs whose speed is measured")
+    ap.add_argument("--budgets", default="", help="more rank.budget_by values for global (each a row: global/<by>)")
     ap.add_argument("--fastest-scales", default="1", help="fastest's damage bounds, as multiples of the uniform "
                     "ranks' predicted damage (each a row: fastest@<scale>; 1: fastest)")
     args = ap.parse_args()
