@@ -83,7 +83,7 @@ def main() -> None:
     damage_in = list(torch.randn(args.images, 3, args.size, args.size).split(64))
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
-        for b in damage_in:  # the reference forward measure_damage runs once
+        for b in damage_in:  # the reference forward measured_damage runs once
             model(b)
     fwd_wall, fwd_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()

@@ -13,7 +13,7 @@ from torch import nn
 from lrd_exp import decompose_model
 from lrd_exp.config.values import check_rank_keys
 from lrd_exp.decompose.allocation import allocation_candidates, solve
-from lrd_exp.decompose.damage import layer_damage as measure_damage
+from lrd_exp.decompose.damage import layer_damage
 from lrd_exp.decompose.surgery import build_factorized, find_candidates
 
 
@@ -56,8 +56,8 @@ def test_damage_cache_round_trip(tmp_path):
     plans, _ = find_candidates(model)
     cands = {p.name: allocation_candidates(p, 8) for p in plans}
     batches = [_data(64)]
-    first, s1 = measure_damage(model, plans, cands, batches, build_factorized, cache_dir=str(tmp_path))
-    second, s2 = measure_damage(model, plans, cands, batches, build_factorized, cache_dir=str(tmp_path))
+    first, s1 = layer_damage(model, plans, cands, batches, build_factorized, cache_dir=str(tmp_path))
+    second, s2 = layer_damage(model, plans, cands, batches, build_factorized, cache_dir=str(tmp_path))
     n = sum(len(c) for c in cands.values())
     assert n >= 6 and s1["damage_measured"] == n and s1["damage_cached"] == 0
     assert s2["damage_measured"] == 0 and s2["damage_cached"] == n
@@ -66,7 +66,7 @@ def test_damage_cache_round_trip(tmp_path):
         ranks = sorted((r for r in table if r is not None), key=lambda r: r[0])
         assert table[None] == 0.0 and table[ranks[0]] > table[ranks[-1]] > 0
     # other images: a new key, measured again
-    _, s3 = measure_damage(model, plans, cands, [_data(64, seed=9)], build_factorized, cache_dir=str(tmp_path))
+    _, s3 = layer_damage(model, plans, cands, [_data(64, seed=9)], build_factorized, cache_dir=str(tmp_path))
     assert s3["damage_measured"] == n
 
 
