@@ -294,10 +294,3 @@ def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is registered in ``model``: a module shared under two names stays shared."""
     for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]:
         model.set_submodule(name, new)
-
-
-def projection_names(model: nn.Module) -> list[str]:
-    """The names the query/key/value projections of torch's packed attentions get once unpacked (the model's
-    own root is never unpacked)."""
-    return [f"{name}.{p}" for name, m in model.named_modules()
-            if name and type(m) is nn.MultiheadAttention for p in ("q_proj", "k_proj", "v_proj")]

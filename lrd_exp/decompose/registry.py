@@ -207,10 +207,30 @@ def packed_type(module: nn.Module) -> PackedType | None:
     return None
 
 
+#: the attribute an unpacked module carries: the registered packed type it was made from (the model file records it)
+UNPACKED_FROM = "_lrd_unpacked_from"
+
+
 def unpacked(module: nn.Module) -> nn.Module:
-    """The equivalent of ``module`` if its type is registered as packed, else ``module`` itself."""
+    """The equivalent of ``module`` if its type is registered as packed (marked with :data:`UNPACKED_FROM`), else
+    ``module`` itself."""
     entry = packed_type(module)
-    return entry.build(module) if entry is not None else module
+    if entry is None:
+        return module
+    new = entry.build(module)
+    setattr(new, UNPACKED_FROM, entry.name)
+    return new
+
+
+def unpacked_names(model: nn.Module) -> list[str]:
+    """The names the linear-like and conv layers inside ``model``'s packed layers get once unpacked (the root is
+    never unpacked): what a ``rank.include`` pattern may name before the surgery has run."""
+    out = []
+    for name, m in model.named_modules():
+        if name and packed_type(m) is not None:
+            out += [f"{name}.{n}" for n, c in unpacked(m).named_modules()
+                    if n and (is_linear(c) or isinstance(c, nn.Conv2d))]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ weight readers

@@ -21,7 +21,6 @@ from lrd_exp.config.rank_settings import RankSettings, patterns
 from lrd_exp.decompose import calibration as C
 from lrd_exp.decompose import functional as Fn
 from lrd_exp.decompose.allocation import allocate
-from lrd_exp.decompose.attention import projection_names
 from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_warning
 from lrd_exp.decompose.damage import batches_digest
@@ -29,7 +28,7 @@ from lrd_exp.decompose.functional import svd_error, tucker2_error
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.decompose.policies import NOTHING, POLICY_RANKS, SEARCHED, quantized_ranks
-from lrd_exp.decompose.registry import is_linear, linear_features, weight_matrix
+from lrd_exp.decompose.registry import is_linear, linear_features, unpacked_names, weight_matrix
 from lrd_exp.decompose.report import DecompositionReport, LayerReport
 from lrd_exp.decompose.runnable import Swaps, declared_reads, keep_runnable, repack, run_eval, traced_reads, unpack
 from lrd_exp.decompose.search import choose_ranks
@@ -91,10 +90,12 @@ def check_selection(model: nn.Module, *, include: Iterable[str] = (), exclude: I
                     rank: Any = None) -> None:
     """A ``rank.include`` / ``rank.exclude`` pattern or a ``rank.rank`` key that matches no Linear / Conv2d layer is
     a typo that would run a whole job for nothing: one ValueError naming it, with the closest layer names."""
-    names = [n for n, m in model.named_modules() if is_linear(m) or isinstance(m, nn.Conv2d)] + projection_names(model)
     keyed = [("rank.include", p) for p in patterns(include)] + [("rank.exclude", p) for p in patterns(exclude)]
     if isinstance(rank, Mapping):
         keyed += [("rank.rank", str(p)) for p in rank]
+    if not keyed:
+        return
+    names = [n for n, m in model.named_modules() if is_linear(m) or isinstance(m, nn.Conv2d)] + unpacked_names(model)
     for key, pattern in keyed:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)

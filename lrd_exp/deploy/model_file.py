@@ -20,7 +20,7 @@ from torch import nn
 
 from lrd_exp.decompose.attention import UNPACKED, Unpacked
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv
-from lrd_exp.decompose.registry import is_linear
+from lrd_exp.decompose.registry import UNPACKED_FROM, is_linear, packed_type, unpacked
 from lrd_exp.results.io import write_torch_atomic
 
 FORMAT = "lrd-exp/decomposed-model"
@@ -47,11 +47,13 @@ def _plain(value: Any) -> Any:
 
 
 def structure(model: nn.Module) -> list[dict[str, Any]]:
-    """Every factorized layer of ``model`` (name, class, ranks) and every unpacked torch attention / transformer
-    layer (no ranks), in module order: an unpacked layer comes before the factorized projections inside it."""
+    """Every factorized layer of ``model`` (name, class, ranks) and every unpacked layer (torch's attention /
+    transformer layers, or a type registered with ``register_unpacked``; no ranks), in module order: an unpacked
+    layer comes before the factorized projections inside it."""
     return [{"name": name, "kind": type(m).__name__,
              "ranks": [int(r) for r in m.ranks] if isinstance(m, FactorizedLayer) else []}
-            for name, m in model.named_modules() if isinstance(m, (FactorizedLayer, Unpacked))]
+            for name, m in model.named_modules()
+            if isinstance(m, (FactorizedLayer, Unpacked)) or hasattr(m, UNPACKED_FROM)]
 
 
 def timm_name(model: nn.Module) -> str | None:
@@ -118,8 +120,11 @@ def apply_structure(model: nn.Module, layers: list[dict[str, Any]], *, source: s
     for entry in layers:
         name, kind, ranks = entry.get("name"), entry.get("kind"), entry.get("ranks") or []
         if kind not in KINDS:
+            if _unpack_registered(model, name, kind):
+                continue
             raise ModelFileError(f"{source}: layer {name!r} has kind {kind!r}; this lrd-exp knows "
-                                 f"{', '.join(KINDS)}")
+                                 f"{', '.join(KINDS)} and the unpacked forms of registered packed types "
+                                 "(register_unpacked before loading)")
         replaced, like = KINDS[kind]
         try:
             layer = model.get_submodule(name) if name else model
@@ -138,6 +143,21 @@ def apply_structure(model: nn.Module, layers: list[dict[str, Any]], *, source: s
                                  f"{kind} built from {built}")
         model.set_submodule(name, like(layer, *ranks))
     return model
+
+
+def _unpack_registered(model: nn.Module, name: str, kind: str) -> bool:
+    """Unpack the layer at ``name`` if its type is registered as packed and unpacks to ``kind``; whether it did."""
+    try:
+        layer = model.get_submodule(name) if name else None
+    except AttributeError:
+        return False
+    if layer is None or packed_type(layer) is None:
+        return False
+    new = unpacked(layer)
+    if type(new).__name__ != kind:
+        return False
+    model.set_submodule(name, new)
+    return True
 
 
 def load_decomposed(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
