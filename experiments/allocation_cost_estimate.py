@@ -28,13 +28,18 @@ from lrd_exp.decompose.damage import layer_damage
 from lrd_exp.decompose.surgery import build_factorized, find_candidates
 
 
-def fisher_cost(model: torch.nn.Module, plans: list, cands: dict, calib: torch.Tensor, damage_in: list) -> str:
-    """Every layer fitted, every candidate's damage estimated: wall and CPU seconds, the fits' share apart."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def fit_moments(model: torch.nn.Module, plans: list, calib: torch.Tensor) -> None:
+    """The plans' calibration moments and whitened spectra, as the decomposition computes them before allocating."""
     moments, _ = C.collect_moments(model, {p.name: p.module for p in plans}, [calib], seed=0)
     for p in plans:
         p.moments = moments[p.name]
         p.energy_spectra()
+
+
+def fisher_cost(model: torch.nn.Module, plans: list, cands: dict, calib: torch.Tensor, damage_in: list) -> str:
+    """Every layer fitted, every candidate's damage estimated: wall and CPU seconds, the fits' share apart."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fit_moments(model, plans, calib)
     prep_wall, prep_cpu = time.perf_counter() - t0, time.process_time() - c0
     spent = [0.0, 0.0]
 
@@ -75,10 +80,7 @@ def main() -> None:
         return
     step = max(1, len(plans) // args.cuts)
     picked = plans[::step][:args.cuts]
-    moments, _ = C.collect_moments(model, {p.name: p.module for p in picked}, [x], seed=0)
-    for p in picked:
-        p.moments = moments[p.name]
-        p.energy_spectra()
+    fit_moments(model, picked, x)
     sample = {p.name: [cands[p.name][len(cands[p.name]) // 2]] for p in picked}
     damage_in = list(torch.randn(args.images, 3, args.size, args.size).split(64))
     t0, c0 = time.perf_counter(), time.process_time()

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from torch import nn
 
 from lrd_exp.batches import Batch, batch_size_of
-from lrd_exp.config.rank_settings import RankSettings
+from lrd_exp.config.rank_settings import DEFAULTS, RankSettings
 from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.budget import solve
 from lrd_exp.decompose.calibration import calibration_batches
-from lrd_exp.decompose.damage import Builder, Ranks, layer_damage, rank_key
+from lrd_exp.decompose.damage import Builder, layer_damage, rank_key
 from lrd_exp.decompose.layer_timing import measure_times
-from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.plan import LayerPlan, Ranks
+from lrd_exp.decompose.policies import ratio_ranks
 
 log = logging.getLogger("lrd_exp")
 
@@ -47,11 +49,7 @@ def allocation_candidates(plan: LayerPlan, multiple: int, uniform: Ranks = None)
     uniform ranks; only those that shrink the layer (the dense layer is the other option)."""
     found = {tuple(uniform)} if uniform is not None else set()
     for c in LAYER_RATIOS:
-        if plan.kind == "svd":
-            raw: tuple[int, ...] = (R.svd_rank_for_ratio(plan.n_in, plan.n_out, c),)
-        else:
-            r = R.tucker2_rank_for_ratio(plan.n_in, plan.n_out, plan.k2, c)
-            raw = (r, r)
+        raw = ratio_ranks(plan, replace(DEFAULTS, ratio=c))
         found.add(tuple(R.quantize_rank(min(r, f), multiple, f) for r, f in zip(raw, plan.full_ranks)))
     return sorted(r for r in found if plan.params_for(r) < plan.params_dense)
 

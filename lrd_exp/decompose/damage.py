@@ -36,11 +36,10 @@ from lrd_exp.decompose.attention import swap_module
 from lrd_exp.decompose.cache import TableCache
 from lrd_exp.decompose.calibration import EvalModes, run_batch
 from lrd_exp.decompose.check import Reference, has_scores, main_output
-from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.plan import LayerPlan, Ranks
 
 log = logging.getLogger("lrd_exp")
 
-Ranks = tuple[int, ...] | None  # None: the dense layer
 Damage = dict[str, dict[Ranks, float]]
 Builder = Callable[[LayerPlan, tuple[int, ...]], tuple[nn.Module, float]]
 #: samples per piece of a batch in the fisher pass (its activations and gradients are held at once)
@@ -164,7 +163,8 @@ def fisher_damage(model: nn.Module, plans: Sequence[LayerPlan], candidates: dict
             scores = has_scores(z) if scores is None else scores
             rows += z.reshape(-1, z.shape[-1]).shape[0] if scores else 0
             norm += float(z.detach().double().pow(2).sum())
-            grads = [_output_grads(rec, z, scores, g, last=k == samples - 1) for k in range(samples)]
+            out = torch.log_softmax(z.float(), -1).reshape(-1, z.shape[-1]) if scores else z
+            grads = [_output_grads(rec, out, scores, g, last=k == samples - 1) for k in range(samples)]
             unreached |= {n for n, per_call in grads[0].items() if all(gr is None for gr in per_call)}
             with torch.no_grad():
                 for name, calls in rec.calls.items():
@@ -209,16 +209,16 @@ class _Recorder:
             h.remove()
 
 
-def _output_grads(rec: _Recorder, z: torch.Tensor, scores: bool, g: torch.Generator, last: bool
+def _output_grads(rec: _Recorder, out: torch.Tensor, scores: bool, g: torch.Generator, last: bool
                   ) -> dict[str, list[torch.Tensor | None]]:
     """The gradients of one drawn score at every recorded call's output: ``log p(y)`` of labels ``y`` drawn from
-    the model's prediction (class scores), else a projection of the output on a random Gaussian direction."""
+    the model's prediction (``out``: its log-probabilities, rows x classes), else a projection of the output
+    ``out`` on a random Gaussian direction."""
     if scores:
-        logp = torch.log_softmax(z.float(), -1).reshape(-1, z.shape[-1])
-        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=g).to(z.device)
-        score = logp.gather(1, y).sum()
+        y = torch.multinomial(out.detach().exp().cpu(), 1, generator=g).to(out.device)
+        score = out.gather(1, y).sum()
     else:
-        score = (torch.randn(z.shape, generator=g).to(z) * z).sum()
+        score = (torch.randn(out.shape, generator=g).to(out) * out).sum()
     outs = [o for calls in rec.calls.values() for _, o in calls]
     grads = iter(torch.autograd.grad(score, outs, retain_graph=not last, allow_unused=True))
     return {n: [next(grads) for _ in calls] for n, calls in rec.calls.items()}

@@ -21,14 +21,13 @@ from torch import nn
 from lrd_exp.config.values import canonical_precision
 from lrd_exp.decompose.cache import TableCache
 from lrd_exp.decompose.layers import SVDConv1x1, SVDLinear, Tucker2Conv
-from lrd_exp.decompose.plan import LayerPlan
+from lrd_exp.decompose.plan import LayerPlan, Ranks
 from lrd_exp.decompose.registry import is_linear, layer_bias
 from lrd_exp.devices.allocator import malloc_mode
 from lrd_exp.devices.resolve import DeviceInfo, resolve_device
 from lrd_exp.timing.layer import time_module
 from lrd_exp.timing.steps import cast_dtype, precision_dtypes
 
-Ranks = tuple[int, ...] | None  # None: the original, dense layer
 Timer = Callable[[LayerPlan, Ranks], float]
 
 

@@ -17,6 +17,9 @@ from lrd_exp.decompose import ranks as R
 from lrd_exp.decompose.functional import mode_singular, svd_basis
 from lrd_exp.decompose.registry import is_linear, weight_matrix
 
+#: a layer's ranks, or None for the dense layer (kept as it is)
+Ranks = tuple[int, ...] | None
+
 
 @dataclass
 class LayerPlan:

@@ -14,9 +14,7 @@ from typing import Any
 
 from lrd_exp.config.rank_settings import RankSettings
 from lrd_exp.decompose import ranks as R
-from lrd_exp.decompose.plan import LayerPlan
-
-Ranks = tuple[int, ...] | None
+from lrd_exp.decompose.plan import LayerPlan, Ranks
 
 
 def ratio_ranks(plan: LayerPlan, s: RankSettings) -> Ranks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import inspect
 import logging
 import time
 import warnings
@@ -25,6 +26,7 @@ from lrd_exp.decompose.capture import watch
 from lrd_exp.decompose.check import DecompositionWarning, Reference, collapse_warning
 from lrd_exp.decompose.damage import batches_digest
 from lrd_exp.decompose.functional import svd_error, tucker2_error
+from lrd_exp.decompose.layer_timing import LayerTimer
 from lrd_exp.decompose.layers import FactorizedLayer, SVDConv1x1, SVDLinear, Tucker2Conv, reconstruct_weight
 from lrd_exp.decompose.plan import LayerPlan
 from lrd_exp.decompose.policies import NOTHING, POLICY_RANKS, SEARCHED, quantized_ranks
@@ -355,8 +357,7 @@ def _replace_all(swaps: Swaps, plans: list[LayerPlan], chosen: dict[str, tuple[i
 
 #: what ``rank_search`` may hold: the timing context of policy=optimized and rank.allocation, and where
 #: rank.allocation caches the layers' damages
-RANK_SEARCH_KEYS = ("objective", "batch_size", "device", "precision", "channels_last", "cache_dir", "warmup", "steps",
-                    "timer", "compile", "damage_cache_dir")
+RANK_SEARCH_KEYS = (*inspect.signature(LayerTimer).parameters, "damage_cache_dir")
 
 
 def check_rank_search(rank_search: Mapping[str, Any] | None) -> None:
